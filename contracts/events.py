@@ -1,0 +1,370 @@
+"""Every event Libra writes to its log, as frozen msgspec structs in one tagged union.
+
+The wire format is readable JSON (``nats sub 'libra.>'`` shows it as is). ``type`` names the
+event (``text.received``), ``v`` its schema version. A new field gets a default; a breaking change
+gets a new version and a decoder for the old one. Validation lives in ``__post_init__`` so a bad
+payload fails at decode with msgspec's location, and the runtime dead-letters it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal, TypeVar
+
+import msgspec
+
+from .ids import derive_id, is_id, new_id
+from .subjects import subject
+
+__all__ = [
+    "AnyEvent",
+    "AsrTranscribed",
+    "Attachment",
+    "AudioRef",
+    "ContextMessage",
+    "DeadLetter",
+    "Event",
+    "EventDecodeError",
+    "LlmCompleted",
+    "LlmDelta",
+    "LlmFailed",
+    "Modality",
+    "Origin",
+    "ProviderAttempt",
+    "ReplyDelivered",
+    "SessionChat",
+    "SessionMemoryReset",
+    "SessionSettings",
+    "SessionVoice",
+    "TextReceived",
+    "TtsSynthesized",
+    "TurnAccepted",
+    "TurnRejected",
+    "VoiceCaptured",
+    "decode_event",
+    "derive",
+    "encode_event",
+    "make",
+    "subject_of",
+]
+
+Modality = Literal["text", "voice"]
+
+
+class Origin(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Where a turn came from on its platform, so that the reply finds its way back."""
+
+    platform: str
+    guild: str = ""
+    channel: str = ""
+    thread: str = ""
+    message: str = ""
+    interaction: str = ""
+    locale: str = ""
+
+
+class Attachment(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A file sent with a message: images go to vision models, text files are read in."""
+
+    name: str
+    kind: Literal["image", "text", "other"]
+    content_type: str = ""
+    size: int = 0
+    url: str = ""
+    text: str = ""
+
+
+class ContextMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A message the platform gave as context (a chain of replies), oldest first."""
+
+    role: Literal["user", "assistant"]
+    author: str = ""
+    text: str = ""
+
+
+class AudioRef(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Audio bytes stored in the object store; events carry this, never the bytes."""
+
+    bucket: str = "libra-audio"
+    name: str
+    format: Literal["pcm_s16le", "opus", "wav"]
+    sample_rate: int
+    channels: int = 1
+    duration_ms: int
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sample_rate <= 0 or self.channels <= 0 or self.duration_ms < 0:
+            raise ValueError("audio needs a positive sample rate and channel count")
+
+
+class ProviderAttempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One provider's try at a request that failed; kept so a failure explains itself."""
+
+    provider: str
+    model: str = ""
+    error: str
+    message: str = ""
+    latency_ms: float = 0.0
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Fields every event carries; subclasses add the payload and a ``tag`` naming the type."""
+
+    version: ClassVar[int] = 1
+
+    id: str
+    v: int = 1
+    at: datetime
+    conversation: str
+    user: str = ""
+    turn: str = ""
+    causation: str = ""
+
+    def __post_init__(self) -> None:
+        if self.v != type(self).version:
+            raise ValueError(
+                f"unsupported schema version {self.v} of {type(self).__struct_config__.tag!r}"
+                f" (this build reads version {type(self).version})"
+            )
+        if not is_id(self.id):
+            raise ValueError(f"id {self.id!r} is not an event id")
+        if not self.conversation or any(c in self.conversation for c in ". *>\t\r\n"):
+            raise ValueError(f"conversation {self.conversation!r} is not a subject token")
+
+    @property
+    def subject(self) -> str:
+        return subject_of(self)
+
+
+class TextReceived(Event, frozen=True, kw_only=True, tag="text.received"):
+    """A person wrote to the bot."""
+
+    text: str
+    origin: Origin
+    attachments: tuple[Attachment, ...] = ()
+    context: tuple[ContextMessage, ...] = ()
+
+
+class VoiceCaptured(Event, frozen=True, kw_only=True, tag="voice.captured"):
+    """One utterance, segmented by VAD (or by /record and /stop)."""
+
+    audio: AudioRef
+    origin: Origin
+    mode: Literal["auto", "manual"] = "auto"
+    speech_ended_at: datetime | None = None
+
+
+class AsrTranscribed(Event, frozen=True, kw_only=True, tag="asr.transcribed"):
+    """What was said in one utterance."""
+
+    text: str
+    language: str = ""
+    confidence: float = 0.0
+    engine: str
+    audio_ms: int = 0
+    latency_ms: float = 0.0
+    origin: Origin
+
+
+class TurnAccepted(Event, frozen=True, kw_only=True, tag="turn.accepted"):
+    """Admission let a person's input through; the llm answers it."""
+
+    text: str
+    language: str = "en"
+    modality: Modality = "text"
+    origin: Origin
+    received_at: datetime | None = None
+    attachments: tuple[Attachment, ...] = ()
+    context: tuple[ContextMessage, ...] = ()
+
+
+class TurnRejected(Event, frozen=True, kw_only=True, tag="turn.rejected"):
+    """Admission refused an input; ``message`` is what the person reads."""
+
+    reason: Literal["rate_limited", "empty", "too_long", "invalid", "moderated", "blocked"]
+    message: str
+    retry_after_s: float | None = None
+    language: str = "en"
+    modality: Modality = "text"
+    origin: Origin
+
+
+class LlmDelta(Event, frozen=True, kw_only=True, tag="llm.delta"):
+    """A streamed piece of the reply; the completed event carries the whole of it."""
+
+    index: int
+    text: str
+    modality: Modality = "text"
+    language: str = "en"
+    origin: Origin
+
+
+class LlmCompleted(Event, frozen=True, kw_only=True, tag="llm.completed"):
+    """The whole reply, with what it cost and how long it took."""
+
+    text: str
+    provider: str
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    cached: bool = False
+    finish_reason: str = ""
+    deltas: int = 0
+    modality: Modality = "text"
+    language: str = "en"
+    origin: Origin
+
+
+class LlmFailed(Event, frozen=True, kw_only=True, tag="llm.failed"):
+    """Every provider in the fallback order failed; ``message`` is what the person reads."""
+
+    error: str
+    message: str
+    attempts: tuple[ProviderAttempt, ...] = ()
+    modality: Modality = "text"
+    language: str = "en"
+    origin: Origin
+
+
+class TtsSynthesized(Event, frozen=True, kw_only=True, tag="tts.synthesized"):
+    """One synthesized clip of a spoken reply, in order of ``index``."""
+
+    audio: AudioRef
+    index: int
+    text: str
+    engine: str
+    voice: str = ""
+    language: str = "en"
+    ttfb_ms: float = 0.0
+    total_ms: float = 0.0
+    final: bool = False
+    origin: Origin
+
+
+class ReplyDelivered(Event, frozen=True, kw_only=True, tag="reply.delivered"):
+    """The platform confirmed the reply: message ids, or clips played."""
+
+    modality: Modality = "text"
+    message_ids: tuple[str, ...] = ()
+    clips: int = 0
+    interrupted: bool = False
+    origin: Origin
+
+
+class SessionChat(Event, frozen=True, kw_only=True, tag="session.chat"):
+    """Chat mode turned on or off for a channel: every message there is addressed to Libra."""
+
+    enabled: bool
+    origin: Origin
+
+
+class SessionVoice(Event, frozen=True, kw_only=True, tag="session.voice"):
+    """Libra joined or left a voice channel, or the capture mode changed."""
+
+    state: Literal["joined", "left", "recording", "stopped", "auto", "manual"]
+    channel: str = ""
+    origin: Origin
+
+
+class SessionMemoryReset(Event, frozen=True, kw_only=True, tag="session.memory_reset"):
+    """A person asked Libra to forget their memories (of this conversation, or all)."""
+
+    scope: Literal["conversation", "user"] = "conversation"
+    origin: Origin
+
+
+class SessionSettings(Event, frozen=True, kw_only=True, tag="session.settings"):
+    """A setting changed for a server or channel (model, persona, lists); empty value clears."""
+
+    scope: str
+    key: str
+    value: str = ""
+    origin: Origin
+
+
+class DeadLetter(Event, frozen=True, kw_only=True, tag="dead.letter"):
+    """A consumer gave up on a message; the message itself is kept here for a person to read."""
+
+    consumer: str
+    subject: str
+    stream_seq: int = 0
+    deliveries: int = 0
+    error: str
+    payload: str = ""
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+
+
+AnyEvent = (
+    TextReceived
+    | VoiceCaptured
+    | AsrTranscribed
+    | TurnAccepted
+    | TurnRejected
+    | LlmDelta
+    | LlmCompleted
+    | LlmFailed
+    | TtsSynthesized
+    | ReplyDelivered
+    | SessionChat
+    | SessionVoice
+    | SessionMemoryReset
+    | SessionSettings
+    | DeadLetter
+)
+
+
+class EventDecodeError(ValueError):
+    """A message that is not a Libra event: malformed JSON, unknown type or version, bad field."""
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+E = TypeVar("E", bound=Event)
+
+
+def encode_event(event: Event) -> bytes:
+    """Returns the JSON bytes of an event, as it goes on the wire."""
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes | str) -> AnyEvent:
+    """Reads one event from its JSON; raises :class:`EventDecodeError` for anything else."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise EventDecodeError(f"invalid event: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(f"malformed event JSON: {exc}") from None
+
+
+def subject_of(event: Event) -> str:
+    """Returns the subject an event is published on."""
+    if isinstance(event, DeadLetter):
+        return subject("dead", event.consumer, event.conversation)
+    domain, _, name = type(event).__struct_config__.tag.partition(".")
+    return subject(domain, name, event.conversation)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def make(cls: type[E], **fields: Any) -> E:
+    """Returns a new event that starts a chain: a fresh id, now, and its own id as the turn."""
+    event_id = fields.pop("id", None) or new_id()
+    fields.setdefault("at", _now())
+    fields.setdefault("turn", event_id)
+    return cls(id=event_id, **fields)
+
+
+def derive(parent: Event, cls: type[E], *, key: str, **fields: Any) -> E:
+    """Returns the event ``key`` caused by ``parent``; its id is the same on every redelivery."""
+    fields.setdefault("at", _now())
+    fields.setdefault("conversation", parent.conversation)
+    fields.setdefault("user", parent.user)
+    fields.setdefault("turn", parent.turn or parent.id)
+    return cls(id=derive_id(parent.id, key), causation=parent.id, **fields)

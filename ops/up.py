@@ -1,0 +1,107 @@
+"""`libra up`, `libra run` and projection rebuilds: start servers, provision, run components."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from libra.runtime.config import Settings
+from libra.runtime.database import connect_pool, migrate
+from libra.runtime.eventlog import EventLog
+from libra.runtime.metrics import serve_metrics
+from libra.runtime.projection import rebuild
+
+from .components import COMPONENTS, PROJECTIONS, Resources, Supervisor
+from .embedded import ServerStartError
+from .stack import DataDirBusyError, Stack, StackUrls, resolve_urls
+
+__all__ = ["rebuild_projection", "run_components", "run_up"]
+
+log = logging.getLogger("libra.up")
+
+
+def _stop_signal() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _announce(stack: Stack, urls: StackUrls) -> None:
+    _say(f"Libra data directory: {stack.data_dir}")
+    rows = [
+        ("NATS", urls.nats_url, stack.nats),
+        ("PostgreSQL", urls.database_url, stack.postgres),
+        ("Redis", urls.redis_url, stack.redis),
+    ]
+    for name, url, embedded in rows:
+        where = f"embedded, log {embedded.log}" if embedded is not None else "external"
+        _say(f"  {name:<11} {url}  ({where})")
+    if urls.nats_monitor_url:
+        _say(f"  {'monitoring':<11} {urls.nats_monitor_url}")
+
+
+async def run_up(settings: Settings) -> None:
+    """Starts the embedded servers, provisions the log and schema, runs every component."""
+    stop = _stop_signal()
+    stack = Stack(settings)
+    try:
+        urls = await stack.start()
+    except (ServerStartError, DataDirBusyError) as exc:
+        print(f"libra up: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    try:
+        _announce(stack, urls)
+        await _serve(settings, urls, list(COMPONENTS), stop)
+    finally:
+        await stack.stop()
+        _say("Libra stopped.")
+
+
+async def run_components(settings: Settings, names: list[str]) -> None:
+    """Runs the named components against the servers the environment names."""
+    stop = _stop_signal()
+    if settings.libra_metrics_port:
+        serve_metrics(settings.libra_metrics_port, settings.libra_host)
+    await _serve(settings, resolve_urls(settings), names, stop)
+
+
+async def _serve(settings: Settings, urls: StackUrls, names: list[str], stop: asyncio.Event) -> None:
+    log_ = await EventLog.connect(urls.nats_url, name="libra")
+    resources = Resources(settings, log_, urls.database_url, urls.redis_url)
+    supervisor = Supervisor(resources, names)
+    try:
+        await log_.provision(settings)
+        await migrate(urls.database_url)
+        await supervisor.start()
+        _say(f"Libra is ready: {', '.join(names)}. Ctrl-C stops it.")
+        await stop.wait()
+        _say("Stopping: finishing in-flight work…")
+    finally:
+        await supervisor.stop()
+        await resources.close()
+        with contextlib.suppress(Exception):
+            await log_.close()
+
+
+async def rebuild_projection(settings: Settings, name: str) -> int:
+    """Rebuilds one projection from the log; returns how many events it applied."""
+    if name not in PROJECTIONS:
+        raise SystemExit(f"unknown projection {name!r}; known: {', '.join(PROJECTIONS)}")
+    urls = resolve_urls(settings)
+    log_ = await EventLog.connect(urls.nats_url, name="libra-rebuild")
+    pool = await connect_pool(urls.database_url)
+    try:
+        await migrate(urls.database_url)
+        return await rebuild(log_, pool, PROJECTIONS[name]())
+    finally:
+        await pool.close()
+        await log_.close()

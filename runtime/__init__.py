@@ -1,0 +1,1 @@
+"""Libra's runtime."""

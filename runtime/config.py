@@ -1,0 +1,123 @@
+"""Libra's one configuration object, read from environment variables.
+
+Names follow what people already use (the seed's ``env.example``): ``DISCORD_TOKEN``,
+``OPENAI_API_KEY``, ``DATABASE_URL``, ``LLM_TIMEOUT_SEC`` ... Each field's env name is its name in
+upper case. Durations accept plain seconds or a unit: ``90s``, ``10m``, ``2h``, ``30d``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+import platformdirs
+
+__all__ = ["ConfigError", "Settings", "parse_duration"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+
+
+class ConfigError(ValueError):
+    """An environment variable that Libra cannot use; the message names it."""
+
+
+def parse_duration(value: str) -> float:
+    """Returns seconds for ``"90"``, ``"90s"``, ``"10m"``, ``"2h"`` or ``"30d"``."""
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration (use e.g. 30s, 10m, 2h, 7d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Every setting Libra reads; the env name of a field is its name in upper case."""
+
+    # Servers: unset means `libra up` starts an embedded one under the data directory.
+    nats_url: str = ""
+    database_url: str = ""
+    redis_url: str = ""
+    libra_data_dir: str = ""
+    libra_host: str = "127.0.0.1"
+    libra_nats_port: int = 4222
+    libra_postgres_port: int = 5433
+    libra_redis_port: int = 6380
+
+    # The log.
+    libra_log_max_age: float = 0.0
+    libra_log_max_bytes: int = 0
+    libra_duplicate_window: float = 120.0
+    libra_live_max_age: float = 600.0
+    libra_stream_replicas: int = 1
+    libra_audio_ttl: float = 86400.0
+
+    # Logs and metrics.
+    log_format: str = "json"
+    log_level: str = "INFO"
+    libra_metrics_port: int = 0
+
+    _durations = (
+        "libra_log_max_age",
+        "libra_duplicate_window",
+        "libra_live_max_age",
+        "libra_audio_ttl",
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Reads the settings from ``environ`` (the process environment by default)."""
+        env = os.environ if environ is None else environ
+        raw: dict[str, object] = {}
+        for field in cls.__struct_fields__:
+            value = env.get(field.upper())
+            if value is None or value == "":
+                continue
+            if field in cls._durations:
+                try:
+                    raw[field] = parse_duration(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{field.upper()}: {exc}") from None
+            else:
+                raw[field] = value
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_name_the_variable(str(exc))) from None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.libra_data_dir or platformdirs.user_data_dir("libra")).expanduser()
+
+    def secrets(self) -> list[str]:
+        """Returns the values that must never appear in a log line or an event."""
+        return [
+            value
+            for field in self.__struct_fields__
+            if field.upper().endswith(_SECRET_SUFFIXES) and (value := getattr(self, field))
+        ] + [p for url in self._urls() if (p := _url_password(url))]
+
+    def _urls(self) -> list[str]:
+        return [self.nats_url, self.database_url, self.redis_url]
+
+    def __repr__(self) -> str:
+        shown = []
+        for field in self.__struct_fields__:
+            value = getattr(self, field)
+            if field.upper().endswith(_SECRET_SUFFIXES) and value:
+                value = "***"
+            shown.append(f"{field}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+
+def _url_password(url: str) -> str:
+    match = re.match(r"^[a-z0-9+]+://[^:/@]*:([^@]+)@", url)
+    return match.group(1) if match else ""
+
+
+def _name_the_variable(message: str) -> str:
+    match = re.search(r"at `\$\.(\w+)`", message)
+    return f"{match.group(1).upper()}: {message}" if match else message

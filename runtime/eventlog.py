@@ -1,0 +1,148 @@
+"""The event log client: connect to NATS, provision the streams, publish events.
+
+Every event is published with its id as ``Nats-Msg-Id``, so JetStream drops a copy published
+again within the duplicate window (a redelivered input re-running its processor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.object_store import ObjectStore
+
+from libra.contracts import (
+    AUDIO_BUCKET,
+    CONSUMERS,
+    ConsumerSpec,
+    Event,
+    consumer_config,
+    encode_event,
+    live_stream_config,
+    log_stream_config,
+    subject_of,
+)
+
+from .config import Settings
+from .metrics import EVENTS_PUBLISHED
+
+__all__ = ["EventLog", "connect_nats"]
+
+log = logging.getLogger("libra.eventlog")
+_STREAM_NAME_IN_USE = 10058
+
+
+async def connect_nats(url: str, *, name: str) -> NATS:
+    """Connects to NATS, reconnecting for ever: a restart of the server must not end Libra."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats connection error: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.info("nats disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+class EventLog:
+    """Writes events to the log and owns the connection that everything else borrows."""
+
+    def __init__(self, nc: NATS, *, publish_timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout, publish_async_max_pending=4000)
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str) -> EventLog:
+        return cls(await connect_nats(url, name=name))
+
+    async def publish(self, event: Event) -> int:
+        """Publishes one event and waits for the stream's ack; returns its stream sequence."""
+        ack = await self.js.publish(
+            subject_of(event), encode_event(event), headers={"Nats-Msg-Id": event.id}
+        )
+        EVENTS_PUBLISHED.labels(type(event).__struct_config__.tag).inc()
+        return ack.seq
+
+    async def publish_many(self, events: Iterable[Event], *, window: int = 1000) -> int:
+        """Publishes events with at most ``window`` acks outstanding; returns how many."""
+        pending: list[asyncio.Future] = []
+        count = 0
+        for event in events:
+            pending.append(
+                await self.js.publish_async(
+                    subject_of(event), encode_event(event), headers={"Nats-Msg-Id": event.id}
+                )
+            )
+            count += 1
+            if len(pending) >= window:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+        return count
+
+    async def audio_store(self) -> ObjectStore:
+        return await self.js.object_store(AUDIO_BUCKET)
+
+    async def provision(
+        self, settings: Settings, consumers: Iterable[ConsumerSpec] | None = None
+    ) -> None:
+        """Creates or updates the streams, the audio bucket and the consumers; safe to repeat."""
+        replicas = settings.libra_stream_replicas
+        await self._ensure_stream(
+            log_stream_config(
+                max_age_s=settings.libra_log_max_age,
+                max_bytes=settings.libra_log_max_bytes,
+                duplicate_window_s=settings.libra_duplicate_window,
+                replicas=replicas,
+            )
+        )
+        await self._ensure_stream(
+            live_stream_config(max_age_s=settings.libra_live_max_age, replicas=replicas)
+        )
+        try:
+            await self.js.object_store(AUDIO_BUCKET)
+        except NotFoundError:
+            await self.js.create_object_store(
+                AUDIO_BUCKET,
+                config=nats.js.api.ObjectStoreConfig(
+                    bucket=AUDIO_BUCKET,
+                    description="Audio of utterances and synthesized clips",
+                    ttl=settings.libra_audio_ttl or None,
+                    storage=nats.js.api.StorageType.FILE,
+                    replicas=replicas,
+                ),
+            )
+        for spec in CONSUMERS.values() if consumers is None else consumers:
+            await self.ensure_consumer(spec)
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        await self.js.add_consumer(spec.stream, consumer_config(spec))
+
+    async def _ensure_stream(self, config: nats.js.api.StreamConfig) -> None:
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+            await self.js.update_stream(config)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()

@@ -1,0 +1,172 @@
+"""A continuous pull from a durable JetStream consumer.
+
+nats-py's ``fetch()`` asks for a batch and waits until it is full or expires, which is either
+slow (batch of one: a round trip per message) or late (a batch that waits for the rest). The
+feed keeps pull requests outstanding for as many messages as there is room for, so a message is
+handed over as soon as it is in the stream, and asks for more as the caller finishes messages.
+Idle heartbeats on the requests tell a quiet stream from a dead pull (a server restart drops
+pull requests silently; nats.py's tracker shows pulls stalling that way), and the feed then
+asks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+__all__ = ["PullFeed"]
+
+log = logging.getLogger("libra.feed")
+
+
+class PullFeed:
+    """Delivers a durable consumer's messages as they arrive, never holding more than ``capacity``."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        stream: str,
+        consumer: str,
+        *,
+        capacity: int = 256,
+        heartbeat_s: float = 2.0,
+        expires_s: float = 30.0,
+        on_lost: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.stream, self.consumer = stream, consumer
+        self.capacity = max(1, capacity)
+        self.heartbeat_s, self.expires_s = heartbeat_s, expires_s
+        self.on_lost = on_lost
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._outstanding = 0  # asked for, not yet received
+        self._held = 0  # received, not yet finished by the caller
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._stopping = False
+        self._last_heard = 0.0
+        self._watchdog: asyncio.Task | None = None
+        self._requesting = False
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1)
+        self._last_heard = asyncio.get_running_loop().time()
+        await self._top_up()
+        self._watchdog = asyncio.create_task(self._watch(), name=f"feed-watchdog-{self.consumer}")
+
+    async def get(self) -> Msg:
+        """Returns the next message, waiting for one."""
+        return await self._queue.get()
+
+    def get_nowait(self, limit: int) -> list[Msg]:
+        """Returns up to ``limit`` messages that are already here."""
+        out: list[Msg] = []
+        while len(out) < limit and not self._queue.empty():
+            out.append(self._queue.get_nowait())
+        return out
+
+    def done(self, count: int = 1) -> None:
+        """Tells the feed that ``count`` messages were acked or nak'd, making room for more."""
+        self._held = max(0, self._held - count)
+        if not self._stopping and self._wants_more():
+            asyncio.get_running_loop().create_task(self._top_up())
+
+    async def stop(self) -> list[Msg]:
+        """Stops asking for messages; returns those received but not yet taken by the caller."""
+        self._stopping = True
+        if self._watchdog:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        left = self.get_nowait(self._queue.qsize())
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        return left
+
+    def _wants_more(self) -> bool:
+        return self._outstanding + self._held <= self.capacity // 2
+
+    async def _top_up(self) -> None:
+        if self._requesting or self._stopping or self.nc.is_closed:
+            return
+        want = self.capacity - self._outstanding - self._held
+        if want <= 0 or not self.nc.is_connected:
+            return
+        self._requesting = True
+        try:
+            request = {
+                "batch": want,
+                "expires": int(self.expires_s * 1e9),
+                "idle_heartbeat": int(self.heartbeat_s * 1e9),
+            }
+            await self.nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}",
+                json.dumps(request).encode(),
+                reply=self._inbox,
+            )
+            self._outstanding += want
+        except Exception as exc:  # a disconnected client; the watchdog asks again
+            log.debug("pull request failed: %s", exc)
+        finally:
+            self._requesting = False
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_heard = asyncio.get_running_loop().time()
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None or msg.data:
+            self._outstanding = max(0, self._outstanding - 1)
+            if self._stopping:
+                await msg.nak()
+                return
+            self._held += 1
+            self._queue.put_nowait(msg)
+        elif status == "100":
+            return
+        elif status in ("404", "408", "409"):
+            await self._request_ended(status, msg.headers or {})
+        elif status == "503":
+            await self._lost("no responders: the stream or consumer is not there")
+        if self._wants_more():
+            await self._top_up()
+
+    async def _request_ended(self, status: str, headers: dict[str, str]) -> None:
+        pending = headers.get("Nats-Pending-Messages")
+        if pending is not None:
+            self._outstanding = max(0, self._outstanding - int(pending))
+        else:
+            self._outstanding = 0
+        description = headers.get("Description", "")
+        if status == "409" and "Consumer Deleted" in description:
+            await self._lost(description)
+
+    async def _lost(self, why: str) -> None:
+        log.warning("consumer %s/%s lost: %s", self.stream, self.consumer, why)
+        self._outstanding = 0
+        if self.on_lost is not None:
+            try:
+                await self.on_lost(why)
+            except Exception as exc:
+                log.warning("could not restore consumer %s: %s", self.consumer, exc)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            silent = loop.time() - self._last_heard
+            if self._outstanding and silent > 3 * self.heartbeat_s:
+                log.info("pull on %s silent for %.1fs; asking again", self.consumer, silent)
+                self._outstanding = 0
+                self._last_heard = loop.time()
+                if self.on_lost is not None and self.nc.is_connected:
+                    await self._lost("no heartbeat")
+            if self._wants_more():
+                await self._top_up()

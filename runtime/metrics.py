@@ -1,0 +1,43 @@
+"""Prometheus metrics shared by every component; each component serves them on ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+__all__ = [
+    "CONSUMER_DEAD_LETTERS",
+    "CONSUMER_FAILED",
+    "CONSUMER_HANDLED",
+    "CONSUMER_HANDLER_SECONDS",
+    "CONSUMER_PENDING",
+    "CONSUMER_REDELIVERED",
+    "EVENTS_PUBLISHED",
+    "serve_metrics",
+]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+CONSUMER_HANDLED = Counter(
+    "libra_consumer_handled_total", "Messages a consumer handled and acked", ["consumer"]
+)
+CONSUMER_FAILED = Counter(
+    "libra_consumer_failed_total", "Handler attempts that raised", ["consumer"]
+)
+CONSUMER_REDELIVERED = Counter(
+    "libra_consumer_redelivered_total", "Messages delivered more than once", ["consumer"]
+)
+CONSUMER_DEAD_LETTERS = Counter(
+    "libra_consumer_dead_letters_total", "Messages given up on and dead-lettered", ["consumer"]
+)
+CONSUMER_HANDLER_SECONDS = Histogram(
+    "libra_consumer_handler_seconds", "Time a handler took", ["consumer"], buckets=_LATENCY_BUCKETS
+)
+CONSUMER_PENDING = Gauge(
+    "libra_consumer_pending", "Messages in the stream not yet delivered (consumer lag)", ["consumer"]
+)
+EVENTS_PUBLISHED = Counter("libra_events_published_total", "Events written to the log", ["type"])
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Serves ``/metrics`` on a background thread (for components without an HTTP API)."""
+    start_http_server(port, addr=host)

@@ -1,0 +1,277 @@
+"""The projection runtime: folds events into Postgres in batches, checkpointed.
+
+A batch is applied in one transaction that also moves the projection's checkpoint, then acked;
+a crash before the commit leaves the messages unacked and JetStream redelivers them, and since
+projections upsert by event id a second application changes nothing. A batch that fails is
+retried one event at a time, so one bad event is dead-lettered alone and the rest go through.
+Rebuild = drop + replay from the start of the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import asyncpg
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from libra.contracts import AnyEvent, ConsumerSpec, EventDecodeError, decode_event
+
+from .deadletter import dead_letter_for
+from .eventlog import EventLog
+from .feed import PullFeed
+from .metrics import (
+    CONSUMER_DEAD_LETTERS,
+    CONSUMER_FAILED,
+    CONSUMER_HANDLED,
+    CONSUMER_HANDLER_SECONDS,
+    CONSUMER_PENDING,
+    CONSUMER_REDELIVERED,
+)
+
+__all__ = ["Projection", "ProjectionRunner", "Recorded", "read_log", "rebuild"]
+
+log = logging.getLogger("libra.projection")
+
+
+class Recorded(NamedTuple):
+    """An event as the log holds it: with its stream sequence."""
+
+    seq: int
+    event: AnyEvent
+
+
+class Projection(Protocol):
+    """A fold of events into tables; ``apply`` must be idempotent by event id."""
+
+    spec: ConsumerSpec
+    tables: tuple[str, ...]
+
+    async def apply(self, conn: asyncpg.Connection, batch: Sequence[Recorded]) -> None: ...
+
+
+_DATA_ERROR_ATTEMPTS = 3
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+def _lock_key(name: str) -> int:
+    return zlib.crc32(f"projection:{name}".encode())
+
+
+async def _apply_batch(conn: asyncpg.Connection, projection: Projection, batch: Sequence[Recorded]) -> None:
+    name = projection.spec.name
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _lock_key(name))
+        await projection.apply(conn, batch)
+        await conn.execute(
+            "INSERT INTO projection_checkpoints (name, stream_seq, updated_at) VALUES ($1, $2, now())"
+            " ON CONFLICT (name) DO UPDATE SET stream_seq ="
+            " GREATEST(projection_checkpoints.stream_seq, EXCLUDED.stream_seq), updated_at = now()",
+            name,
+            max(r.seq for r in batch),
+        )
+
+
+class ProjectionRunner:
+    """Runs a projection on its durable consumer, ``batch_size`` events per transaction."""
+
+    def __init__(
+        self, log_: EventLog, pool: asyncpg.Pool, projection: Projection, *, batch_size: int = 500
+    ) -> None:
+        self.log, self.pool, self.projection = log_, pool, projection
+        self.spec = projection.spec
+        self.batch_size = batch_size
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.log.ensure_consumer(self.spec)
+        feed = PullFeed(
+            self.log.nc,
+            self.spec.stream,
+            self.spec.name,
+            capacity=self.batch_size * 2,
+            on_lost=lambda _why: self.log.ensure_consumer(self.spec),
+        )
+        await feed.start()
+        try:
+            while not self._stopping.is_set():
+                first = await self._next(feed)
+                if first is None:
+                    break
+                msgs = [first, *feed.get_nowait(self.batch_size - 1)]
+                try:
+                    await self._settle(msgs)
+                finally:
+                    feed.done(len(msgs))
+        finally:
+            for msg in await feed.stop():
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def _next(self, feed: PullFeed) -> Msg | None:
+        getter = asyncio.ensure_future(feed.get())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        return None
+
+    async def _settle(self, msgs: list[Msg]) -> None:
+        name = self.spec.name
+        good: list[tuple[Msg, Recorded]] = []
+        for msg in msgs:
+            meta = msg.metadata
+            if meta.num_delivered > 1:
+                CONSUMER_REDELIVERED.labels(name).inc()
+            try:
+                good.append((msg, Recorded(meta.sequence.stream, decode_event(msg.data))))
+            except EventDecodeError as exc:
+                await self._dead_letter(msg, str(exc), None)
+        CONSUMER_PENDING.labels(name).set(msgs[-1].metadata.num_pending)
+        if not good:
+            return
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire() as conn:
+                await _apply_batch(conn, self.projection, [r for _, r in good])
+        except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+            CONSUMER_FAILED.labels(name).inc()
+            if len(good) == 1:
+                await self._failed(good[0], exc)
+                return
+            log.warning("batch of %d failed (%s); applying one at a time", len(good), exc)
+            for item in good:
+                await self._settle_one(item)
+            return
+        finally:
+            CONSUMER_HANDLER_SECONDS.labels(name).observe(time.perf_counter() - started)
+        for msg, _ in good:
+            await msg.ack()
+        CONSUMER_HANDLED.labels(name).inc(len(good))
+
+    async def _settle_one(self, item: tuple[Msg, Recorded]) -> None:
+        msg, recorded = item
+        try:
+            async with self.pool.acquire() as conn:
+                await _apply_batch(conn, self.projection, [recorded])
+        except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+            await self._failed(item, exc)
+            return
+        await msg.ack()
+        CONSUMER_HANDLED.labels(self.spec.name).inc()
+
+    async def _failed(self, item: tuple[Msg, Recorded], exc: BaseException) -> None:
+        msg, recorded = item
+        deliveries = msg.metadata.num_delivered
+        error = f"{type(exc).__name__}: {exc}"
+        # A database that is down is waited out (the consumer redelivers for ever); only an
+        # event the database keeps refusing is set aside.
+        if deliveries >= _DATA_ERROR_ATTEMPTS and isinstance(exc, _DATA_ERRORS):
+            await self._dead_letter(msg, error, recorded.event)
+            return
+        delay = self.spec.backoff_s[min(deliveries, len(self.spec.backoff_s)) - 1]
+        log.warning("projection %s failed (delivery %d), retrying in %ss: %s", self.spec.name, deliveries, delay, error)
+        await msg.nak(delay=delay)
+
+    async def _dead_letter(self, msg: Msg, error: str, event: AnyEvent | None) -> None:
+        await self.log.publish(dead_letter_for(self.spec.name, msg, error, event))
+        await msg.ack()
+        CONSUMER_DEAD_LETTERS.labels(self.spec.name).inc()
+        log.error("dead-lettered %s: %s", msg.subject, error)
+
+
+async def read_log(
+    log_: EventLog,
+    subjects: Sequence[str],
+    *,
+    stream: str,
+    start_seq: int = 1,
+    end_seq: int | None = None,
+    batch: int = 2048,
+):
+    """Yields the stream's events on ``subjects`` from ``start_seq`` through ``end_seq``, in order.
+
+    Uses an ephemeral consumer without acks: reading the log back must be fast, and it changes
+    nothing on the server. Undecodable messages are skipped with a warning.
+    """
+    if end_seq is None:
+        end_seq = (await log_.js.stream_info(stream)).state.last_seq
+    if end_seq < start_seq:
+        return
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        ack_policy=AckPolicy.NONE,
+        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subjects=list(subjects) if len(subjects) > 1 else None,
+        inactive_threshold=30.0,
+        mem_storage=True,
+    )
+    info = await log_.js.add_consumer(stream, config)
+    if info.num_pending == 0:
+        await log_.js.delete_consumer(stream, info.name)
+        return
+    feed = PullFeed(log_.nc, stream, info.name, capacity=batch, expires_s=5.0)
+    await feed.start()
+    try:
+        while True:
+            msg = await asyncio.wait_for(feed.get(), timeout=10.0)
+            msgs = [msg, *feed.get_nowait(batch)]
+            feed.done(len(msgs))
+            for m in msgs:
+                seq = m.metadata.sequence.stream
+                if seq > end_seq:
+                    return
+                try:
+                    yield Recorded(seq, decode_event(m.data))
+                except EventDecodeError as exc:
+                    log.warning("skipping undecodable message at seq %d: %s", seq, exc)
+                if seq == end_seq or m.metadata.num_pending == 0:
+                    return
+    finally:
+        await feed.stop()
+        with contextlib.suppress(Exception):
+            await log_.js.delete_consumer(stream, info.name)
+
+
+async def rebuild(log_: EventLog, pool: asyncpg.Pool, projection: Projection, *, batch_size: int = 1000) -> int:
+    """Drops the projection's rows and replays the log into it; returns the events applied.
+
+    The exclusive advisory lock is held while the tables are emptied and the end of the log is
+    read, so a batch the live runner commits meanwhile is either dropped and replayed, or kept.
+    """
+    name = projection.spec.name
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(name))
+            for table in projection.tables:
+                await conn.execute(f"TRUNCATE {table}")
+            await conn.execute("DELETE FROM projection_checkpoints WHERE name = $1", name)
+            info = await log_.js.stream_info(projection.spec.stream)
+        end_seq = info.state.last_seq
+        if info.state.first_seq > 1:
+            log.warning("the log starts at seq %d: older events were removed by retention", info.state.first_seq)
+    applied = 0
+    batch: list[Recorded] = []
+    async with pool.acquire() as conn:
+        async for recorded in read_log(log_, projection.spec.subjects, stream=projection.spec.stream, end_seq=end_seq):
+            batch.append(recorded)
+            if len(batch) >= batch_size:
+                await _apply_batch(conn, projection, batch)
+                applied += len(batch)
+                batch = []
+        if batch:
+            await _apply_batch(conn, projection, batch)
+            applied += len(batch)
+    return applied
