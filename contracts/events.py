@@ -8,6 +8,7 @@ payload fails at decode with msgspec's location, and the runtime dead-letters it
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 Modality = Literal["text", "voice"]
+_UNSAFE_TOKEN = re.compile(r"[^A-Za-z0-9_~-]")
 
 
 class Origin(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -129,7 +131,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
             )
         if not is_id(self.id):
             raise ValueError(f"id {self.id!r} is not an event id")
-        if not self.conversation or any(c in self.conversation for c in ". *>\t\r\n"):
+        if _UNSAFE_TOKEN.search(self.conversation) or not self.conversation:
             raise ValueError(f"conversation {self.conversation!r} is not a subject token")
 
     @property
@@ -341,12 +343,18 @@ def decode_event(data: bytes | str) -> AnyEvent:
         raise EventDecodeError(f"malformed event JSON: {exc}") from None
 
 
+_PREFIXES: dict[type, str] = {}
+
+
 def subject_of(event: Event) -> str:
     """Returns the subject an event is published on."""
-    if isinstance(event, DeadLetter):
+    cls = type(event)
+    if cls is DeadLetter:
         return subject("dead", event.consumer, event.conversation)
-    domain, _, name = type(event).__struct_config__.tag.partition(".")
-    return subject(domain, name, event.conversation)
+    prefix = _PREFIXES.get(cls)
+    if prefix is None:
+        prefix = _PREFIXES[cls] = subject(*cls.__struct_config__.tag.split("."), "c")[:-1]
+    return prefix + event.conversation  # __post_init__ checked that it is one safe token
 
 
 def _now() -> datetime:

@@ -9,6 +9,7 @@ Streams may not overlap, so ``LIBRA`` lists the fact subjects one by one.
 
 from __future__ import annotations
 
+from msgspec import Struct
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -18,7 +19,6 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from msgspec import Struct
 
 __all__ = [
     "AUDIO_BUCKET",

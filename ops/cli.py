@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 import msgspec
-
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.logs import configure_logging
 
@@ -52,9 +51,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Where the embedded servers keep their data.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Where the embedded servers keep their data.",
+)
 def up(data_dir: str | None) -> None:
-    """Start the whole stack: embedded servers (unless NATS_URL/DATABASE_URL/REDIS_URL) and every component."""
+    """Start the whole stack: embedded servers (unless *_URL is set) and every component."""
     from .up import run_up
 
     settings = _settings(data_dir)
@@ -94,17 +97,20 @@ def migrate(data_dir: str | None) -> None:
 @main.command()
 @click.argument("subject_filter", default="libra.>")
 @click.option("--raw", is_flag=True, help="Print subjects and raw JSON instead of summaries.")
+@click.option("--count", default=0, help="Exit after this many events (0: run until Ctrl-C).")
 @click.option("--data-dir", type=click.Path(file_okay=False))
-def tail(subject_filter: str, raw: bool, data_dir: str | None) -> None:
+def tail(subject_filter: str, raw: bool, count: int, data_dir: str | None) -> None:
     """Print live events as readable lines (SUBJECT_FILTER: e.g. 'llm.>' or 'libra.text.>')."""
     from .tail import tail as run_tail
 
     url = resolve_urls(_settings(data_dir)).nats_url
 
     async def go() -> None:
-        task = asyncio.create_task(run_tail(url, subject_filter, raw=raw))
-        await wait_for_signal()
+        task = asyncio.create_task(run_tail(url, subject_filter, raw=raw, limit=count))
+        stop = asyncio.create_task(wait_for_signal())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         task.cancel()
+        stop.cancel()
 
     _run(go())
 

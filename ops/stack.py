@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import IO
 
 import msgspec
-
 from libra.runtime.config import Settings
 
 from .embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis
@@ -37,7 +36,11 @@ class StackUrls(msgspec.Struct, frozen=True, kw_only=True):
     pid: int = 0
 
     def as_env(self) -> dict[str, str]:
-        return {"NATS_URL": self.nats_url, "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url}
+        return {
+            "NATS_URL": self.nats_url,
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+        }
 
 
 def _running_state(data_dir: Path) -> StackUrls | None:
@@ -58,7 +61,11 @@ def resolve_urls(settings: Settings) -> StackUrls:
         nats_url=settings.nats_url
         or (running.nats_url if running else f"nats://{host}:{settings.libra_nats_port}"),
         database_url=settings.database_url
-        or (running.database_url if running else f"postgresql://postgres@{host}:{settings.libra_postgres_port}/libra"),
+        or (
+            running.database_url
+            if running
+            else f"postgresql://postgres@{host}:{settings.libra_postgres_port}/libra"
+        ),
         redis_url=settings.redis_url
         or (running.redis_url if running else f"redis://{host}:{settings.libra_redis_port}/0"),
         nats_monitor_url=running.nats_monitor_url if running else "",
@@ -73,9 +80,21 @@ class Stack:
         self.settings = settings
         self.data_dir = Path(data_dir or settings.data_dir).expanduser().resolve()
         host = settings.libra_host
-        self.nats = None if settings.nats_url else EmbeddedNats(self.data_dir, host=host, port=settings.libra_nats_port)
-        self.postgres = None if settings.database_url else EmbeddedPostgres(self.data_dir, host=host, port=settings.libra_postgres_port)
-        self.redis = None if settings.redis_url else EmbeddedRedis(self.data_dir, host=host, port=settings.libra_redis_port)
+        self.nats = (
+            None
+            if settings.nats_url
+            else EmbeddedNats(self.data_dir, host=host, port=settings.libra_nats_port)
+        )
+        self.postgres = (
+            None
+            if settings.database_url
+            else EmbeddedPostgres(self.data_dir, host=host, port=settings.libra_postgres_port)
+        )
+        self.redis = (
+            None
+            if settings.redis_url
+            else EmbeddedRedis(self.data_dir, host=host, port=settings.libra_redis_port)
+        )
         self._lock: IO[str] | None = None
 
     @property
@@ -123,4 +142,3 @@ class Stack:
                 f"another `libra up` is running on {self.data_dir}; stop it or use --data-dir"
             ) from None
         self._lock = lock
-

@@ -35,7 +35,10 @@ def format_event(event: AnyEvent, *, now: datetime | None = None) -> str:
     """One readable line: time, type, conversation, user, turn and a short payload."""
     at = (now or event.at).strftime("%H:%M:%S.%f")[:-3]
     tag = type(event).__struct_config__.tag
-    return f"{at}  {tag:<20} {event.conversation:<28} {event.user or '-':<14} {event.turn[-8:]:<8}  {summary(event)}"
+    who = event.user or "-"
+    return (
+        f"{at}  {tag:<20} {event.conversation:<28} {who:<14} {event.turn[-8:]:<8}  {summary(event)}"
+    )
 
 
 async def tail(url: str, subject_filter: str, *, limit: int = 0, raw: bool = False) -> None:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from datetime import timedelta
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-from libra.contracts import LIVE_STREAM, LOG_STREAM, AnyEvent, EventDecodeError, decode_event, id_time, is_id
+from libra.contracts import (
+    LIVE_STREAM,
+    LOG_STREAM,
+    AnyEvent,
+    EventDecodeError,
+    decode_event,
+    id_time,
+    is_id,
+)
 from libra.runtime.eventlog import EventLog
 from libra.runtime.feed import PullFeed
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .tail import summary
 
@@ -48,10 +56,8 @@ async def _scan(log: EventLog, stream: str, turn: str, window: timedelta) -> lis
             if meta.timestamp > end:
                 break
             if f'"turn":"{turn}"'.encode() in msg.data:
-                try:
+                with contextlib.suppress(EventDecodeError):
                     found.append(decode_event(msg.data))
-                except EventDecodeError:
-                    pass
             if meta.num_pending == 0:
                 break
     finally:
@@ -60,7 +66,9 @@ async def _scan(log: EventLog, stream: str, turn: str, window: timedelta) -> lis
     return found
 
 
-async def collect_turn(log: EventLog, turn: str, *, window: timedelta = timedelta(minutes=10)) -> list[AnyEvent]:
+async def collect_turn(
+    log: EventLog, turn: str, *, window: timedelta = timedelta(minutes=10)
+) -> list[AnyEvent]:
     """Returns every event of ``turn`` in both streams, in time order."""
     if not is_id(turn):
         raise TraceError(f"{turn!r} is not a turn id (26 characters, e.g. from `libra tail`)")
@@ -93,10 +101,10 @@ def format_trace(events: list[AnyEvent]) -> str:
         deltas = [c for c in children[event.id] if type(c).__struct_config__.tag == "llm.delta"]
         for child in children[event.id]:
             if child in deltas[1:-1]:
-                continue  # first and last delta tell the story; the count says the rest
+                continue  # the first and last delta tell the story; a count says the rest
             walk(child, depth + 1)
-        if len(deltas) > 2:
-            lines.append(f"{'':>24}  {'  ' * (depth + 1)}… {len(deltas) - 2} more deltas")
+            if len(deltas) > 2 and child is deltas[0]:
+                lines.append(f"{'':>24}  {'  ' * (depth + 1)}… {len(deltas) - 2} more deltas")
 
     for root in roots:
         walk(root, 0)

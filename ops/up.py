@@ -74,7 +74,9 @@ async def run_components(settings: Settings, names: list[str]) -> None:
     await _serve(settings, resolve_urls(settings), names, stop)
 
 
-async def _serve(settings: Settings, urls: StackUrls, names: list[str], stop: asyncio.Event) -> None:
+async def _serve(
+    settings: Settings, urls: StackUrls, names: list[str], stop: asyncio.Event
+) -> None:
     log_ = await EventLog.connect(urls.nats_url, name="libra")
     resources = Resources(settings, log_, urls.database_url, urls.redis_url)
     supervisor = Supervisor(resources, names)

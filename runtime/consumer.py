@@ -13,9 +13,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from nats.aio.msg import Msg
-
 from libra.contracts import AnyEvent, ConsumerSpec, Event, EventDecodeError, decode_event
+from nats.aio.msg import Msg
 
 from .deadletter import dead_letter_for
 from .eventlog import EventLog
@@ -140,7 +139,9 @@ class ConsumerRunner:
                 await self._dead_letter(msg, error, event)
             else:
                 delay = self.spec.backoff_s[min(deliveries, len(self.spec.backoff_s)) - 1]
-                log.warning("handler failed (delivery %d), retrying in %ss: %s", deliveries, delay, error)
+                log.warning(
+                    "handler failed (delivery %d), retrying in %ss: %s", deliveries, delay, error
+                )
                 await msg.nak(delay=delay)
             return
         finally:

@@ -7,6 +7,7 @@ processes from migrating at once. Running them again does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from importlib import resources
@@ -23,10 +24,8 @@ _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    try:
+    with contextlib.suppress(ValueError):  # the extension comes with the first migration
         await register_vector(conn)
-    except ValueError:  # the extension is created by the first migration
-        pass
 
 
 async def connect_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
@@ -66,7 +65,9 @@ async def migrate(url: str) -> list[int]:
                 async with conn.transaction():
                     await conn.execute(sql)
                     await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
                     )
                 log.info("applied migration %04d_%s", version, name)
                 applied.append(version)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 from datetime import UTC, datetime
 
-from nats.aio.msg import Msg
-
 from libra.contracts import (
     AnyEvent,
     DeadLetter,
@@ -15,13 +13,16 @@ from libra.contracts import (
     new_id,
     parse_subject,
 )
+from nats.aio.msg import Msg
 
 __all__ = ["dead_letter_for"]
 
 _MAX_KEPT = 512 * 1024  # the original stays in the stream at stream_seq; this is for reading
 
 
-def dead_letter_for(consumer: str, msg: Msg, error: str, event: AnyEvent | None = None) -> DeadLetter:
+def dead_letter_for(
+    consumer: str, msg: Msg, error: str, event: AnyEvent | None = None
+) -> DeadLetter:
     """Returns the dead letter for ``msg``; its id is the same however often this runs."""
     meta = msg.metadata
     parent = event.id if event is not None else _message_id(msg, meta.timestamp)

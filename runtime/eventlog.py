@@ -11,11 +11,6 @@ import logging
 from collections.abc import Iterable
 
 import nats
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
-from nats.js.object_store import ObjectStore
-
 from libra.contracts import (
     AUDIO_BUCKET,
     CONSUMERS,
@@ -27,6 +22,11 @@ from libra.contracts import (
     log_stream_config,
     subject_of,
 )
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.object_store import ObjectStore
+from prometheus_client import Counter
 
 from .config import Settings
 from .metrics import EVENTS_PUBLISHED
@@ -61,12 +61,26 @@ async def connect_nats(url: str, *, name: str) -> NATS:
     )
 
 
+_counters: dict[type, Counter] = {}
+
+
+def _published(event: Event) -> Counter:
+    counter = _counters.get(type(event))
+    if counter is None:
+        counter = _counters[type(event)] = EVENTS_PUBLISHED.labels(
+            type(event).__struct_config__.tag
+        )
+    return counter
+
+
 class EventLog:
     """Writes events to the log and owns the connection that everything else borrows."""
 
     def __init__(self, nc: NATS, *, publish_timeout: float = 5.0) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout, publish_async_max_pending=4000)
+        self.js: JetStreamContext = nc.jetstream(
+            timeout=publish_timeout, publish_async_max_pending=4000
+        )
 
     @classmethod
     async def connect(cls, url: str, *, name: str) -> EventLog:
@@ -77,7 +91,7 @@ class EventLog:
         ack = await self.js.publish(
             subject_of(event), encode_event(event), headers={"Nats-Msg-Id": event.id}
         )
-        EVENTS_PUBLISHED.labels(type(event).__struct_config__.tag).inc()
+        _published(event).inc()
         return ack.seq
 
     async def publish_many(self, events: Iterable[Event], *, window: int = 1000) -> int:
@@ -90,6 +104,7 @@ class EventLog:
                     subject_of(event), encode_event(event), headers={"Nats-Msg-Id": event.id}
                 )
             )
+            _published(event).inc()
             count += 1
             if len(pending) >= window:
                 await asyncio.gather(*pending)

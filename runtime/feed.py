@@ -27,7 +27,7 @@ log = logging.getLogger("libra.feed")
 
 
 class PullFeed:
-    """Delivers a durable consumer's messages as they arrive, never holding more than ``capacity``."""
+    """Hands over a consumer's messages as they arrive, never holding more than ``capacity``."""
 
     def __init__(
         self,

@@ -99,7 +99,11 @@ class _ConsoleFormatter(logging.Formatter):
 
 
 def configure_logging(
-    *, fmt: str = "json", level: str = "INFO", secrets: Iterable[str] = (), stream: TextIO | None = None
+    *,
+    fmt: str = "json",
+    level: str = "INFO",
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
 ) -> None:
     """Sends every log line to ``stream`` (stderr) as JSON or console text, secrets redacted."""
     redact = _Redactor(secrets)

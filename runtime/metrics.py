@@ -15,7 +15,23 @@ __all__ = [
     "serve_metrics",
 ]
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 
 CONSUMER_HANDLED = Counter(
     "libra_consumer_handled_total", "Messages a consumer handled and acked", ["consumer"]
@@ -33,7 +49,9 @@ CONSUMER_HANDLER_SECONDS = Histogram(
     "libra_consumer_handler_seconds", "Time a handler took", ["consumer"], buckets=_LATENCY_BUCKETS
 )
 CONSUMER_PENDING = Gauge(
-    "libra_consumer_pending", "Messages in the stream not yet delivered (consumer lag)", ["consumer"]
+    "libra_consumer_pending",
+    "Messages in the stream not yet delivered (consumer lag)",
+    ["consumer"],
 )
 EVENTS_PUBLISHED = Counter("libra_events_published_total", "Events written to the log", ["type"])
 

@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import asyncpg
+from libra.contracts import AnyEvent, ConsumerSpec, EventDecodeError, decode_event
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-from libra.contracts import AnyEvent, ConsumerSpec, EventDecodeError, decode_event
 
 from .deadletter import dead_letter_for
 from .eventlog import EventLog
@@ -64,13 +63,16 @@ def _lock_key(name: str) -> int:
     return zlib.crc32(f"projection:{name}".encode())
 
 
-async def _apply_batch(conn: asyncpg.Connection, projection: Projection, batch: Sequence[Recorded]) -> None:
+async def _apply_batch(
+    conn: asyncpg.Connection, projection: Projection, batch: Sequence[Recorded]
+) -> None:
     name = projection.spec.name
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _lock_key(name))
         await projection.apply(conn, batch)
         await conn.execute(
-            "INSERT INTO projection_checkpoints (name, stream_seq, updated_at) VALUES ($1, $2, now())"
+            "INSERT INTO projection_checkpoints (name, stream_seq, updated_at)"
+            " VALUES ($1, $2, now())"
             " ON CONFLICT (name) DO UPDATE SET stream_seq ="
             " GREATEST(projection_checkpoints.stream_seq, EXCLUDED.stream_seq), updated_at = now()",
             name,
@@ -145,7 +147,7 @@ class ProjectionRunner:
         try:
             async with self.pool.acquire() as conn:
                 await _apply_batch(conn, self.projection, [r for _, r in good])
-        except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
             CONSUMER_FAILED.labels(name).inc()
             if len(good) == 1:
                 await self._failed(good[0], exc)
@@ -165,7 +167,7 @@ class ProjectionRunner:
         try:
             async with self.pool.acquire() as conn:
                 await _apply_batch(conn, self.projection, [recorded])
-        except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
             await self._failed(item, exc)
             return
         await msg.ack()
@@ -181,7 +183,13 @@ class ProjectionRunner:
             await self._dead_letter(msg, error, recorded.event)
             return
         delay = self.spec.backoff_s[min(deliveries, len(self.spec.backoff_s)) - 1]
-        log.warning("projection %s failed (delivery %d), retrying in %ss: %s", self.spec.name, deliveries, delay, error)
+        log.warning(
+            "projection %s failed (delivery %d), retrying in %ss: %s",
+            self.spec.name,
+            deliveries,
+            delay,
+            error,
+        )
         await msg.nak(delay=delay)
 
     async def _dead_letter(self, msg: Msg, error: str, event: AnyEvent | None) -> None:
@@ -245,7 +253,9 @@ async def read_log(
             await log_.js.delete_consumer(stream, info.name)
 
 
-async def rebuild(log_: EventLog, pool: asyncpg.Pool, projection: Projection, *, batch_size: int = 1000) -> int:
+async def rebuild(
+    log_: EventLog, pool: asyncpg.Pool, projection: Projection, *, batch_size: int = 1000
+) -> int:
     """Drops the projection's rows and replays the log into it; returns the events applied.
 
     The exclusive advisory lock is held while the tables are emptied and the end of the log is
@@ -261,11 +271,16 @@ async def rebuild(log_: EventLog, pool: asyncpg.Pool, projection: Projection, *,
             info = await log_.js.stream_info(projection.spec.stream)
         end_seq = info.state.last_seq
         if info.state.first_seq > 1:
-            log.warning("the log starts at seq %d: older events were removed by retention", info.state.first_seq)
+            log.warning(
+                "the log starts at seq %d: older events were removed by retention",
+                info.state.first_seq,
+            )
     applied = 0
     batch: list[Recorded] = []
     async with pool.acquire() as conn:
-        async for recorded in read_log(log_, projection.spec.subjects, stream=projection.spec.stream, end_seq=end_seq):
+        async for recorded in read_log(
+            log_, projection.spec.subjects, stream=projection.spec.stream, end_seq=end_seq
+        ):
             batch.append(recorded)
             if len(batch) >= batch_size:
                 await _apply_batch(conn, projection, batch)

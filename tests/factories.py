@@ -34,7 +34,9 @@ ORIGIN = Origin(platform="discord", guild="1", channel="2", message="3", locale=
 AUDIO = AudioRef(name="utt/1", format="pcm_s16le", sample_rate=16000, duration_ms=1200, size=38400)
 
 
-def text(conversation: str = "discord-1-2", message: str = "안녕, Libra!", user: str = "u1") -> TextReceived:
+def text(
+    conversation: str = "discord-1-2", message: str = "안녕, Libra!", user: str = "u1"
+) -> TextReceived:
     return make(
         TextReceived,
         conversation=conversation,
@@ -48,31 +50,101 @@ def text(conversation: str = "discord-1-2", message: str = "안녕, Libra!", use
 
 def every_event() -> list[AnyEvent]:
     start = text()
-    voice = make(VoiceCaptured, conversation="discord-1-2", user="u1", audio=AUDIO, origin=ORIGIN,
-                 speech_ended_at=datetime.now(UTC))
-    heard = derive(voice, AsrTranscribed, key="asr", text="hi", language="en", confidence=0.9,
-                   engine="whisper", audio_ms=1200, latency_ms=250.0, origin=ORIGIN)
-    accepted = derive(start, TurnAccepted, key="turn", text=start.text, language="ko", origin=ORIGIN)
+    voice = make(
+        VoiceCaptured,
+        conversation="discord-1-2",
+        user="u1",
+        audio=AUDIO,
+        origin=ORIGIN,
+        speech_ended_at=datetime.now(UTC),
+    )
+    heard = derive(
+        voice,
+        AsrTranscribed,
+        key="asr",
+        text="hi",
+        language="en",
+        confidence=0.9,
+        engine="whisper",
+        audio_ms=1200,
+        latency_ms=250.0,
+        origin=ORIGIN,
+    )
+    accepted = derive(
+        start, TurnAccepted, key="turn", text=start.text, language="ko", origin=ORIGIN
+    )
     return [
         start,
         voice,
         heard,
         accepted,
-        derive(start, TurnRejected, key="turn", reason="rate_limited", message="slow down",
-               retry_after_s=6.0, origin=ORIGIN),
+        derive(
+            start,
+            TurnRejected,
+            key="turn",
+            reason="rate_limited",
+            message="slow down",
+            retry_after_s=6.0,
+            origin=ORIGIN,
+        ),
         derive(accepted, LlmDelta, key="delta/0", index=0, text="안녕", origin=ORIGIN),
-        derive(accepted, LlmCompleted, key="completed", text="안녕하세요", provider="openai",
-               model="gpt", prompt_tokens=10, completion_tokens=3, origin=ORIGIN),
-        derive(accepted, LlmFailed, key="completed", error="timeout", message="no answer",
-               attempts=(ProviderAttempt(provider="groq", error="timeout"),), origin=ORIGIN),
-        derive(accepted, TtsSynthesized, key="tts/0", audio=AUDIO, index=0, text="안녕",
-               engine="espeak", origin=ORIGIN),
+        derive(
+            accepted,
+            LlmCompleted,
+            key="completed",
+            text="안녕하세요",
+            provider="openai",
+            model="gpt",
+            prompt_tokens=10,
+            completion_tokens=3,
+            origin=ORIGIN,
+        ),
+        derive(
+            accepted,
+            LlmFailed,
+            key="completed",
+            error="timeout",
+            message="no answer",
+            attempts=(ProviderAttempt(provider="groq", error="timeout"),),
+            origin=ORIGIN,
+        ),
+        derive(
+            accepted,
+            TtsSynthesized,
+            key="tts/0",
+            audio=AUDIO,
+            index=0,
+            text="안녕",
+            engine="espeak",
+            origin=ORIGIN,
+        ),
         derive(accepted, ReplyDelivered, key="delivered", message_ids=("9",), origin=ORIGIN),
         make(SessionChat, conversation="discord-1-2", user="u1", enabled=True, origin=ORIGIN),
-        make(SessionVoice, conversation="discord-1-2", user="u1", state="joined", channel="5", origin=ORIGIN),
+        make(
+            SessionVoice,
+            conversation="discord-1-2",
+            user="u1",
+            state="joined",
+            channel="5",
+            origin=ORIGIN,
+        ),
         make(SessionMemoryReset, conversation="discord-1-2", user="u1", origin=ORIGIN),
-        make(SessionSettings, conversation="discord-1-2", user="u1", scope="guild:1", key="model",
-             value="gpt", origin=ORIGIN),
-        derive(start, DeadLetter, key="dead", consumer="llm", subject="libra.turn.accepted.x",
-               error="boom", payload="{}"),
+        make(
+            SessionSettings,
+            conversation="discord-1-2",
+            user="u1",
+            scope="guild:1",
+            key="model",
+            value="gpt",
+            origin=ORIGIN,
+        ),
+        derive(
+            start,
+            DeadLetter,
+            key="dead",
+            consumer="llm",
+            subject="libra.turn.accepted.x",
+            error="boom",
+            payload="{}",
+        ),
     ]

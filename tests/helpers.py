@@ -6,12 +6,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from libra.contracts import AnyEvent, decode_event
 from nats.js import JetStreamContext
 
-from libra.contracts import AnyEvent, decode_event
 
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, every: float = 0.05) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, every: float = 0.05
+) -> None:
     """Waits until ``check`` is true; fails the test with a clear message if it never is."""
     deadline = time.monotonic() + timeout
     while True:

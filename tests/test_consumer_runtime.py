@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-
 from libra.contracts import (
     ConsumerSpec,
     DeadLetter,
@@ -36,7 +35,9 @@ class Echo:
 
     spec = SPEC
 
-    def __init__(self, *, fail_first: int = 0, fail_always: bool = False, delay: float = 0.0) -> None:
+    def __init__(
+        self, *, fail_first: int = 0, fail_always: bool = False, delay: float = 0.0
+    ) -> None:
         self.fail_first, self.fail_always, self.delay = fail_first, fail_always, delay
         self.calls: list[str] = []
 
@@ -153,7 +154,9 @@ async def test_stop_drains_in_flight_work(eventlog: EventLog) -> None:
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
-async def test_consumer_survives_a_server_restart(eventlog: EventLog, nats_server, settings) -> None:
+async def test_consumer_survives_a_server_restart(
+    eventlog: EventLog, nats_server, settings
+) -> None:
     runner, task = await _running(eventlog, Echo())
     await eventlog.publish(text(message="before"))
     await eventually(lambda: _count(eventlog, "libra.turn.accepted.>", 1))

@@ -8,7 +8,6 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from libra.contracts import (
     LIVE_SUBJECTS,
     LOG_SUBJECTS,
@@ -103,7 +102,10 @@ def test_tokens_are_safe_and_reversible(value: str) -> None:
         assert unescape_token(token) == value
 
 
-@given(st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3))
+@given(
+    st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3),
+    st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3),
+)
 def test_conversation_ids_do_not_collide(a: list[str], b: list[str]) -> None:
     if a != b:
         assert conversation_id("http", *a) != conversation_id("http", *b)

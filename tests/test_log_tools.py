@@ -1,0 +1,113 @@
+"""`libra tail` and `libra trace` against a real log."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+from libra.contracts import LlmCompleted, LlmDelta, ReplyDelivered, TurnAccepted, derive
+from libra.runtime.eventlog import EventLog
+
+from .factories import ORIGIN, text
+
+
+def _env(nats_url: str) -> dict[str, str]:
+    return os.environ | {"NATS_URL": nats_url, "LOG_FORMAT": "console"}
+
+
+def _turn_chain():
+    said = text(conversation="http-alice", message="what is the log?")
+    turn = derive(said, TurnAccepted, key="turn", text=said.text, origin=ORIGIN)
+    deltas = [
+        derive(turn, LlmDelta, key=f"d{i}", index=i, text=f"piece {i} ", origin=ORIGIN)
+        for i in range(5)
+    ]
+    done = derive(
+        turn,
+        LlmCompleted,
+        key="c",
+        text="".join(d.text for d in deltas),
+        provider="openai",
+        model="m",
+        origin=ORIGIN,
+    )
+    delivered = derive(done, ReplyDelivered, key="delivered", message_ids=("1",), origin=ORIGIN)
+    return [said, turn, *deltas, done, delivered]
+
+
+async def test_tail_prints_live_events_from_both_streams(eventlog: EventLog, nats_server) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "libra.ops",
+        "tail",
+        "--count",
+        "9",
+        env=_env(nats_server.url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    await asyncio.sleep(1.0)  # the subscription is a core one: it sees what comes after it
+    chain = _turn_chain()
+    await eventlog.publish_many(chain)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    lines = out.decode().splitlines()
+    assert proc.returncode == 0, err.decode()
+    assert len(lines) == 9
+    assert (
+        "text.received" in lines[0] and "what is the log?" in lines[0] and "http-alice" in lines[0]
+    )
+    assert sum("llm.delta" in line for line in lines) == 5  # LIBRA_LIVE too
+    assert "reply.delivered" in lines[-1]
+
+
+async def test_trace_prints_the_causal_chain_with_timings(eventlog: EventLog, nats_server) -> None:
+    chain = _turn_chain()
+    for event in chain:
+        await eventlog.publish(event)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "libra.ops", "trace", chain[0].id],
+        env=_env(nats_server.url),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"turn {chain[0].id}" in lines[0] and "(9 events)" in lines[0]
+    order = [
+        next(
+            t
+            for t in (
+                "text.received",
+                "turn.accepted",
+                "llm.delta",
+                "llm.completed",
+                "reply.delivered",
+            )
+            if t in line
+        )
+        for line in lines[1:]
+        if "more deltas" not in line
+    ]
+    assert order[:2] == ["text.received", "turn.accepted"]
+    assert order[-2:] == ["llm.completed", "reply.delivered"]
+    assert any("3 more deltas" in line for line in lines)
+    assert all(" ms" in line for line in lines[1:] if "more deltas" not in line)
+
+
+async def test_trace_of_unknown_turn_is_a_clear_error(eventlog: EventLog, nats_server) -> None:
+    for bad, message in (("nope", "is not a turn id"), (text().id, "no events of turn")):
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "libra.ops", "trace", bad],
+            env=_env(nats_server.url),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 1 and message in result.stderr
+        assert "Traceback" not in result.stderr

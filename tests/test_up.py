@@ -1,0 +1,195 @@
+"""`libra up` as people run it: a subprocess on a fresh data directory, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import asyncpg
+import nats
+import pytest
+from libra.contracts import LlmCompleted, derive, encode_event
+from libra.ops.embedded import free_port
+
+from .factories import ORIGIN, text
+from .helpers import eventually
+
+
+def _env(data: Path) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL", "REDIS_URL")
+    }
+    env.update(
+        LIBRA_DATA_DIR=str(data),
+        LIBRA_NATS_PORT=str(free_port()),
+        LIBRA_POSTGRES_PORT=str(free_port()),
+        LIBRA_REDIS_PORT=str(free_port()),
+        LIBRA_HTTP_PORT=str(free_port()),
+        HTTP_PORT=str(free_port()),
+    )
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_stacks():
+    yield
+    for up in Up.running:
+        if up.proc.poll() is None:
+            up.proc.send_signal(signal.SIGTERM)
+            try:
+                up.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                up.proc.kill()
+    Up.running.clear()
+
+
+def _libra(*args: str) -> list[str]:
+    return [sys.executable, "-m", "libra.ops", *args]
+
+
+class Up:
+    """A `libra up` subprocess; killed at the end of the test whatever happened."""
+
+    running: ClassVar[list[Up]] = []
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        Up.running.append(self)
+        self.env = env
+        self.proc = subprocess.Popen(
+            _libra("up"),
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.started = time.monotonic()
+
+    def wait_ready(self, timeout: float = 15.0) -> list[str]:
+        lines = []
+        while time.monotonic() - self.started < timeout:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Libra is ready" in line:
+                return lines
+        self.proc.kill()
+        raise AssertionError(f"not ready in {timeout}s: {lines}\n{self.proc.stderr.read()[-3000:]}")
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"did not exit within {timeout}s of SIGTERM") from None
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.env['LIBRA_NATS_PORT']}"
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.env['LIBRA_POSTGRES_PORT']}/libra"
+
+
+async def _publish_exchange(url: str) -> str:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    said = text(conversation="http-alice")
+    answer = derive(
+        said, LlmCompleted, key="c", text="hello", provider="p", model="m", origin=ORIGIN
+    )
+    for event in (said, answer):
+        await js.publish(event.subject, encode_event(event), headers={"Nats-Msg-Id": event.id})
+    await nc.close()
+    return said.id
+
+
+async def _message_count(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM messages")
+    finally:
+        await conn.close()
+
+
+async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()  # runs from any directory: nothing is looked up relative to the cwd
+    up = Up(env, elsewhere)
+    lines = await asyncio.to_thread(up.wait_ready, 15.0)
+    assert any(env["LIBRA_NATS_PORT"] in line for line in lines)
+
+    nc = await nats.connect(up.nats_url)
+    js = nc.jetstream()
+    log_info = await js.stream_info("LIBRA")
+    live_info = await js.stream_info("LIBRA_LIVE")
+    assert log_info.config.storage == "file" and live_info.config.storage == "memory"
+    assert log_info.config.duplicate_window >= 120
+    await js.object_store("libra-audio")
+    await nc.close()
+    conn = await asyncpg.connect(up.database_url)
+    assert await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    assert await conn.fetchval("SELECT max(version) FROM schema_migrations") >= 1
+    await conn.close()
+
+    await _publish_exchange(up.nats_url)
+    await eventually(lambda: _has_messages(up.database_url, 2))
+
+    listed = await asyncio.to_thread(
+        subprocess.run, _libra("env"), env=env, capture_output=True, text=True, check=True
+    )
+    env_out = listed.stdout
+    assert f"NATS_URL={up.nats_url}" in env_out
+
+    started = time.monotonic()
+    assert await asyncio.to_thread(up.terminate, 10.0) == 0
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "data" / "stack.json").exists()
+
+    again = Up(env, elsewhere)
+    await asyncio.to_thread(again.wait_ready, 15.0)
+    nc = await nats.connect(again.nats_url)
+    assert (await nc.jetstream().stream_info("LIBRA")).state.messages == 2
+    await nc.close()
+    assert await _message_count(again.database_url) == 2
+    assert await asyncio.to_thread(again.terminate, 10.0) == 0
+
+
+async def _has_messages(url: str, n: int) -> bool:
+    try:
+        return await _message_count(url) >= n
+    except (OSError, asyncpg.PostgresError):
+        return False
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(env["LIBRA_NATS_PORT"])))
+        taken.listen()
+        result = subprocess.run(_libra("up"), env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"127.0.0.1:{env['LIBRA_NATS_PORT']}: the port is in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_setting_is_named(tmp_path: Path) -> None:
+    env = _env(tmp_path / "data") | {"LIBRA_NATS_PORT": "four"}
+    result = subprocess.run(_libra("env"), env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "LIBRA_NATS_PORT" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["--help"], ["up", "--help"], ["bench", "log", "--help"]])
+def test_help(command: list[str]) -> None:
+    assert subprocess.run(_libra(*command), capture_output=True, timeout=30).returncode == 0
