@@ -215,6 +215,8 @@ class LlmCompleted(Event, frozen=True, kw_only=True, tag="llm.completed"):
     cached: bool = False
     finish_reason: str = ""
     deltas: int = 0
+    first_delta_at: datetime | None = None
+    attempts: tuple[ProviderAttempt, ...] = ()
     modality: Modality = "text"
     language: str = "en"
     origin: Origin

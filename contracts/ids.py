@@ -14,7 +14,7 @@ import re
 import time
 from datetime import UTC, datetime
 
-__all__ = ["derive_id", "id_time", "is_id", "new_id"]
+__all__ = ["derive_id", "id_time", "is_id", "new_id", "stable_id"]
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> 2 characters
@@ -54,6 +54,15 @@ def derive_id(parent: str, key: str) -> str:
     """Returns the id of the output named ``key`` of the event ``parent``; always the same."""
     digest = hashlib.blake2b(f"{parent}/{key}".encode(), digest_size=10).digest()
     return parent[:10] + _b32_80(int.from_bytes(digest, "big"))
+
+
+def stable_id(key: str, at_ms: int) -> str:
+    """Returns the id of an input known outside Libra (a Discord message, an idempotency key).
+
+    Two gateways that receive the same platform message make the same id, so the log keeps one.
+    """
+    digest = hashlib.blake2b(key.encode(), digest_size=10).digest()
+    return _time_prefix(at_ms) + _b32_80(int.from_bytes(digest, "big"))
 
 
 def is_id(value: str) -> bool:

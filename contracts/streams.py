@@ -130,5 +130,28 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             max_ack_pending=8192,
             max_deliver=-1,
         ),
+        ConsumerSpec(
+            name="sessions",
+            subjects=("libra.session.>",),
+            description="sessions projection: chat mode, settings, voice sessions in Postgres",
+            max_ack_pending=8192,
+            max_deliver=-1,
+        ),
+        ConsumerSpec(
+            name="turns-projection",
+            subjects=(
+                "libra.text.received.>",
+                "libra.voice.captured.>",
+                "libra.asr.transcribed.>",
+                "libra.turn.>",
+                "libra.llm.completed.>",
+                "libra.llm.failed.>",
+                "libra.tts.synthesized.>",
+                "libra.reply.delivered.>",
+            ),
+            description="turns projection: one row per turn with each stage's time",
+            max_ack_pending=8192,
+            max_deliver=-1,
+        ),
     )
 }

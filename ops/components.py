@@ -11,6 +11,7 @@ from typing import Protocol
 
 import asyncpg
 from libra.projections.history import HistoryProjection
+from libra.projections.sessions import SessionsProjection
 from libra.runtime.config import Settings
 from libra.runtime.database import connect_pool
 from libra.runtime.eventlog import EventLog
@@ -52,6 +53,7 @@ class Resources:
 
 PROJECTIONS: dict[str, Callable[[], Projection]] = {
     "history": HistoryProjection,
+    "sessions": SessionsProjection,
 }
 
 

@@ -60,12 +60,64 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_level: str = "INFO"
     libra_metrics_port: int = 0
 
+    # LLM providers. LLM_PROVIDERS is the fallback order, entries `provider` or
+    # `provider:model` (groq, openai, anthropic, ollama, local); unset: every configured one.
+    openai_api_key: str = ""
+    openai_base_url: str = ""
+    groq_api_key: str = ""
+    groq_base_url: str = ""
+    anthropic_api_key: str = ""
+    anthropic_base_url: str = ""
+    ollama_url: str = ""
+    llm_base_url: str = ""
+    llm_api_key: str = ""
+    llm_providers: str = ""
+    primary_model: str = ""
+    alt_model: str = ""
+    max_tokens: int = 512
+    llm_temperature: float = 0.6
+    llm_timeout_sec: float = 30.0
+    llm_retries: int = 2
+    llm_breaker_failures: int = 5
+    llm_breaker_reset_sec: float = 30.0
+    llm_cache_enabled: bool = True
+    llm_cache_ttl: float = 300.0
+    llm_context_tokens: int = 8192
+    llm_history_turns: int = 20
+    llm_concurrency: int = 256
+    libra_persona: str = ""
+    vision_models: str = "gpt-4o,gpt-4o-mini,gpt-4.1,gpt-4.1-mini,claude,llava,llama-3.2-90b-vision"
+
+    # Memory: OpenAI embeddings with a key, Ollama's with OLLAMA_URL and EMBEDDING_MODEL,
+    # else Libra's local hashing embedder.
+    embedding_model: str = ""
+    memory_top_k: int = 4
+
+    # Admission.
+    rate_limit_turns: int = 10
+    rate_limit_window_sec: float = 10.0
+    max_input_chars: int = 4000
+
+    # HTTP API.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    http_max_body_bytes: int = 1_048_576
+    bff_api_key: str = ""
+    jwt_secret: str = ""
+
+    # Discord (text gateway).
+
+    # Voice pipeline: VAD, ASR, TTS.
+
+    # Discord voice transport.
+
     _durations = (
         "libra_log_max_age",
         "libra_duplicate_window",
         "libra_live_max_age",
         "libra_audio_ttl",
     )
+    _urls = ("nats_url", "database_url", "redis_url")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -98,10 +150,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             value
             for field in self.__struct_fields__
             if field.upper().endswith(_SECRET_SUFFIXES) and (value := getattr(self, field))
-        ] + [p for url in self._urls() if (p := _url_password(url))]
-
-    def _urls(self) -> list[str]:
-        return [self.nats_url, self.database_url, self.redis_url]
+        ] + [p for url in self._urls if (p := _url_password(getattr(self, url)))]
 
     def __repr__(self) -> str:
         shown = []

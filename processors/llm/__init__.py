@@ -1,0 +1,1 @@
+"""The llm processor: answers accepted turns, streaming, through a chain of providers."""
