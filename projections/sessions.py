@@ -9,12 +9,60 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from libra.contracts import CONSUMERS, SessionChat, SessionSettings, SessionVoice
+from libra.contracts import CONSUMERS, AnyEvent, SessionChat, SessionSettings, SessionVoice
 from libra.runtime.projection import Recorded
 
 __all__ = ["SessionsProjection"]
 
-_NEWER = "WHERE ({table}.at, {table}.event_id) < (EXCLUDED.at, EXCLUDED.event_id)"
+
+def _row(event: AnyEvent) -> tuple[str, tuple[str, ...], dict[str, object]] | None:
+    common = {"event_id": event.id, "at": event.at}
+    match event:
+        case SessionChat():
+            return (
+                "chat_channels",
+                ("conversation",),
+                {
+                    "conversation": event.conversation,
+                    "enabled": event.enabled,
+                    "changed_by": event.user,
+                    **common,
+                },
+            )
+        case SessionSettings():
+            return (
+                "settings",
+                ("scope", "key"),
+                {
+                    "scope": event.scope,
+                    "key": event.key,
+                    "value": event.value,
+                    "changed_by": event.user,
+                    **common,
+                },
+            )
+        case SessionVoice():
+            return (
+                "voice_sessions",
+                ("conversation",),
+                {
+                    "conversation": event.conversation,
+                    "state": event.state,
+                    "channel": event.channel,
+                    **common,
+                },
+            )
+    return None
+
+
+def _upsert(table: str, keys: tuple[str, ...], columns: list[str]) -> str:
+    values = ", ".join(f"${i}" for i in range(1, len(columns) + 1))
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c not in keys)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values})"
+        f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
+        f" WHERE ({table}.at, {table}.event_id) < (EXCLUDED.at, EXCLUDED.event_id)"
+    )
 
 
 class SessionsProjection:
@@ -25,44 +73,7 @@ class SessionsProjection:
 
     async def apply(self, conn: asyncpg.Connection, batch: Sequence[Recorded]) -> None:
         for _, event in batch:
-            match event:
-                case SessionChat():
-                    await conn.execute(
-                        "INSERT INTO chat_channels (conversation, enabled, changed_by, event_id, at)"
-                        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (conversation) DO UPDATE SET"
-                        " enabled = EXCLUDED.enabled, changed_by = EXCLUDED.changed_by,"
-                        " event_id = EXCLUDED.event_id, at = EXCLUDED.at "
-                        + _NEWER.format(table="chat_channels"),
-                        event.conversation,
-                        event.enabled,
-                        event.user,
-                        event.id,
-                        event.at,
-                    )
-                case SessionSettings():
-                    await conn.execute(
-                        "INSERT INTO settings (scope, key, value, changed_by, event_id, at)"
-                        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (scope, key) DO UPDATE SET"
-                        " value = EXCLUDED.value, changed_by = EXCLUDED.changed_by,"
-                        " event_id = EXCLUDED.event_id, at = EXCLUDED.at "
-                        + _NEWER.format(table="settings"),
-                        event.scope,
-                        event.key,
-                        event.value,
-                        event.user,
-                        event.id,
-                        event.at,
-                    )
-                case SessionVoice():
-                    await conn.execute(
-                        "INSERT INTO voice_sessions (conversation, state, channel, event_id, at)"
-                        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (conversation) DO UPDATE SET"
-                        " state = EXCLUDED.state, channel = EXCLUDED.channel,"
-                        " event_id = EXCLUDED.event_id, at = EXCLUDED.at "
-                        + _NEWER.format(table="voice_sessions"),
-                        event.conversation,
-                        event.state,
-                        event.channel,
-                        event.id,
-                        event.at,
-                    )
+            found = _row(event)
+            if found is not None:
+                table, keys, row = found
+                await conn.execute(_upsert(table, keys, list(row)), *row.values())
