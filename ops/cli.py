@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 import msgspec
+
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.logs import configure_logging
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import asyncpg
+
 from libra.projections.history import HistoryProjection
 from libra.projections.sessions import SessionsProjection
 from libra.runtime.config import Settings

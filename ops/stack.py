@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 import msgspec
+
 from libra.runtime.config import Settings
 
 from .embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis

@@ -6,6 +6,8 @@ import contextlib
 from collections import defaultdict
 from datetime import timedelta
 
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
 from libra.contracts import (
     LIVE_STREAM,
     LOG_STREAM,
@@ -17,7 +19,6 @@ from libra.contracts import (
 )
 from libra.runtime.eventlog import EventLog
 from libra.runtime.feed import PullFeed
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from .tail import summary
 

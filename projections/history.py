@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import asyncpg
+
 from libra.contracts import CONSUMERS, LlmCompleted, TextReceived
 from libra.runtime.projection import Recorded
 

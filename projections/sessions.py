@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import asyncpg
+
 from libra.contracts import CONSUMERS, AnyEvent, SessionChat, SessionSettings, SessionVoice
 from libra.runtime.projection import Recorded
 

@@ -13,8 +13,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from libra.contracts import AnyEvent, ConsumerSpec, Event, EventDecodeError, decode_event
 from nats.aio.msg import Msg
+
+from libra.contracts import AnyEvent, ConsumerSpec, Event, EventDecodeError, decode_event
 
 from .deadletter import dead_letter_for
 from .eventlog import EventLog

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 from datetime import UTC, datetime
 
+from nats.aio.msg import Msg
+
 from libra.contracts import (
     AnyEvent,
     DeadLetter,
@@ -13,7 +15,6 @@ from libra.contracts import (
     new_id,
     parse_subject,
 )
-from nats.aio.msg import Msg
 
 __all__ = ["dead_letter_for"]
 

@@ -11,6 +11,12 @@ import logging
 from collections.abc import Iterable
 
 import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.object_store import ObjectStore
+from prometheus_client import Counter
+
 from libra.contracts import (
     AUDIO_BUCKET,
     CONSUMERS,
@@ -22,11 +28,6 @@ from libra.contracts import (
     log_stream_config,
     subject_of,
 )
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
-from nats.js.object_store import ObjectStore
-from prometheus_client import Counter
 
 from .config import Settings
 from .metrics import EVENTS_PUBLISHED

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 import asyncpg
-from libra.contracts import AnyEvent, ConsumerSpec, EventDecodeError, decode_event
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from libra.contracts import AnyEvent, ConsumerSpec, EventDecodeError, decode_event
 
 from .deadletter import dead_letter_for
 from .eventlog import EventLog

@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+
 from libra.ops.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis, free_port
 from libra.runtime.config import Settings
 from libra.runtime.database import migrate

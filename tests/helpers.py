@@ -6,8 +6,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from libra.contracts import AnyEvent, decode_event
 from nats.js import JetStreamContext
+
+from libra.contracts import AnyEvent, decode_event
 
 
 async def eventually(

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from libra.contracts import (
     LIVE_SUBJECTS,
     LOG_SUBJECTS,

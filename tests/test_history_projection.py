@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+
 from libra.contracts import LlmCompleted, TurnAccepted, derive
 from libra.ops.embedded import EmbeddedPostgres, free_port
 from libra.projections.history import HistoryProjection

@@ -15,6 +15,7 @@ from typing import ClassVar
 import asyncpg
 import nats
 import pytest
+
 from libra.contracts import LlmCompleted, derive, encode_event
 from libra.ops.embedded import free_port
 

@@ -19,6 +19,9 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import nats
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
+
 from libra.contracts import (
     ConsumerSpec,
     LlmCompleted,
@@ -36,8 +39,6 @@ from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.database import connect_pool, migrate
 from libra.runtime.eventlog import EventLog
 from libra.runtime.projection import ProjectionRunner, read_log
-from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import NotFoundError
 
 from .common import median, percentile, report, servers
 
