@@ -42,6 +42,7 @@ __all__ = [
     "TurnAccepted",
     "TurnRejected",
     "VoiceCaptured",
+    "VoiceEnded",
     "decode_event",
     "derive",
     "encode_event",
@@ -149,12 +150,26 @@ class TextReceived(Event, frozen=True, kw_only=True, tag="text.received"):
 
 
 class VoiceCaptured(Event, frozen=True, kw_only=True, tag="voice.captured"):
-    """One utterance, segmented by VAD (or by /record and /stop)."""
+    """One utterance, segmented by VAD (or by /record and /stop).
+
+    ``speculative``: cut at the first short pause, before the end of turn is certain, so that
+    transcription can start early; a ``voice.ended`` for the same turn confirms it. A person who
+    goes on talking gets a new capture (a new turn) and this one is never confirmed.
+    """
 
     audio: AudioRef
     origin: Origin
     mode: Literal["auto", "manual"] = "auto"
     speech_ended_at: datetime | None = None
+    speculative: bool = False
+
+
+class VoiceEnded(Event, frozen=True, kw_only=True, tag="voice.ended"):
+    """The silence after a speculative capture lasted: the turn is over, answer it."""
+
+    captured: str
+    speech_ended_at: datetime | None = None
+    origin: Origin
 
 
 class AsrTranscribed(Event, frozen=True, kw_only=True, tag="asr.transcribed"):
@@ -166,6 +181,7 @@ class AsrTranscribed(Event, frozen=True, kw_only=True, tag="asr.transcribed"):
     engine: str
     audio_ms: int = 0
     latency_ms: float = 0.0
+    speculative: bool = False
     origin: Origin
 
 
@@ -304,6 +320,7 @@ class DeadLetter(Event, frozen=True, kw_only=True, tag="dead.letter"):
 AnyEvent = (
     TextReceived
     | VoiceCaptured
+    | VoiceEnded
     | AsrTranscribed
     | TurnAccepted
     | TurnRejected

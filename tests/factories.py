@@ -26,6 +26,7 @@ from libra.contracts import (
     TurnAccepted,
     TurnRejected,
     VoiceCaptured,
+    VoiceEnded,
     derive,
     make,
 )
@@ -58,6 +59,7 @@ def every_event() -> list[AnyEvent]:
         origin=ORIGIN,
         speech_ended_at=datetime.now(UTC),
     )
+    ended = derive(voice, VoiceEnded, key="ended", captured=voice.id, origin=ORIGIN)
     heard = derive(
         voice,
         AsrTranscribed,
@@ -76,6 +78,7 @@ def every_event() -> list[AnyEvent]:
     return [
         start,
         voice,
+        ended,
         heard,
         accepted,
         derive(
