@@ -43,7 +43,8 @@ class PullFeed:
         self.nc = nc
         self.stream, self.consumer = stream, consumer
         self.capacity = max(1, capacity)
-        self.heartbeat_s, self.expires_s = heartbeat_s, expires_s
+        self.expires_s = expires_s
+        self.heartbeat_s = min(heartbeat_s, expires_s / 3)  # the server refuses longer ones
         self.on_lost = on_lost
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._outstanding = 0  # asked for, not yet received
@@ -135,6 +136,10 @@ class PullFeed:
             await self._request_ended(status, msg.headers or {})
         elif status == "503":
             await self._lost("no responders: the stream or consumer is not there")
+        else:
+            log.warning("pull on %s refused: %s %s", self.consumer, status, msg.headers)
+            self._outstanding = 0
+            return
         if self._wants_more():
             await self._top_up()
 

@@ -1,0 +1,155 @@
+"""Following one turn's reply as it is produced, for the edges that show it to a person.
+
+An edge subscribes before it publishes the person's input, so nothing of the reply can pass by
+unseen: core NATS subscriptions on the conversation's subjects, filtered by turn. They are the
+fastest path (no consumer to create), and at-most-once: if the connection drops mid-reply, the
+follower reads what it missed back from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from libra.contracts import (
+    LIVE_STREAM,
+    LOG_STREAM,
+    AnyEvent,
+    EventDecodeError,
+    LlmCompleted,
+    LlmDelta,
+    LlmFailed,
+    TurnRejected,
+    decode_event,
+    id_time,
+)
+from libra.runtime.eventlog import EventLog
+from libra.runtime.feed import PullFeed
+
+__all__ = ["ReplyTimeout", "TurnFollower"]
+
+TERMINAL = (LlmCompleted, LlmFailed, TurnRejected)
+
+
+class ReplyTimeout(TimeoutError):
+    """No reply event came for the turn in time."""
+
+
+class TurnFollower:
+    """Yields the events of one turn (turn, llm, and optionally asr/tts) until it is answered."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        conversation: str,
+        turn: str,
+        *,
+        domains: Iterable[str] = ("turn", "llm"),
+        until: tuple[type, ...] = TERMINAL,
+    ) -> None:
+        self.log, self.conversation, self.turn = log, conversation, turn
+        self.subjects = [f"libra.{d}.*.{conversation}" for d in domains]
+        self.until = until
+        self._queue: asyncio.Queue[AnyEvent] = asyncio.Queue()
+        self._subs: list[Subscription] = []
+        self._seen: set[str] = set()
+        self._marker = f'"turn":"{turn}"'.encode()
+
+    async def __aenter__(self) -> TurnFollower:
+        for subject in self.subjects:
+            self._subs.append(await self.log.nc.subscribe(subject, cb=self._on_msg))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if self._marker not in msg.data:
+            return
+        with contextlib.suppress(EventDecodeError):
+            self._queue.put_nowait(decode_event(msg.data))
+
+    async def events(
+        self, *, idle_s: float = 60.0, total_s: float = 600.0
+    ) -> AsyncIterator[AnyEvent]:
+        """Yields the turn's events in order, ending with its terminal event."""
+        deadline = time.monotonic() + total_s
+        next_delta = 0
+        pending: dict[int, LlmDelta] = {}
+        while True:
+            wait = min(idle_s, deadline - time.monotonic())
+            if wait <= 0:
+                raise ReplyTimeout(f"no reply for turn {self.turn} within {total_s:.0f}s")
+            try:
+                event = await asyncio.wait_for(self._queue.get(), wait)
+            except TimeoutError:
+                await self._recover()
+                if self._queue.empty():
+                    raise ReplyTimeout(f"turn {self.turn} went quiet for {idle_s:.0f}s") from None
+                continue
+            if event.id in self._seen:
+                continue
+            self._seen.add(event.id)
+            if isinstance(event, LlmDelta):  # deltas and their order matter; duplicates do not
+                pending[event.index] = event
+                while next_delta in pending:
+                    yield pending.pop(next_delta)
+                    next_delta += 1
+                continue
+            yield event
+            if isinstance(event, self.until):
+                return
+
+    async def _recover(self) -> None:
+        """Reads the turn's events back from the log (both streams) after a quiet spell."""
+        start = id_time(self.turn) - timedelta(seconds=2)
+        found = [
+            event
+            for stream in (LOG_STREAM, LIVE_STREAM)
+            for event in await _read_since(self.log, stream, self.subjects, start)
+            if event.turn == self.turn and event.id not in self._seen
+        ]
+        for event in sorted(found, key=lambda e: e.at):  # two streams: put them back in order
+            self._queue.put_nowait(event)
+
+
+async def _read_since(log: EventLog, stream: str, subjects: list[str], start) -> list[AnyEvent]:
+    info = await log.js.add_consumer(
+        stream,
+        ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=start.isoformat(),
+            ack_policy=AckPolicy.NONE,
+            filter_subjects=subjects,
+            inactive_threshold=10.0,
+            mem_storage=True,
+        ),
+    )
+    out: list[AnyEvent] = []
+    try:
+        if info.num_pending == 0:
+            return out
+        feed = PullFeed(log.nc, stream, info.name, capacity=512, expires_s=2.0)
+        await feed.start()
+        try:
+            while True:
+                msg = await asyncio.wait_for(feed.get(), 5.0)
+                feed.done()
+                with contextlib.suppress(EventDecodeError):
+                    out.append(decode_event(msg.data))
+                if msg.metadata.num_pending == 0:
+                    return out
+        finally:
+            await feed.stop()
+    finally:
+        with contextlib.suppress(Exception):
+            await log.js.delete_consumer(stream, info.name)

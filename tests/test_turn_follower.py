@@ -1,0 +1,68 @@
+"""Edges follow a turn's reply: deltas in order, once each, and recovered from the log if missed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from libra.contracts import LlmCompleted, LlmDelta, TurnAccepted, derive, encode_event
+from libra.gateway.replies import ReplyTimeout, TurnFollower
+from libra.runtime.eventlog import EventLog
+
+from .factories import ORIGIN, text
+
+
+def _reply(n: int = 4):
+    said = text(conversation="http-alice")
+    turn = derive(said, TurnAccepted, key="turn", text=said.text, origin=ORIGIN)
+    deltas = [
+        derive(turn, LlmDelta, key=f"d{i}", index=i, text=f"{i} ", origin=ORIGIN) for i in range(n)
+    ]
+    done = derive(
+        turn,
+        LlmCompleted,
+        key="c",
+        text="".join(d.text for d in deltas),
+        provider="p",
+        model="m",
+        origin=ORIGIN,
+    )
+    return said, turn, deltas, done
+
+
+async def _collect(follower: TurnFollower, **kw) -> list:
+    return [e async for e in follower.events(**kw)]
+
+
+async def test_deltas_in_order_once_then_completed(eventlog: EventLog) -> None:
+    said, turn, deltas, done = _reply()
+    async with TurnFollower(eventlog, said.conversation, said.id) as follower:
+        task = asyncio.create_task(_collect(follower))
+        other = text(conversation="http-alice")  # another turn of the same conversation
+        await eventlog.publish(derive(other, TurnAccepted, key="turn", text="x", origin=ORIGIN))
+        await eventlog.publish(turn)
+        for delta in [deltas[2], deltas[0], deltas[1], deltas[3]]:
+            await eventlog.publish(delta)
+        await eventlog.nc.publish(deltas[0].subject, encode_event(deltas[0]))  # a stray copy
+        await eventlog.publish(done)
+        got = await asyncio.wait_for(task, 5)
+    assert got[0] == turn
+    assert [e.index for e in got[1:-1]] == [0, 1, 2, 3]
+    assert got[-1] == done
+
+
+async def test_missed_events_are_read_back_from_the_log(eventlog: EventLog) -> None:
+    said, turn, deltas, done = _reply()
+    for event in (turn, *deltas, done):  # published before anyone listened
+        await eventlog.publish(event)
+    async with TurnFollower(eventlog, said.conversation, said.id) as follower:
+        got = await asyncio.wait_for(_collect(follower, idle_s=0.3), 10)
+    assert [type(e).__name__ for e in got] == ["TurnAccepted"] + ["LlmDelta"] * 4 + ["LlmCompleted"]
+
+
+async def test_silence_is_a_timeout(eventlog: EventLog) -> None:
+    said = text(conversation="http-alice")
+    async with TurnFollower(eventlog, said.conversation, said.id) as follower:
+        with pytest.raises(ReplyTimeout):
+            await _collect(follower, idle_s=0.2, total_s=1.0)
