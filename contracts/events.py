@@ -219,9 +219,10 @@ class LlmDelta(Event, frozen=True, kw_only=True, tag="llm.delta"):
 
 
 class LlmCompleted(Event, frozen=True, kw_only=True, tag="llm.completed"):
-    """The whole reply, with what it cost and how long it took."""
+    """The whole reply, with what it cost and how long it took, and what it answered."""
 
     text: str
+    user_text: str = ""
     provider: str
     model: str
     prompt_tokens: int = 0

@@ -124,6 +124,37 @@ CONSUMERS: dict[str, ConsumerSpec] = {
     spec.name: spec
     for spec in (
         ConsumerSpec(
+            name="turns",
+            subjects=(
+                "libra.text.received.>",
+                "libra.asr.transcribed.>",
+                "libra.voice.ended.>",
+            ),
+            description="admission: rate limit, input checks, language",
+            ack_wait_s=10.0,
+        ),
+        ConsumerSpec(
+            name="llm",
+            subjects=("libra.turn.accepted.>",),
+            description="answers accepted turns, streaming deltas",
+            ack_wait_s=30.0,
+            max_deliver=3,
+        ),
+        ConsumerSpec(
+            name="memory",
+            subjects=("libra.llm.completed.>", "libra.session.memory_reset.>"),
+            description="embeds completed exchanges into pgvector; forgets on reset",
+            max_deliver=8,
+            backoff_s=(1.0, 5.0, 15.0, 60.0),
+        ),
+        ConsumerSpec(
+            name="ratelimit-view",
+            subjects=("libra.turn.accepted.>",),
+            description="the Redis rate-limit view, rebuildable from the log",
+            max_ack_pending=8192,
+            max_deliver=-1,
+        ),
+        ConsumerSpec(
             name="history",
             subjects=("libra.text.received.>", "libra.llm.completed.>"),
             description="history projection: conversations and messages in Postgres",

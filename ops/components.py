@@ -7,13 +7,16 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from libra.projections.history import HistoryProjection
 from libra.projections.sessions import SessionsProjection
+from libra.projections.turns import TurnsProjection
 from libra.runtime.config import Settings
+from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.database import connect_pool
 from libra.runtime.eventlog import EventLog
 from libra.runtime.logs import log_context
@@ -22,6 +25,7 @@ from libra.runtime.projection import Projection, ProjectionRunner
 __all__ = ["COMPONENTS", "PROJECTIONS", "Component", "Resources", "Supervisor"]
 
 log = logging.getLogger("libra.supervisor")
+T = TypeVar("T")
 
 
 class Component(Protocol):
@@ -41,20 +45,36 @@ class Resources:
     database_url: str
     redis_url: str
     _pool: asyncpg.Pool | None = field(default=None, repr=False)
+    _redis: aioredis.Redis | None = field(default=None, repr=False)
+    _shared: dict[str, object] = field(default_factory=dict, repr=False)
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
-            self._pool = await connect_pool(self.database_url)
+            self._pool = await connect_pool(self.database_url, max_size=20)
         return self._pool
+
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = aioredis.from_url(self.redis_url, max_connections=64)
+        return self._redis
+
+    def shared(self, name: str, make: Callable[[], T]) -> T:
+        """One instance of ``name`` per process (a provider chain, an embedder)."""
+        if name not in self._shared:
+            self._shared[name] = make()
+        return self._shared[name]  # type: ignore[return-value]
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
+        if self._redis is not None:
+            await self._redis.aclose()
 
 
 PROJECTIONS: dict[str, Callable[[], Projection]] = {
     "history": HistoryProjection,
     "sessions": SessionsProjection,
+    "turns-projection": TurnsProjection,
 }
 
 
@@ -65,8 +85,115 @@ def _projection(name: str) -> Callable[[Resources], Awaitable[Component]]:
     return build
 
 
+def _limiter(r: Resources):
+    from libra.processors.turns.ratelimit import RateLimiter
+
+    s = r.settings
+    return RateLimiter(r.redis(), limit=s.rate_limit_turns, window_s=s.rate_limit_window_sec)
+
+
+def _chain(r: Resources):
+    """The provider chain, or None when no provider is configured (turns then fail readably)."""
+    from libra.processors.llm.chain import ProviderChain
+    from libra.processors.llm.providers import NoProviderConfigured
+
+    def make():
+        try:
+            return ProviderChain.from_settings(r.settings)
+        except NoProviderConfigured as exc:
+            log.warning("%s; turns will be answered with a failure", exc)
+            return None
+
+    return r.shared("chain", make)
+
+
+async def _memory_store(r: Resources):
+    from libra.processors.memory.embedders import build_embedder
+    from libra.processors.memory.store import MemoryStore
+
+    return MemoryStore(await r.pool(), r.shared("embedder", lambda: build_embedder(r.settings)))
+
+
+async def _turns(r: Resources) -> Component:
+    from libra.processors.turns.admission import TurnsProcessor
+
+    s = r.settings
+    words = frozenset(w.strip().lower() for w in s.moderation_blocklist.split(",") if w.strip())
+    processor = TurnsProcessor(
+        r.redis(), _limiter(r), max_chars=s.max_input_chars, blocked_words=words
+    )
+    return ConsumerRunner(r.log, processor, concurrency=256)
+
+
+async def _ratelimit_view(r: Resources) -> Component:
+    from libra.processors.turns.view import RateLimitView
+
+    return ConsumerRunner(r.log, RateLimitView(_limiter(r)), concurrency=64)
+
+
+async def _llm(r: Resources) -> Component:
+    from libra.processors.llm.cache import ResponseCache
+    from libra.processors.llm.context import PromptBuilder
+    from libra.processors.llm.processor import LlmProcessor
+
+    s = r.settings
+    prompts = PromptBuilder(
+        await r.pool(),
+        await _memory_store(r),
+        persona=s.libra_persona,
+        context_tokens=s.llm_context_tokens,
+        max_tokens=s.max_tokens,
+        history_turns=s.llm_history_turns,
+        memory_k=s.memory_top_k,
+        vision_models=tuple(m.strip() for m in s.vision_models.split(",") if m.strip()),
+    )
+    cache = ResponseCache(r.redis(), ttl_s=s.llm_cache_ttl) if s.llm_cache_enabled else None
+    processor = LlmProcessor(
+        _chain(r), prompts, cache=cache, max_tokens=s.max_tokens, temperature=s.llm_temperature
+    )
+    return ConsumerRunner(r.log, processor, concurrency=s.llm_concurrency)
+
+
+async def _memory(r: Resources) -> Component:
+    from libra.processors.memory.processor import MemoryProcessor
+
+    return ConsumerRunner(r.log, MemoryProcessor(await _memory_store(r)), concurrency=16)
+
+
+async def _http(r: Resources) -> Component:
+    from libra.gateway.http.app import create_app
+    from libra.gateway.http.auth import Authenticator, is_loopback
+    from libra.gateway.http.server import HttpGateway
+    from libra.runtime.config import ConfigError
+
+    s = r.settings
+    auth = Authenticator(api_key=s.bff_api_key, jwt_secret=s.jwt_secret)
+    if auth.open and not is_loopback(s.http_host):
+        raise ConfigError(
+            f"HTTP_HOST={s.http_host} is not loopback: set BFF_API_KEY or JWT_SECRET first"
+        )
+
+    def llm_status() -> str:
+        return "ok" if _chain(r) is not None else "unconfigured"
+
+    app = create_app(
+        r.log,
+        pool=r.pool,
+        redis=r.redis(),
+        auth=auth,
+        llm_status=llm_status,
+        max_body_bytes=s.http_max_body_bytes,
+    )
+    return HttpGateway(app, host=s.http_host, port=s.http_port)
+
+
 COMPONENTS: dict[str, Callable[[Resources], Awaitable[Component]]] = {
     **{name: _projection(name) for name in PROJECTIONS},
+    "turns": _turns,
+    "ratelimit-view": _ratelimit_view,
+    "llm": _llm,
+    "memory": _memory,
+    "http": _http,
 }
 
 

@@ -97,6 +97,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     rate_limit_turns: int = 10
     rate_limit_window_sec: float = 10.0
     max_input_chars: int = 4000
+    moderation_blocklist: str = ""
 
     # HTTP API.
     http_host: str = "127.0.0.1"
@@ -106,10 +107,27 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     jwt_secret: str = ""
 
     # Discord (text gateway).
+    discord_token: str = ""
+    discord_client_id: str = ""
+    discord_guild_id: str = ""
+    discord_rest_url: str = "https://discord.com/api/v10"
+    discord_shard_ids: str = ""
+    discord_shard_count: int = 0
+    discord_allowed_guilds: str = ""
+    discord_admin_roles: str = ""
+    discord_access_file: str = ""
+    discord_edit_interval_sec: float = 1.0
+    discord_text_attachment_chars: int = 20000
+    discord_reply_chain: int = 10
 
     # Voice pipeline: VAD, ASR, TTS.
 
     # Discord voice transport.
+    discord_voice_jitter_ms: int = 60
+    discord_voice_speaking_idle_ms: int = 200
+    discord_voice_bitrate: int = 64000
+    discord_voice_connect_timeout_sec: float = 10.0
+    discord_voice_max_reconnects: int = 5
 
     _durations = (
         "libra_log_max_age",

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Protocol
 
 from nats.aio.msg import Msg
@@ -36,11 +36,15 @@ log = logging.getLogger("libra.consumer")
 
 
 class Processor(Protocol):
-    """Turns one event into the events it causes; outputs are published as they are yielded."""
+    """Turns one event into the events it causes.
+
+    ``handle`` is either an async generator (a stream: each output is published as it is
+    yielded) or a coroutine that returns the outputs, all published before the ack.
+    """
 
     spec: ConsumerSpec
 
-    def handle(self, event: AnyEvent) -> AsyncIterator[Event]: ...
+    def handle(self, event: AnyEvent) -> AsyncIterator[Event] | Awaitable[Iterable[Event]]: ...
 
 
 class ConsumerRunner:
@@ -128,8 +132,13 @@ class ConsumerRunner:
         started = time.perf_counter()
         keepalive = _KeepAlive(msg, self.spec.ack_wait_s)
         try:
-            async for out in self.processor.handle(event):
-                await self.log.publish(out)
+            outputs = self.processor.handle(event)
+            if isinstance(outputs, AsyncIterator):
+                async for out in outputs:
+                    await self.log.publish(out)
+            else:
+                for out in await outputs:
+                    await self.log.publish(out)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

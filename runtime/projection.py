@@ -14,7 +14,8 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import NamedTuple, Protocol
 
 import asyncpg
@@ -206,10 +207,12 @@ async def read_log(
     *,
     stream: str,
     start_seq: int = 1,
+    start_time: datetime | None = None,
     end_seq: int | None = None,
     batch: int = 2048,
-):
-    """Yields the stream's events on ``subjects`` from ``start_seq`` through ``end_seq``, in order.
+) -> AsyncIterator[Recorded]:
+    """Yields the stream's events on ``subjects`` from ``start_seq`` (or ``start_time``) through
+    ``end_seq``, in order.
 
     Uses an ephemeral consumer without acks: reading the log back must be fast, and it changes
     nothing on the server. Undecodable messages are skipped with a warning.
@@ -218,9 +221,11 @@ async def read_log(
         end_seq = (await log_.js.stream_info(stream)).state.last_seq
     if end_seq < start_seq:
         return
+    by_time = start_time is not None
     config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=start_seq,
+        deliver_policy=DeliverPolicy.BY_START_TIME if by_time else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=None if by_time else start_seq,
+        opt_start_time=start_time.isoformat() if by_time else None,
         ack_policy=AckPolicy.NONE,
         filter_subject=subjects[0] if len(subjects) == 1 else None,
         filter_subjects=list(subjects) if len(subjects) > 1 else None,

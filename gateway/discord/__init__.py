@@ -1,0 +1,1 @@
+"""Libra on Discord: the text gateway and the voice transport."""

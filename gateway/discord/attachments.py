@@ -1,0 +1,99 @@
+"""What a message's files become in ``text.received``: none is dropped without a word.
+
+Images keep their URL when the server's model can see (``VISION_MODELS``), so the llm processor
+can send them; otherwise they are named. Text files are read in, up to a number of characters.
+Anything else (audio, archives, PDFs) is named with its type and size, so the model can say it
+cannot open it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import PurePosixPath
+
+import hikari
+
+from libra.contracts import Attachment
+
+__all__ = ["can_see", "read_attachments"]
+
+log = logging.getLogger("libra.discord.attachments")
+
+_TEXT_TYPES = (
+    "application/json",
+    "application/xml",
+    "application/yaml",
+    "application/x-yaml",
+    "application/toml",
+    "application/javascript",
+    "application/sql",
+    "application/x-sh",
+)
+_TEXT_SUFFIXES = frozenset(
+    ".txt .md .rst .csv .tsv .log .json .yaml .yml .toml .ini .cfg .conf .xml .html .css .sql"
+    " .py .js .ts .tsx .jsx .sh .rs .go .java .kt .c .h .cpp .hpp .cs .rb .php .swift .lua".split()
+)
+_DOWNLOAD_TIMEOUT_S = 10.0
+TRUNCATED = "\n[… truncated]"
+
+
+def can_see(model: str, vision_models: Iterable[str]) -> bool:
+    """Whether ``model`` (``provider:model`` or ``model``) starts with one of ``vision_models``."""
+    name = model.rpartition(":")[2].strip().lower()
+    return bool(name) and any(name.startswith(v.strip().lower()) for v in vision_models if v)
+
+
+def _kind(attachment: hikari.Attachment) -> str:
+    media = (attachment.media_type or "").split(";")[0].strip().lower()
+    if media.startswith("image/"):
+        return "image"
+    if media.startswith("text/") or media in _TEXT_TYPES:
+        return "text"
+    if PurePosixPath(attachment.filename).suffix.lower() in _TEXT_SUFFIXES:
+        return "text"
+    return "other"
+
+
+async def read_attachments(
+    attachments: Sequence[hikari.Attachment], *, vision: bool, text_chars: int
+) -> tuple[Attachment, ...]:
+    """Describes each file of a message; reads text files in, at most ``text_chars`` each."""
+    return tuple(
+        await asyncio.gather(*(_describe(a, vision=vision, text_chars=text_chars)
+                               for a in attachments))
+    )
+
+
+async def _describe(attachment: hikari.Attachment, *, vision: bool, text_chars: int) -> Attachment:
+    named = {
+        "name": attachment.filename,
+        "content_type": attachment.media_type or "",
+        "size": attachment.size,
+    }
+    kind = _kind(attachment)
+    if kind == "image":
+        return Attachment(kind="image", url=attachment.url if vision else "", **named)
+    if kind == "text" and text_chars > 0:
+        try:
+            text = await _read_text(attachment, text_chars)
+        except (TimeoutError, hikari.HTTPError, OSError) as exc:
+            log.warning("could not read %s: %s", attachment.filename, exc)
+        else:
+            return Attachment(kind="text", text=text, **named)
+    return Attachment(kind="other", **named)
+
+
+async def _read_text(attachment: hikari.Attachment, chars: int) -> str:
+    limit = chars * 4  # UTF-8 takes at most four bytes a character
+    data = bytearray()
+    async with asyncio.timeout(_DOWNLOAD_TIMEOUT_S), attachment.stream() as reader:
+        async for chunk in reader:
+            data.extend(chunk)
+            if len(data) >= limit:
+                break
+    text = data[:limit].decode("utf-8", errors="replace")
+    if len(text) > chars or len(data) < attachment.size:
+        return text[:chars] + TRUNCATED
+    return text

@@ -1,0 +1,155 @@
+"""What Libra says on Discord, in English and Korean: command names, descriptions and replies.
+
+Command names and descriptions are lightbulb localization keys (``localize=True``); Discord shows
+each person the names in their client's language. Replies follow the locale an interaction
+carries, or the server's preferred locale for messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import hikari
+import lightbulb
+
+__all__ = ["COMMAND_TEXTS", "localization", "say"]
+
+# key: (English, Korean)
+COMMAND_TEXTS: dict[str, tuple[str, str]] = {
+    "chat": ("chat", "채팅"),
+    "chat.desc": (
+        "Chat mode: Libra answers every message in this channel",
+        "채팅 모드: 이 채널의 모든 메시지에 Libra가 답합니다",
+    ),
+    "chat.on": ("on", "켜기"),
+    "chat.on.desc": ("Turn chat mode on in this channel", "이 채널에서 채팅 모드를 켭니다"),
+    "chat.off": ("off", "끄기"),
+    "chat.off.desc": ("Turn chat mode off in this channel", "이 채널에서 채팅 모드를 끕니다"),
+    "reset": ("reset", "초기화"),
+    "reset.desc": ("Forget my conversation memory", "내 대화 기억을 지웁니다"),
+    "reset.everywhere": ("everywhere", "전체"),
+    "reset.everywhere.desc": (
+        "Forget what Libra remembers of me everywhere, not only here",
+        "이 대화뿐 아니라 모든 곳에서 나에 대한 기억을 지웁니다",
+    ),
+    "model": ("model", "모델"),
+    "model.desc": (
+        "Show the provider and model for this server; admins set it",
+        "이 서버의 제공자와 모델을 봅니다. 관리자는 바꿀 수 있습니다",
+    ),
+    "model.name": ("name", "이름"),
+    "model.name.desc": (
+        "provider:model or model, e.g. openai:gpt-4o-mini",
+        "제공자:모델 또는 모델, 예: openai:gpt-4o-mini",
+    ),
+    "persona": ("persona", "페르소나"),
+    "persona.desc": (
+        "Show the system prompt for this server; admins set it",
+        "이 서버의 시스템 프롬프트를 봅니다. 관리자는 바꿀 수 있습니다",
+    ),
+    "persona.prompt": ("prompt", "프롬프트"),
+    "persona.prompt.desc": ("The new system prompt", "새 시스템 프롬프트"),
+    "clear": ("clear", "기본값"),
+    "clear.desc": ("Go back to Libra's default", "Libra의 기본값으로 되돌립니다"),
+    "stats": ("stats", "통계"),
+    "stats.desc": ("My usage today: turns and tokens", "오늘 내 사용량: 대화 수와 토큰"),
+    "help": ("help", "도움말"),
+    "help.desc": ("What Libra does and how to talk to it", "Libra가 하는 일과 사용법"),
+}
+
+_REPLIES: dict[str, tuple[str, str]] = {
+    "chat.on": (
+        "Chat mode is on: I'll answer every message in this channel.",
+        "채팅 모드를 켰어요. 이 채널의 모든 메시지에 답할게요.",
+    ),
+    "chat.off": (
+        "Chat mode is off: mention me or reply to me to talk.",
+        "채팅 모드를 껐어요. 저를 멘션하거나 제 메시지에 답장하면 대화할 수 있어요.",
+    ),
+    "chat.dm": (
+        "In direct messages I always answer; there is no chat mode to switch.",
+        "DM에서는 항상 답해요. 켜고 끌 채팅 모드가 없어요.",
+    ),
+    "refused.chat": (
+        "Only members who can manage this channel can switch chat mode.",
+        "채널 관리 권한이 있는 멤버만 채팅 모드를 바꿀 수 있어요.",
+    ),
+    "refused.admin": (
+        "Only server admins (Manage Server) can change that.",
+        "서버 관리 권한이 있는 관리자만 바꿀 수 있어요.",
+    ),
+    "refused.access": (
+        "Libra isn't available to you here.",
+        "여기서는 Libra를 사용할 수 없어요.",
+    ),
+    "guild.only": ("That works in a server, not in DMs.", "서버에서만 쓸 수 있어요. DM에서는 안 돼요."),
+    "model.show": ("Model for this server: {value}", "이 서버의 모델: {value}"),
+    "model.set": ("Model for this server is now {value}.", "이 서버의 모델을 {value}(으)로 바꿨어요."),
+    "model.bad": (
+        "That doesn't look like a model name: use provider:model or model, without spaces.",
+        "모델 이름이 아닌 것 같아요. 공백 없이 제공자:모델 또는 모델 형식으로 써 주세요.",
+    ),
+    "persona.show": ("System prompt for this server:\n{value}", "이 서버의 시스템 프롬프트:\n{value}"),
+    "persona.set": ("System prompt for this server updated.", "이 서버의 시스템 프롬프트를 바꿨어요."),
+    "default": ("Libra's default", "Libra 기본값"),
+    "cleared": ("Back to Libra's default.", "Libra 기본값으로 되돌렸어요."),
+    "reset.conversation": (
+        "Done: I forgot our conversation here.",
+        "완료: 여기서 나눈 대화를 잊었어요.",
+    ),
+    "reset.user": ("Done: I forgot what I knew of you.", "완료: 당신에 대해 알던 것을 잊었어요."),
+    "stats": (
+        "Today: {turns} turns, {prompt} prompt tokens, {completion} reply tokens.",
+        "오늘: 대화 {turns}회, 프롬프트 토큰 {prompt}개, 답변 토큰 {completion}개.",
+    ),
+    "help": (
+        "I'm Libra. Mention me or reply to one of my messages and I answer; in a channel with "
+        "chat mode on (`/chat on`) I answer every message, and in DMs always. Replying to a "
+        "message makes its chain of replies my context; a thread is a conversation of its own.\n"
+        "`/reset` forgets our conversation, `/stats` shows your usage today, `/model` and "
+        "`/persona` show this server's model and system prompt (admins can set them).",
+        "저는 Libra예요. 저를 멘션하거나 제 메시지에 답장하면 답해요. 채팅 모드가 켜진 "
+        "채널(`/chat on`)에서는 모든 메시지에, DM에서는 항상 답해요. 메시지에 답장하면 그 답장 "
+        "흐름을 맥락으로 삼고, 스레드는 따로 하나의 대화예요.\n"
+        "`/reset`은 대화를 잊고, `/stats`는 오늘 사용량을, `/model`과 `/persona`는 이 서버의 "
+        "모델과 시스템 프롬프트를 보여 줘요 (관리자는 바꿀 수 있어요).",
+    ),
+    "error": (
+        "Something went wrong on my side; please try again.",
+        "제 쪽에서 문제가 생겼어요. 다시 시도해 주세요.",
+    ),
+    "timeout": (
+        "Sorry, no answer came in time. Please try again in a moment.",
+        "죄송해요, 제때 답하지 못했어요. 잠시 후 다시 시도해 주세요.",
+    ),
+    "rate_limited": (
+        "Slow down — try again in {seconds} s.",
+        "조금 천천히요 — {seconds}초 뒤에 다시 해 주세요.",
+    ),
+    "rejected": ("I can't answer that.", "그 질문에는 답할 수 없어요."),
+    "failed": (
+        "Sorry, I couldn't come up with an answer. Please try again.",
+        "죄송해요, 답을 만들지 못했어요. 다시 시도해 주세요.",
+    ),
+    "empty": ("(no answer)", "(답 없음)"),
+}
+
+
+def _korean(locale: str) -> bool:
+    return locale.lower().startswith("ko")
+
+
+def say(key: str, locale: str = "", **values: object) -> str:
+    """Returns the reply ``key`` in the language of ``locale`` (Korean for ``ko``, else English)."""
+    english, korean = _REPLIES[key]
+    return (korean if _korean(locale) else english).format(**values)
+
+
+def localization() -> lightbulb.DictLocalizationProvider:
+    """The command names and descriptions for lightbulb, in English (the default) and Korean."""
+    by_locale: dict[hikari.Locale, Mapping[str, str]] = {
+        hikari.Locale.EN_US: {k: v[0] for k, v in COMMAND_TEXTS.items()},
+        hikari.Locale.EN_GB: {k: v[0] for k, v in COMMAND_TEXTS.items()},
+        hikari.Locale.KO: {k: v[1] for k, v in COMMAND_TEXTS.items()},
+    }
+    return lightbulb.DictLocalizationProvider(by_locale)

@@ -1,0 +1,1 @@
+"""The HTTP API of the seed: chat completions (streamed), history, health, metrics."""

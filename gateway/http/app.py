@@ -1,0 +1,310 @@
+"""The HTTP API the seed documents, on FastAPI (OpenAPI docs at /docs).
+
+- ``POST /api/chat/completions`` ``{"userId", "message", "stream"}``: the reply, or with
+  ``stream`` an SSE stream of ``data: {"content": "...", "done": false}`` ending with ``done: true``
+- ``GET /api/chat/history/{userId}``: that user's messages, oldest first
+- ``GET /api/health``: llm, database, redis and nats
+- ``GET /metrics``: Prometheus
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from libra.contracts import (
+    AnyEvent,
+    LlmCompleted,
+    LlmDelta,
+    LlmFailed,
+    ReplyDelivered,
+    TextReceived,
+    TurnAccepted,
+    TurnRejected,
+    derive,
+)
+from libra.runtime.eventlog import EventLog
+
+from ..chat import converse
+from ..replies import ReplyTimeout
+from .auth import Authenticator, Principal
+from .metrics import BodyLimit, RequestMetrics
+
+__all__ = ["ChatRequest", "create_app"]
+
+_REJECTION_STATUS = {"rate_limited": 429, "too_long": 413, "moderated": 422}
+_ERROR_NAMES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
+_encode = msgspec.json.Encoder().encode
+
+
+class ChatRequest(BaseModel):
+    userId: str = Field(min_length=1, max_length=200, description="Who is talking")
+    message: str = Field(description="What they say")
+    stream: bool = Field(default=False, description="Stream the reply as server-sent events")
+
+
+class HistoryMessage(BaseModel):
+    role: str
+    content: str
+    conversation: str
+    at: str
+
+
+class History(BaseModel):
+    messages: list[HistoryMessage]
+
+
+def _caller(request: Request) -> Principal:
+    return request.app.state.auth(request)
+
+
+Caller = Annotated[Principal, Depends(_caller)]
+
+
+def _error(
+    status: int, error: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message}, status_code=status, headers=headers)
+
+
+def _rejection(event: TurnRejected) -> JSONResponse:
+    headers = None
+    if event.retry_after_s is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(event.retry_after_s)))}
+    body = {"error": event.reason, "message": event.message, "turn": event.turn}
+    if event.retry_after_s is not None:
+        body["retryAfter"] = event.retry_after_s
+    return JSONResponse(body, status_code=_REJECTION_STATUS.get(event.reason, 400), headers=headers)
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + _encode(payload) + b"\n\n"
+
+
+async def _delivered(log: EventLog, completed: LlmCompleted) -> None:
+    await log.publish(derive(completed, ReplyDelivered, key="delivered", origin=completed.origin))
+
+
+async def _reply_stream(log: EventLog, events: AsyncIterator[AnyEvent]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            match event:
+                case LlmDelta(text=text):
+                    yield _sse({"content": text, "done": False})
+                case LlmCompleted():
+                    yield _sse(
+                        {
+                            "content": "",
+                            "done": True,
+                            "model": event.model,
+                            "provider": event.provider,
+                            "turn": event.turn,
+                        }
+                    )
+                    await _delivered(log, event)
+                case LlmFailed():
+                    yield _sse(
+                        {
+                            "content": "",
+                            "done": True,
+                            "error": event.error,
+                            "message": event.message,
+                            "turn": event.turn,
+                        }
+                    )
+    except ReplyTimeout as exc:
+        yield _sse({"content": "", "done": True, "error": "timeout", "message": str(exc)})
+    finally:
+        await events.aclose()
+
+
+def create_app(
+    log: EventLog,
+    *,
+    pool: Callable[[], Awaitable[asyncpg.Pool]],
+    redis: aioredis.Redis,
+    auth: Authenticator,
+    llm_status: Callable[[], str],
+    max_body_bytes: int,
+    reply_idle_s: float = 90.0,
+) -> FastAPI:
+    """Returns the API wired to the log and the read models."""
+    app = FastAPI(
+        title="Libra",
+        version="0.1.0",
+        description="Libra's HTTP API: chat with the bot, read history, check health.",
+    )
+    app.state.auth = auth
+    _install_error_handlers(app)
+    _install_chat(app, log, reply_idle_s)
+    _install_reads(app, log, pool=pool, redis=redis, llm_status=llm_status)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(RequestMetrics)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON with ``error`` (a code) and ``message`` (for a person)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"at": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]} for e in exc.errors()
+        ]
+        message = "; ".join(f"{d['at']}: {d['problem']}" for d in details) or "invalid request"
+        return JSONResponse(
+            {"error": "invalid_request", "message": message, "details": details}, status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail
+        if not isinstance(detail, dict):
+            error = _ERROR_NAMES.get(exc.status_code, "http_error")
+            message = (
+                "the body is not valid JSON in UTF-8" if exc.status_code == 400 else str(detail)
+            )
+            detail = {"error": error, "message": message}
+        return JSONResponse(detail, status_code=exc.status_code, headers=exc.headers)
+
+
+def _install_chat(app: FastAPI, log: EventLog, reply_idle_s: float) -> None:
+    @app.post("/api/chat/completions", summary="Talk to Libra")
+    async def chat(body: ChatRequest, principal: Caller) -> Response:
+        if not principal.may_act_as(body.userId):
+            return _error(403, "forbidden", "this token may only chat as its own user")
+        events = converse(
+            log, platform="http", user=body.userId, text=body.message, idle_s=reply_idle_s
+        )
+        said = await anext(events)
+        assert isinstance(said, TextReceived)
+        try:
+            decision = await anext(events)
+        except ReplyTimeout as exc:
+            await events.aclose()
+            return _error(504, "timeout", str(exc))
+        if isinstance(decision, TurnRejected):
+            await events.aclose()
+            return _rejection(decision)
+        assert isinstance(decision, TurnAccepted)
+        if body.stream:  # the stream closes the follower when the reply ends or the client goes
+            return StreamingResponse(
+                _reply_stream(log, events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Libra-Turn": said.id},
+            )
+        async with contextlib.aclosing(events):
+            return await _whole_reply(log, events, said.id)
+
+
+def _install_reads(
+    app: FastAPI,
+    log: EventLog,
+    *,
+    pool: Callable[[], Awaitable[asyncpg.Pool]],
+    redis: aioredis.Redis,
+    llm_status: Callable[[], str],
+) -> None:
+    @app.get("/api/chat/history/{userId}", summary="A user's messages, oldest first")
+    async def history(
+        userId: str,
+        principal: Caller,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    ) -> History:
+        if not principal.may_act_as(userId):
+            raise HTTPException(
+                403, {"error": "forbidden", "message": "this token may only read its own history"}
+            )
+        rows = await (await pool()).fetch(
+            "SELECT role, content, conversation, at FROM messages WHERE user_id = $1"
+            " ORDER BY at DESC LIMIT $2",
+            userId,
+            limit,
+        )
+        return History(
+            messages=[
+                HistoryMessage(
+                    role=r["role"],
+                    content=r["content"],
+                    conversation=r["conversation"],
+                    at=r["at"].isoformat(),
+                )
+                for r in reversed(rows)
+            ]
+        )
+
+    @app.get("/api/health", summary="Is every part of Libra reachable?")
+    async def health() -> JSONResponse:
+        services = {
+            "llm": llm_status(),
+            "database": await _check(_database(pool)),
+            "redis": await _check(redis.ping()),
+            "nats": "ok" if log.nc.is_connected else "down",
+        }
+        healthy = all(v == "ok" for v in services.values())
+        return JSONResponse(
+            {"status": "healthy" if healthy else "degraded", "services": services},
+            status_code=200 if healthy else 503,
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _whole_reply(log: EventLog, events: AsyncIterator[AnyEvent], turn: str) -> JSONResponse:
+    try:
+        async for event in events:
+            if isinstance(event, LlmCompleted):
+                await _delivered(log, event)
+                return JSONResponse(
+                    {
+                        "content": event.text,
+                        "done": True,
+                        "turn": turn,
+                        "model": event.model,
+                        "provider": event.provider,
+                        "cached": event.cached,
+                        "usage": {
+                            "promptTokens": event.prompt_tokens,
+                            "completionTokens": event.completion_tokens,
+                        },
+                    }
+                )
+            if isinstance(event, LlmFailed):
+                return _error(502, event.error, event.message)
+    except ReplyTimeout as exc:
+        return _error(504, "timeout", str(exc))
+    return _error(502, "no_reply", "the reply ended without an answer")
+
+
+async def _database(pool: Callable[[], Awaitable[asyncpg.Pool]]) -> None:
+    await (await pool()).fetchval("SELECT 1")
+
+
+async def _check(probe: Awaitable[object]) -> str:
+    try:
+        await asyncio.wait_for(probe, 2.0)
+    except Exception:
+        return "down"
+    return "ok"

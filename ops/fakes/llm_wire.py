@@ -1,0 +1,656 @@
+"""A loopback fake of the LLM vendors' HTTP APIs, answering as they do, streaming included.
+
+The real SDKs talk to it over HTTP, so tests and ``libra bench text`` exercise the adapters'
+whole path: requests, SSE parsing, usage, errors and timeouts. It serves
+
+- OpenAI chat completions, ``POST …/chat/completions`` (SSE chunks, ``data: [DONE]``, a usage
+  chunk when ``stream_options.include_usage`` asks for one), on any prefix, so one fake can
+  stand in for OpenAI (``/v1``), Ollama (``/ollama/v1``) and a local server (``/local/v1``);
+- Groq, ``POST /openai/v1/chat/completions`` (the same chunks, usage in ``x_groq``);
+- Anthropic, ``POST /v1/messages`` (message_start, content_block_start, content_block_delta…,
+  content_block_stop, message_delta with usage, message_stop);
+- OpenAI embeddings, ``POST /v1/embeddings`` (deterministic unit vectors, ``dimensions`` and
+  ``encoding_format`` honoured), and ``GET /v1/models``.
+
+Each path answers with a :class:`Behaviour`: queued ones first (``wire.queue(path, a, b)``: the
+first call gets ``a``, the second ``b``), then the path's standing one (``wire.always``), then
+``wire.reply``. Every request is recorded (path, model, messages, headers without secrets).
+
+    async with FakeLlmWire() as wire:
+        wire.queue(OPENAI_CHAT, Behaviour.rate_limited(0.1))
+        settings = Settings.from_env({**wire.env(), "OPENAI_API_KEY": "sk-test"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import math
+import re
+import struct
+import time
+from array import array
+from collections import deque
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+import msgspec
+from aiohttp import web
+
+__all__ = [
+    "ANTHROPIC_MESSAGES",
+    "EMBEDDINGS",
+    "GROQ_CHAT",
+    "LOCAL_CHAT",
+    "MODELS",
+    "OLLAMA_CHAT",
+    "OPENAI_CHAT",
+    "Behaviour",
+    "FakeLlmWire",
+    "ReceivedRequest",
+    "embedding",
+]
+
+OPENAI_CHAT = "/v1/chat/completions"
+GROQ_CHAT = "/openai/v1/chat/completions"
+OLLAMA_CHAT = "/ollama/v1/chat/completions"
+LOCAL_CHAT = "/local/v1/chat/completions"
+ANTHROPIC_MESSAGES = "/v1/messages"
+EMBEDDINGS = "/v1/embeddings"
+MODELS = "/v1/models"
+
+Failure = Literal["", "hang", "malformed", "invalid_json", "disconnect"]
+
+_PIECES = re.compile(r"\s*\S+")
+_SECRET_HEADERS = frozenset(
+    {"authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "x-goog-api-key"}
+)
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+_ids = itertools.count(1)
+_TEXT = "Hello from the fake model, streaming one word at a time."
+
+
+class Behaviour(msgspec.Struct, frozen=True, kw_only=True):
+    """How the fake answers one request.
+
+    ``text`` is streamed in word-sized pieces (the completion tokens), the first after ``ttft``
+    seconds, then ``tokens_per_sec`` of them a second (0: as fast as the socket takes them).
+    ``status`` >= 400 answers with the vendor's error body saying ``message`` (and
+    ``retry_after`` as the Retry-After header). ``fail`` breaks the reply after ``after``
+    pieces: ``hang`` stops answering (with ``after`` 0, before the response headers),
+    ``malformed`` sends an event that is cut off mid-JSON, ``invalid_json`` sends a body (or
+    first event) that is not JSON, ``disconnect`` closes the connection. ``usage`` False leaves
+    token counts out, as some OpenAI-compatible servers do.
+    """
+
+    text: str = _TEXT
+    ttft: float = 0.0
+    tokens_per_sec: float = 0.0
+    status: int = 200
+    retry_after: float | None = None
+    message: str = "scripted failure"
+    fail: Failure = ""
+    after: int = 0
+    usage: bool = True
+
+    @classmethod
+    def ok(cls, text: str, *, ttft: float = 0.0, tokens_per_sec: float = 0.0) -> Behaviour:
+        """A reply of ``text``."""
+        return cls(text=text, ttft=ttft, tokens_per_sec=tokens_per_sec)
+
+    @classmethod
+    def rate_limited(cls, retry_after: float | None = 1.0) -> Behaviour:
+        """HTTP 429, with a Retry-After header unless ``retry_after`` is None."""
+        return cls(status=429, retry_after=retry_after)
+
+    @classmethod
+    def error(cls, status: int = 500, message: str = "scripted failure") -> Behaviour:
+        """An HTTP error status with the vendor's error body (401, 500, 503 ...)."""
+        return cls(status=status, message=message)
+
+    @classmethod
+    def hang(cls, *, after: int = 0, text: str = _TEXT) -> Behaviour:
+        """Stops answering after ``after`` pieces (0: before the headers) until closed."""
+        return cls(fail="hang", after=after, text=text)
+
+    @classmethod
+    def malformed(cls, *, after: int = 1, text: str = _TEXT) -> Behaviour:
+        """Sends ``after`` good pieces, then an event cut off in the middle of its JSON."""
+        return cls(fail="malformed", after=after, text=text)
+
+    @classmethod
+    def invalid_json(cls) -> Behaviour:
+        """Answers 200 with a body (or, streaming, a first event) that is not JSON."""
+        return cls(fail="invalid_json")
+
+    @classmethod
+    def disconnect(cls, *, after: int = 1, text: str = _TEXT) -> Behaviour:
+        """Sends ``after`` pieces, then drops the connection mid-stream."""
+        return cls(fail="disconnect", after=after, text=text)
+
+
+class ReceivedRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One request the fake received; secret headers read ``***``."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any = None
+    at: float = 0.0
+
+    @property
+    def model(self) -> str:
+        return self.body.get("model", "") if isinstance(self.body, dict) else ""
+
+    @property
+    def messages(self) -> list[Any]:
+        return self.body.get("messages", []) if isinstance(self.body, dict) else []
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream")) if isinstance(self.body, dict) else False
+
+
+class FakeLlmWire:
+    """The fake vendors on 127.0.0.1 (an aiohttp server in this process's event loop)."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        reply: Behaviour | None = None,
+        models: tuple[str, ...] = ("gpt-4o-mini", "llama-3.3-70b-versatile", "llama3.1:8b"),
+        record: bool = True,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.reply = reply or Behaviour()
+        self.models = models
+        self.record = record
+        self.requests: list[ReceivedRequest] = []
+        self._queues: dict[str, deque[Behaviour]] = {}
+        self._standing: dict[str, Behaviour] = {}
+        self._closing = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """The root URL, e.g. ``http://127.0.0.1:41234`` (Groq's and Anthropic's base URL)."""
+        return f"http://{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """Returns the base-URL settings that point every provider at this fake."""
+        return {
+            "OPENAI_BASE_URL": f"{self.url}/v1",
+            "GROQ_BASE_URL": self.url,
+            "ANTHROPIC_BASE_URL": self.url,
+            "OLLAMA_URL": f"{self.url}/ollama",
+            "LLM_BASE_URL": f"{self.url}/local/v1",
+        }
+
+    def queue(self, path: str, *behaviours: Behaviour) -> None:
+        """Answers the next requests to ``path`` with ``behaviours``, one each, in order."""
+        self._queues.setdefault(path, deque()).extend(behaviours)
+
+    def always(self, path: str, behaviour: Behaviour | None) -> None:
+        """Answers ``path`` with ``behaviour`` once its queue is empty (None: ``wire.reply``)."""
+        if behaviour is None:
+            self._standing.pop(path, None)
+        else:
+            self._standing[path] = behaviour
+
+    def calls(self, path: str | None = None) -> list[ReceivedRequest]:
+        """Returns the recorded requests, to ``path`` only when given."""
+        return [r for r in self.requests if path is None or r.path == path]
+
+    def count(self, path: str) -> int:
+        """Returns how many requests ``path`` received."""
+        return sum(1 for r in self.requests if r.path == path)
+
+    def reset(self) -> None:
+        """Forgets queued and standing behaviours and recorded requests."""
+        self._queues.clear()
+        self._standing.clear()
+        self.requests.clear()
+
+    async def start(self) -> FakeLlmWire:
+        """Starts listening; ``port`` 0 picks a free one."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=2048, reuse_address=True)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def close(self) -> None:
+        """Releases hanging requests and stops the server."""
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeLlmWire:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _behaviour(self, path: str) -> Behaviour:
+        queue = self._queues.get(path)
+        if queue:
+            return queue.popleft()
+        return self._standing.get(path, self.reply)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        raw = await request.read()
+        try:
+            body = _decode(raw) if raw else None
+        except msgspec.DecodeError:
+            body = raw.decode("utf-8", "replace")
+        if self.record:
+            self.requests.append(
+                ReceivedRequest(
+                    method=request.method,
+                    path=path,
+                    headers=_visible(request.headers),
+                    body=body,
+                    at=time.monotonic(),
+                )
+            )
+        if request.method == "GET" and path.endswith("/models"):
+            return await self._models(request, self._behaviour(path))
+        if request.method != "POST":
+            return _error_response("openai", 405, "method not allowed")
+        if not isinstance(body, dict):
+            return _error_response(_vendor(path), 400, "the body is not a JSON object")
+        if path.endswith("/chat/completions"):
+            return await self._chat(request, path, body, self._behaviour(path))
+        if path.endswith("/messages"):
+            return await self._anthropic(request, body, self._behaviour(path))
+        if path.endswith("/embeddings"):
+            return await self._embeddings(request, body, self._behaviour(path))
+        return _error_response("openai", 404, f"no route for {path}")
+
+    async def _before_reply(self, request: web.Request, b: Behaviour, vendor: str) -> Any:
+        """Returns an early answer (an error status, a hang, a non-JSON body) or None."""
+        if b.status >= 400:
+            return _error_response(vendor, b.status, b.message, b.retry_after)
+        if b.fail == "hang" and b.after == 0:
+            await self._closing.wait()
+            return _error_response(vendor, 503, "the fake is shutting down")
+        if b.fail == "disconnect" and b.after == 0:
+            _drop(request)
+            return web.Response(status=500)
+        return None
+
+    async def _chat(
+        self, request: web.Request, path: str, body: dict[str, Any], b: Behaviour
+    ) -> web.StreamResponse:
+        groq = path.endswith(GROQ_CHAT)
+        vendor = "groq" if groq else "openai"
+        early = await self._before_reply(request, b, vendor)
+        if early is not None:
+            return early
+        model = str(body.get("model", ""))
+        pieces = _PIECES.findall(b.text)
+        prompt_tokens = _count_prompt(body.get("messages"))
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(pieces),
+            "total_tokens": prompt_tokens + len(pieces),
+        }
+        cid = f"chatcmpl-{next(_ids)}"
+        created = int(time.time())
+        if not body.get("stream"):
+            return await self._chat_whole(request, b, cid, created, model, b.text, usage)
+        options = body.get("stream_options") or {}
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            data = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+                **extra,
+            }
+            if include_usage:
+                data.setdefault("usage", None)
+            return b"data: " + _encode(data) + b"\n\n"
+
+        x_groq = {"id": f"req_{cid}"}
+        response = await _open_sse(request)
+        if b.fail == "invalid_json":
+            await response.write(b"data: {this is not json\n\n")
+            return response
+        first = {"x_groq": x_groq} if groq else {}
+        await response.write(chunk({"role": "assistant", "content": ""}, **first))
+
+        async def write_piece(piece: str) -> None:
+            await response.write(chunk({"content": piece}))
+
+        broken = b'data: {"id": "' + cid.encode() + b'", "choices": [{"delta": {"content": "br\n\n'
+        if not await self._pace(request, response, b, pieces, write_piece, broken):
+            return response
+        last: dict[str, Any] = {}
+        if groq and b.usage:
+            last["x_groq"] = {**x_groq, "usage": {**usage, "queue_time": 0.001, "total_time": 0.1}}
+        await response.write(chunk({}, "stop", **last))
+        if include_usage and b.usage:
+            data = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+            await response.write(b"data: " + _encode(data) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _whole_failure(self, request: web.Request, b: Behaviour) -> web.Response | None:
+        """Waits ``ttft``, then returns the broken answer to a request that did not stream."""
+        await asyncio.sleep(b.ttft)
+        if b.fail in ("invalid_json", "malformed"):
+            return web.Response(body=b"{this is not json", content_type="application/json")
+        if b.fail == "hang":
+            await self._closing.wait()
+            return _error_response("openai", 503, "the fake is shutting down")
+        if b.fail == "disconnect":
+            _drop(request)
+            return web.Response(status=500)
+        return None
+
+    async def _chat_whole(
+        self,
+        request: web.Request,
+        b: Behaviour,
+        cid: str,
+        created: int,
+        model: str,
+        text: str,
+        usage: dict[str, int],
+    ) -> web.StreamResponse:
+        early = await self._whole_failure(request, b)
+        if early is not None:
+            return early
+        message = {"role": "assistant", "content": text}
+        data = {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            **({"usage": usage} if b.usage else {}),
+        }
+        return web.Response(body=_encode(data), content_type="application/json")
+
+    async def _anthropic(
+        self, request: web.Request, body: dict[str, Any], b: Behaviour
+    ) -> web.StreamResponse:
+        early = await self._before_reply(request, b, "anthropic")
+        if early is not None:
+            return early
+        model = str(body.get("model", ""))
+        pieces = _PIECES.findall(b.text)
+        prompt_tokens = _count_prompt(body.get("messages")) + _count_words(body.get("system"))
+        mid = f"msg_fake{next(_ids)}"
+        if not body.get("stream"):
+            return await self._anthropic_whole(request, b, mid, model, prompt_tokens, pieces)
+        response = await _open_sse(request)
+
+        async def event(name: str, data: dict[str, Any]) -> None:
+            await response.write(b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n")
+
+        if b.fail == "invalid_json":
+            await response.write(b"event: message_start\ndata: {this is not json\n\n")
+            return response
+        start_usage = {"input_tokens": prompt_tokens if b.usage else 0, "output_tokens": 1}
+        message = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": model,
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": start_usage,
+        }
+        await event("message_start", {"type": "message_start", "message": message})
+        block = {"type": "text", "text": ""}
+        await event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": block},
+        )
+        await event("ping", {"type": "ping"})
+
+        async def write_piece(piece: str) -> None:
+            delta = {"type": "text_delta", "text": piece}
+            await event(
+                "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
+            )
+
+        broken = b'event: content_block_delta\ndata: {"type": "content_block_delta", "ind\n\n'
+        if not await self._pace(request, response, b, pieces, write_piece, broken):
+            return response
+        await event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        end_usage = {"output_tokens": len(pieces) if b.usage else 0}
+        delta = {"stop_reason": "end_turn", "stop_sequence": None}
+        await event("message_delta", {"type": "message_delta", "delta": delta, "usage": end_usage})
+        await event("message_stop", {"type": "message_stop"})
+        await response.write_eof()
+        return response
+
+    async def _anthropic_whole(
+        self,
+        request: web.Request,
+        b: Behaviour,
+        mid: str,
+        model: str,
+        prompt_tokens: int,
+        pieces: list[str],
+    ) -> web.StreamResponse:
+        early = await self._whole_failure(request, b)
+        if early is not None:
+            return early
+        data = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": "".join(pieces)}],
+            "model": model,
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": len(pieces)},
+        }
+        return web.Response(body=_encode(data), content_type="application/json")
+
+    async def _pace(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        b: Behaviour,
+        pieces: list[str],
+        write_piece: Any,
+        broken: bytes,
+    ) -> bool:
+        """Writes the pieces on the behaviour's schedule; False when it broke the reply off."""
+        loop = asyncio.get_running_loop()
+        first_at = loop.time() + b.ttft
+        interval = 1.0 / b.tokens_per_sec if b.tokens_per_sec > 0 else 0.0
+        for index, piece in enumerate(pieces):
+            if b.fail and index == b.after:
+                return await self._break(request, response, b, broken)
+            delay = first_at + index * interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await write_piece(piece)
+        if b.fail and b.after >= len(pieces):
+            return await self._break(request, response, b, broken)
+        return True
+
+    async def _break(
+        self, request: web.Request, response: web.StreamResponse, b: Behaviour, broken: bytes
+    ) -> bool:
+        if b.fail == "malformed":
+            await response.write(broken)
+            await response.write_eof()
+        elif b.fail == "hang":
+            await self._closing.wait()
+        else:
+            _drop(request)
+        return False
+
+    async def _embeddings(
+        self, request: web.Request, body: dict[str, Any], b: Behaviour
+    ) -> web.StreamResponse:
+        early = await self._before_reply(request, b, "openai")
+        if early is not None:
+            return early
+        if b.fail in ("invalid_json", "malformed"):
+            return web.Response(body=b"{this is not json", content_type="application/json")
+        model = str(body.get("model", "text-embedding-3-small"))
+        raw = body.get("input", "")
+        inputs = [raw] if isinstance(raw, str) or _is_tokens(raw) else list(raw)
+        dimensions = int(body.get("dimensions") or (3072 if model.endswith("-large") else 1536))
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        tokens = 0
+        for index, item in enumerate(inputs):
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += max(1, len(text.split()))
+            vector = embedding(f"{model}\0{text}", dimensions)
+            encoded: Any = (
+                base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+                if as_base64
+                else vector
+            )
+            data.append({"object": "embedding", "index": index, "embedding": encoded})
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return web.Response(body=_encode(answer), content_type="application/json")
+
+    async def _models(self, request: web.Request, b: Behaviour) -> web.StreamResponse:
+        early = await self._before_reply(request, b, "openai")
+        if early is not None:
+            return early
+        data = [
+            {"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "libra-fake"}
+            for name in self.models
+        ]
+        return web.Response(
+            body=_encode({"object": "list", "data": data}), content_type="application/json"
+        )
+
+
+def embedding(text: str, dimensions: int) -> list[float]:
+    """Returns a deterministic unit vector for ``text`` (the same text, the same vector)."""
+    digest = hashlib.shake_256(text.encode()).digest(dimensions * 2)
+    values = array("h", digest)
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+async def _open_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "x-request-id": f"req_fake{next(_ids)}",
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
+def _drop(request: web.Request) -> None:
+    """Closes the connection under the response, as a crashing upstream does."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _vendor(path: str) -> str:
+    if path.endswith("/messages"):
+        return "anthropic"
+    return "groq" if path.endswith(GROQ_CHAT) else "openai"
+
+
+_ERROR_TYPES = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    401: ("invalid_request_error", "authentication_error"),
+    403: ("insufficient_permissions", "permission_error"),
+    404: ("invalid_request_error", "not_found_error"),
+    429: ("rate_limit_exceeded", "rate_limit_error"),
+    529: ("server_error", "overloaded_error"),
+}
+
+
+def _error_response(
+    vendor: str, status: int, message: str, retry_after: float | None = None
+) -> web.Response:
+    """Returns the vendor's error body: OpenAI's and Groq's ``{"error": …}``, Anthropic's
+    ``{"type": "error", "error": …}``."""
+    openai_type, anthropic_type = _ERROR_TYPES.get(status, ("server_error", "api_error"))
+    if vendor == "anthropic":
+        body: dict[str, Any] = {
+            "type": "error",
+            "error": {"type": anthropic_type, "message": message},
+        }
+    else:
+        error = {"message": message, "type": openai_type, "param": None, "code": None}
+        body = {"error": error}
+    headers = {"x-request-id": f"req_fake{next(_ids)}"}
+    if retry_after is not None:
+        headers["retry-after"] = f"{retry_after:g}"
+    return web.Response(
+        status=status, body=_encode(body), content_type="application/json", headers=headers
+    )
+
+
+def _visible(headers: Mapping[str, str]) -> dict[str, str]:
+    return {
+        name.lower(): "***" if name.lower() in _SECRET_HEADERS else value
+        for name, value in headers.items()
+    }
+
+
+def _count_words(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content.split())
+    if isinstance(content, list):
+        return sum(_count_words(part.get("text", "")) for part in content if isinstance(part, dict))
+    return 0
+
+
+def _count_prompt(messages: Any) -> int:
+    """Counts a prompt's tokens as words plus a few per message, as tokenizers roughly do."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(3 + _count_words(m.get("content")) for m in messages if isinstance(m, dict))
+
+
+def _is_tokens(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], int)

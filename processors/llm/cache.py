@@ -1,0 +1,46 @@
+"""The response cache: an identical prompt to the same models within the TTL gets the same reply."""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgspec
+import redis.asyncio as aioredis
+
+from .providers.base import ChatMessage
+
+__all__ = ["CachedReply", "ResponseCache"]
+
+
+class CachedReply(msgspec.Struct, frozen=True):
+    text: str
+    provider: str
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ResponseCache:
+    """Replies in Redis under a hash of everything that shapes them."""
+
+    def __init__(self, redis: aioredis.Redis, *, ttl_s: float) -> None:
+        self.redis, self.ttl_ms = redis, int(ttl_s * 1000)
+
+    @staticmethod
+    def key(
+        messages: tuple[ChatMessage, ...], *, models: str, max_tokens: int, temperature: float
+    ) -> str:
+        shape = msgspec.json.encode([models, max_tokens, temperature, messages])
+        return "libra:llm-cache:" + hashlib.sha256(shape).hexdigest()
+
+    async def get(self, key: str) -> CachedReply | None:
+        raw = await self.redis.get(key)
+        if raw is None:
+            return None
+        try:
+            return msgspec.json.decode(raw, type=CachedReply)
+        except msgspec.DecodeError:
+            return None
+
+    async def put(self, key: str, reply: CachedReply) -> None:
+        await self.redis.set(key, msgspec.json.encode(reply), px=self.ttl_ms)

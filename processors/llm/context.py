@@ -1,0 +1,147 @@
+"""The prompt for a turn: persona, language, memories, recent history, the turn itself.
+
+History and memories are trimmed to the model's window, newest history first; the system prompt
+and the person's message always fit (the person's message was bounded by admission).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from libra.contracts import Attachment, TurnAccepted
+from libra.processors.memory.store import MemoryStore
+
+from .providers.base import ChatMessage
+
+__all__ = ["DEFAULT_PERSONA", "Prompt", "PromptBuilder", "estimate_tokens"]
+
+DEFAULT_PERSONA = (
+    "You are Libra, a friendly and helpful assistant that people talk to in Discord, by text"
+    " and by voice. Answer clearly and concisely; use Markdown sparingly."
+)
+_LANGUAGES = {"ko": "Korean", "en": "English", "ja": "Japanese", "zh": "Chinese"}
+_VOICE_STYLE = (
+    "This turn is spoken: your answer will be read aloud. Use short sentences, no Markdown,"
+    " no lists, no code."
+)
+
+
+def estimate_tokens(text: str) -> int:
+    """A cautious token count: about one per three UTF-8 bytes (right for Latin and Hangul)."""
+    return len(text.encode("utf-8")) // 3 + 1
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: tuple[ChatMessage, ...]
+    model: str | None  # a server's /model choice, "provider:model" or "model"; None: default
+
+
+def _attachment_note(attachment: Attachment, can_see: bool) -> str:
+    if attachment.kind == "text" and attachment.text:
+        return f"[file {attachment.name}]\n{attachment.text}"
+    if attachment.kind == "image":
+        seen = "attached" if can_see else "not shown: this model cannot see images"
+        return f"[image {attachment.name} ({seen})]"
+    size = f", {attachment.size:,} bytes" if attachment.size else ""
+    return f"[attachment {attachment.name} ({attachment.content_type or 'file'}{size}) not read]"
+
+
+class PromptBuilder:
+    """Builds prompts from the turn, the server's settings, history and memories."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool | None,
+        memory: MemoryStore | None,
+        *,
+        persona: str = "",
+        context_tokens: int = 8192,
+        max_tokens: int = 512,
+        history_turns: int = 20,
+        memory_k: int = 4,
+        vision_models: tuple[str, ...] = (),
+    ) -> None:
+        self.pool, self.memory = pool, memory
+        self.persona = persona or DEFAULT_PERSONA
+        self.context_tokens, self.max_tokens = context_tokens, max_tokens
+        self.history_turns, self.memory_k = history_turns, memory_k
+        self.vision_models = vision_models
+
+    def can_see(self, model: str) -> bool:
+        name = model.split(":", 1)[-1].lower()
+        return any(name.startswith(prefix.lower()) for prefix in self.vision_models)
+
+    async def build(self, turn: TurnAccepted, *, default_model: str) -> Prompt:
+        settings, history = await self._settings_and_history(turn)
+        memories = await self._memories(turn)
+        model = settings.get("model") or None
+        system = self._system(settings.get("persona") or self.persona, turn, memories)
+        current = self._current(turn, model or default_model)
+        budget = self.context_tokens - self.max_tokens - estimate_tokens(system.content)
+        budget -= estimate_tokens(current.content)
+        kept: list[ChatMessage] = []
+        for message in reversed([*history, *self._reply_chain(turn)]):
+            budget -= estimate_tokens(message.content)
+            if budget < 0:
+                break
+            kept.append(message)
+        return Prompt(messages=(system, *reversed(kept), current), model=model)
+
+    def _system(self, persona: str, turn: TurnAccepted, memories: list[str]) -> ChatMessage:
+        parts = [persona]
+        language = _LANGUAGES.get(turn.language)
+        if language:
+            parts.append(f"Reply in {language}, the language the person used.")
+        if turn.modality == "voice":
+            parts.append(_VOICE_STYLE)
+        if memories:
+            recalled = "\n---\n".join(memories)
+            parts.append(f"Earlier exchanges with this person that may be relevant:\n{recalled}")
+        return ChatMessage(role="system", content="\n\n".join(parts))
+
+    def _current(self, turn: TurnAccepted, model: str) -> ChatMessage:
+        can_see = self.can_see(model)
+        notes = [_attachment_note(a, can_see) for a in turn.attachments]
+        images = tuple(a.url for a in turn.attachments if a.kind == "image" and a.url and can_see)
+        content = "\n\n".join([turn.text, *notes]) if notes else turn.text
+        return ChatMessage(role="user", content=content, images=images)
+
+    def _reply_chain(self, turn: TurnAccepted) -> list[ChatMessage]:
+        return [ChatMessage(role=m.role, content=m.text) for m in turn.context if m.text]
+
+    async def _settings_and_history(
+        self, turn: TurnAccepted
+    ) -> tuple[dict[str, str], list[ChatMessage]]:
+        if self.pool is None:
+            return {}, []
+        scopes = [f"channel:{turn.conversation}"]
+        if turn.origin.guild:
+            scopes.append(f"guild:{turn.origin.guild}")
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT key, value FROM settings WHERE scope = ANY($1::text[])"
+                " AND key IN ('model', 'persona') AND value <> ''"
+                " ORDER BY (scope LIKE 'channel:%') ASC",
+                scopes,
+            )
+            history = await conn.fetch(
+                "SELECT role, content FROM messages WHERE conversation = $1 AND turn <> $2"
+                " AND at <= $3 ORDER BY at DESC LIMIT $4",
+                turn.conversation,
+                turn.turn,
+                turn.at,
+                self.history_turns * 2,
+            )
+        settings = {r["key"]: r["value"] for r in rows}  # channel rows last: they win
+        messages = [ChatMessage(role=r["role"], content=r["content"]) for r in reversed(history)]
+        return settings, messages
+
+    async def _memories(self, turn: TurnAccepted) -> list[str]:
+        if self.memory is None or self.memory_k <= 0:
+            return []
+        return await self.memory.recall(
+            user=turn.user, conversation=turn.conversation, text=turn.text, k=self.memory_k
+        )

@@ -1,0 +1,249 @@
+"""The llm processor: answers an accepted turn, streaming the reply as deltas.
+
+The first piece of a reply is published at once (time to first token is what people feel);
+later pieces are gathered for up to ``DELTA_EVERY_S`` so a fast model does not turn into
+hundreds of events a second. The completed event carries the whole reply; a failure is an
+``llm.failed`` event with a message the person can read, never silence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from prometheus_client import Counter, Gauge
+
+from libra.contracts import (
+    CONSUMERS,
+    AnyEvent,
+    Event,
+    LlmCompleted,
+    LlmDelta,
+    LlmFailed,
+    ProviderAttempt,
+    TurnAccepted,
+    derive,
+)
+
+from .cache import CachedReply, ResponseCache
+from .chain import AllProvidersFailed, ChainResult, ProviderChain
+from .context import Prompt, PromptBuilder
+from .providers.base import ChatUsage
+
+__all__ = ["DELTA_EVERY_S", "LlmProcessor"]
+
+DELTA_EVERY_S = 0.04
+_DELTA_MAX_CHARS = 400
+
+CACHE_REQUESTS = Counter("libra_llm_cache_requests_total", "Response cache lookups", ["result"])
+CACHE_HIT_RATE = Gauge(
+    "redis_cache_hit_rate", "Share of LLM requests answered from the Redis cache"
+)
+
+_FAILURE = {
+    "en": "Sorry — I couldn't get an answer from any language model just now."
+    " Please try again in a moment.",
+    "ko": "죄송해요 — 지금은 어떤 언어 모델에서도 답을 받지 못했어요. 잠시 후 다시 시도해 주세요.",
+}
+_NO_PROVIDER = {
+    "en": "No language model is configured: set OPENAI_API_KEY, GROQ_API_KEY,"
+    " ANTHROPIC_API_KEY or OLLAMA_URL.",
+    "ko": "설정된 언어 모델이 없어요: OPENAI_API_KEY, GROQ_API_KEY, ANTHROPIC_API_KEY"
+    " 또는 OLLAMA_URL을 설정해 주세요.",
+}
+
+
+def _say(texts: dict[str, str], language: str) -> str:
+    return texts.get(language, texts["en"])
+
+
+class _Deltas:
+    """Numbers the reply's pieces and decides when gathered text becomes a delta."""
+
+    def __init__(self, turn: TurnAccepted) -> None:
+        self.turn = turn
+        self.index = 0
+        self.buffer: list[str] = []
+        self.buffered = 0
+        self.last = 0.0
+        self.first_at: datetime | None = None
+
+    def add(self, piece: str) -> LlmDelta | None:
+        self.buffer.append(piece)
+        self.buffered += len(piece)
+        now = time.monotonic()
+        if self.index == 0 or now - self.last >= DELTA_EVERY_S or self.buffered >= _DELTA_MAX_CHARS:
+            return self.flush(now)
+        return None
+
+    def flush(self, now: float | None = None) -> LlmDelta | None:
+        if not self.buffered:
+            return None
+        text = "".join(self.buffer)
+        self.buffer.clear()
+        self.buffered = 0
+        self.last = time.monotonic() if now is None else now
+        delta = derive(
+            self.turn,
+            LlmDelta,
+            key=f"delta/{self.index}",
+            index=self.index,
+            text=text,
+            modality=self.turn.modality,
+            language=self.turn.language,
+            origin=self.turn.origin,
+        )
+        if self.index == 0:
+            self.first_at = delta.at
+        self.index += 1
+        return delta
+
+
+class LlmProcessor:
+    """Turns ``turn.accepted`` into ``llm.delta``s and ``llm.completed`` (or ``llm.failed``)."""
+
+    spec = CONSUMERS["llm"]
+
+    def __init__(
+        self,
+        chain: ProviderChain | None,
+        prompts: PromptBuilder,
+        *,
+        cache: ResponseCache | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.6,
+    ) -> None:
+        self.chain, self.prompts, self.cache = chain, prompts, cache
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self._hits = self._lookups = 0
+
+    async def handle(self, event: AnyEvent) -> AsyncIterator[Event]:
+        if not isinstance(event, TurnAccepted):
+            return
+        if self.chain is None:
+            yield self._failed(event, "no_provider", _say(_NO_PROVIDER, event.language), ())
+            return
+        started = time.perf_counter()
+        prompt = await self.prompts.build(event, default_model=self.chain.default_model)
+        key = None
+        if self.cache is not None:
+            key = self.cache.key(
+                prompt.messages,
+                models=prompt.model or self.chain.describe(),
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+            )
+            cached = await self._cached(key)
+            if cached is not None:
+                deltas = _Deltas(event)
+                yield deltas.add(cached.text)
+                result = ChainResult(
+                    provider=cached.provider,
+                    model=cached.model,
+                    usage=ChatUsage(
+                        prompt_tokens=cached.prompt_tokens,
+                        completion_tokens=cached.completion_tokens,
+                        finish_reason="cached",
+                    ),
+                )
+                yield self._completed(event, cached.text, result, deltas, started, cached=True)
+                return
+        async for out in self._generate(event, prompt, key, started):
+            yield out
+
+    async def _generate(
+        self, turn: TurnAccepted, prompt: Prompt, key: str | None, started: float
+    ) -> AsyncIterator[Event]:
+        deltas = _Deltas(turn)
+        text: list[str] = []
+        result: ChainResult | None = None
+        try:
+            async for piece in self.chain.stream(
+                prompt.messages,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                model_override=prompt.model,
+            ):
+                if isinstance(piece, ChainResult):
+                    result = piece
+                    continue
+                text.append(piece)
+                if (delta := deltas.add(piece)) is not None:
+                    yield delta
+        except AllProvidersFailed as exc:
+            if (delta := deltas.flush()) is not None:
+                yield delta
+            yield self._failed(turn, exc.error, _say(_FAILURE, turn.language), exc.attempts)
+            return
+        if (delta := deltas.flush()) is not None:
+            yield delta
+        reply = "".join(text)
+        if key is not None and reply:
+            await self.cache.put(
+                key,
+                CachedReply(
+                    text=reply,
+                    provider=result.provider,
+                    model=result.model,
+                    prompt_tokens=result.usage.prompt_tokens,
+                    completion_tokens=result.usage.completion_tokens,
+                ),
+            )
+        yield self._completed(turn, reply, result, deltas, started)
+
+    def _completed(
+        self,
+        turn: TurnAccepted,
+        reply: str,
+        result: ChainResult,
+        deltas: _Deltas,
+        started: float,
+        *,
+        cached: bool = False,
+    ) -> LlmCompleted:
+        elapsed = (time.perf_counter() - started) * 1000
+        return derive(
+            turn,
+            LlmCompleted,
+            key="completed",
+            text=reply,
+            user_text=turn.text,
+            provider=result.provider,
+            model=result.model,
+            prompt_tokens=result.usage.prompt_tokens,
+            completion_tokens=result.usage.completion_tokens,
+            ttft_ms=elapsed if cached else result.ttft_ms,
+            total_ms=elapsed,
+            cached=cached,
+            finish_reason=result.usage.finish_reason,
+            deltas=deltas.index,
+            first_delta_at=deltas.first_at,
+            attempts=result.attempts,
+            modality=turn.modality,
+            language=turn.language,
+            origin=turn.origin,
+        )
+
+    async def _cached(self, key: str) -> CachedReply | None:
+        cached = await self.cache.get(key)
+        self._lookups += 1
+        self._hits += cached is not None
+        CACHE_REQUESTS.labels("hit" if cached else "miss").inc()
+        CACHE_HIT_RATE.set(self._hits / self._lookups)
+        return cached
+
+    def _failed(
+        self, turn: TurnAccepted, error: str, message: str, attempts: tuple[ProviderAttempt, ...]
+    ) -> LlmFailed:
+        return derive(
+            turn,
+            LlmFailed,
+            key="completed",
+            error=error,
+            message=message,
+            attempts=tuple(attempts),
+            modality=turn.modality,
+            language=turn.language,
+            origin=turn.origin,
+        )

@@ -1,0 +1,87 @@
+"""Groq, through the official ``groq`` SDK; usage arrives in the last chunk's ``x_groq``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import groq
+import httpx
+
+from ._errors import SdkErrors, provider_error
+from .base import ChatRequest, ChatUsage, ProviderError
+from .openai_compat import openai_messages
+
+__all__ = ["GROQ_URL", "GroqProvider"]
+
+GROQ_URL = "https://api.groq.com"
+# The SDK's default pool holds 100 connections; a processor streams more replies than that.
+CONNECTION_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+_SDK = SdkErrors(
+    status=groq.APIStatusError,
+    timeout=groq.APITimeoutError,
+    connection=groq.APIConnectionError,
+    validation=groq.APIResponseValidationError,
+    api=groq.GroqError,
+)
+
+
+class GroqProvider:
+    """A chat provider for Groq's OpenAI-shaped API."""
+
+    name = "groq"
+
+    def __init__(
+        self, *, api_key: str, default_model: str, timeout: float, base_url: str = GROQ_URL
+    ) -> None:
+        self.default_model = default_model
+        self._secrets = (api_key,)
+        self._client = groq.AsyncGroq(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=0,  # the chain retries, with its own budget and breaker
+            http_client=groq.DefaultAsyncHttpxClient(limits=CONNECTION_LIMITS),
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str | ChatUsage]:
+        """Yields the reply's text pieces as they arrive, then one ChatUsage."""
+        usage = None
+        finish_reason = ""
+        try:
+            response = await self._client.chat.completions.create(
+                model=request.model,
+                messages=openai_messages(request.messages),  # type: ignore[arg-type]
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                stream=True,
+            )
+            async with response:
+                async for chunk in response:
+                    if chunk.choices:
+                        choice = chunk.choices[0]
+                        if text := choice.delta.content:
+                            yield text
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+                    extra = chunk.x_groq
+                    if extra is not None:
+                        if extra.error:
+                            raise ProviderError(self.name, "server", extra.error)
+                        usage = extra.usage or usage
+                    usage = chunk.usage or usage
+        except ProviderError:
+            raise
+        except Exception as exc:
+            error = provider_error(self.name, exc, _SDK, self._secrets)
+            if error is None:
+                raise
+            raise error from None
+        yield ChatUsage(
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            finish_reason=finish_reason,
+        )
+
+    async def close(self) -> None:
+        """Closes the SDK client and its connections."""
+        await self._client.close()

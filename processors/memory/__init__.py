@@ -1,0 +1,1 @@
+"""Memory: completed exchanges embedded into pgvector, recalled into later prompts."""

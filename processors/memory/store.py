@@ -1,0 +1,90 @@
+"""The memory store: remember an exchange, recall the closest ones, forget on request."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+import numpy as np
+
+from .embedders import Embedder
+
+__all__ = ["MemoryStore"]
+
+# HNSW post-filters: with a per-user filter, search wider than k so the user's rows are found.
+_EF_SEARCH = 200
+
+
+class MemoryStore:
+    """Memories of one embedder in the ``memories`` table."""
+
+    def __init__(self, pool: asyncpg.Pool, embedder: Embedder) -> None:
+        self.pool, self.embedder = pool, embedder
+
+    async def remember(
+        self, *, event_id: str, user: str, conversation: str, turn: str, content: str, at: datetime
+    ) -> bool:
+        """Stores one exchange unless a later reset forgot it; returns whether it is stored."""
+        [vector] = await self.embedder.embed([content])
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(
+                "INSERT INTO memories (event_id, user_id, conversation, turn, content, embedder,"
+                " embedding, at) SELECT $1, $2, $3, $4, $5, $6, $7, $8"
+                " WHERE NOT EXISTS (SELECT 1 FROM memory_resets r WHERE r.user_id = $2"
+                " AND (r.conversation IS NULL OR r.conversation = $3) AND r.at >= $8)"
+                " ON CONFLICT (event_id) DO NOTHING",
+                event_id,
+                user,
+                conversation,
+                turn,
+                content.replace("\x00", ""),
+                self.embedder.name,
+                vector,
+                at,
+            )
+        return status.endswith(" 1")
+
+    async def forget(
+        self, *, event_id: str, user: str, conversation: str | None, at: datetime
+    ) -> None:
+        """Forgets the user's memories up to ``at`` (of one conversation, or all of them)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO memory_resets (event_id, user_id, conversation, at)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (event_id) DO NOTHING",
+                event_id,
+                user,
+                conversation,
+                at,
+            )
+            await conn.execute(
+                "DELETE FROM memories WHERE user_id = $1"
+                " AND ($2::text IS NULL OR conversation = $2)"
+                " AND at <= $3",
+                user,
+                conversation,
+                at,
+            )
+
+    async def recall(self, *, user: str, conversation: str, text: str, k: int) -> list[str]:
+        """Returns the contents of the ``k`` memories closest to ``text``, closest first."""
+        if k <= 0:
+            return []
+        [vector] = await self.embedder.embed([text])
+        return await self.recall_vector(user=user, conversation=conversation, vector=vector, k=k)
+
+    async def recall_vector(
+        self, *, user: str, conversation: str, vector: np.ndarray, k: int
+    ) -> list[str]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL hnsw.ef_search = {_EF_SEARCH}")
+            rows = await conn.fetch(
+                "SELECT content FROM memories WHERE user_id = $1 AND conversation = $2"
+                " AND embedder = $3 ORDER BY embedding <=> $4 LIMIT $5",
+                user,
+                conversation,
+                self.embedder.name,
+                vector,
+                k,
+            )
+        return [r["content"] for r in rows]

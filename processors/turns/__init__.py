@@ -1,0 +1,1 @@
+"""The turns processor: admission of what people say (rate limit, input checks, language)."""

@@ -1,0 +1,50 @@
+"""The Redis rate-limit view, kept from the log so that it can be rebuilt from it.
+
+Admission writes each admitted turn into the user's window itself; this view writes it again
+from ``turn.accepted`` (a no-op while Redis is whole). After Redis lost its data, `libra
+projections rebuild ratelimit-view` replays the recent turns and the limits hold again.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from libra.contracts import CONSUMERS, LOG_STREAM, AnyEvent, Event, TurnAccepted
+from libra.runtime.eventlog import EventLog
+from libra.runtime.projection import read_log
+
+from .ratelimit import RateLimiter
+
+__all__ = ["RateLimitView", "rebuild_rate_limits"]
+
+
+def _ms(turn: TurnAccepted) -> int:
+    return int((turn.received_at or turn.at).timestamp() * 1000)
+
+
+class RateLimitView:
+    """Records every admitted turn in its user's window."""
+
+    spec = CONSUMERS["ratelimit-view"]
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    async def handle(self, event: AnyEvent) -> list[Event]:
+        """Writes Redis, emits no events."""
+        if isinstance(event, TurnAccepted):
+            await self.limiter.record(event.user, event.turn, _ms(event))
+        return []
+
+
+async def rebuild_rate_limits(log: EventLog, limiter: RateLimiter) -> int:
+    """Replays the turns admitted within the last windows into Redis; returns how many."""
+    since = datetime.now(UTC) - timedelta(milliseconds=limiter.window_ms * 10)
+    count = 0
+    async for _, event in read_log(
+        log, RateLimitView.spec.subjects, stream=LOG_STREAM, start_time=since
+    ):
+        if isinstance(event, TurnAccepted):
+            await limiter.record(event.user, event.turn, _ms(event))
+            count += 1
+    return count

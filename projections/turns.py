@@ -1,0 +1,138 @@
+"""The turns projection: one row per turn with the time of each stage (what Grafana charts).
+
+Each event fills in the columns it knows; the row is whole once the turn is over. Columns keep
+the first value they got (so a redelivered event changes nothing), but for the status, which
+only moves forward: received, accepted or rejected, completed or failed, delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import asyncpg
+
+from libra.contracts import (
+    CONSUMERS,
+    AsrTranscribed,
+    LlmCompleted,
+    LlmFailed,
+    ReplyDelivered,
+    TextReceived,
+    TtsSynthesized,
+    TurnAccepted,
+    TurnRejected,
+    VoiceCaptured,
+)
+from libra.runtime.projection import Recorded
+
+__all__ = ["TurnsProjection"]
+
+_STAGE = {"received": 0, "accepted": 1, "rejected": 1, "completed": 2, "failed": 2, "delivered": 3}
+_RANK = "CASE {} " + " ".join(f"WHEN '{s}' THEN {r}" for s, r in _STAGE.items()) + " ELSE 0 END"
+
+
+def _origin(event: Any) -> dict[str, Any]:
+    return {"platform": event.origin.platform, "guild": event.origin.guild}
+
+
+# What each event knows of its turn's row.
+_COLUMNS: dict[type, Callable[[Any], dict[str, Any]]] = {
+    TextReceived: lambda e: {
+        **_origin(e),
+        "modality": "text",
+        "received_at": e.at,
+        "status": "received",
+    },
+    VoiceCaptured: lambda e: {
+        **_origin(e),
+        "modality": "voice",
+        "received_at": e.at,
+        "speech_ended_at": e.speech_ended_at,
+        "status": "received",
+    },
+    AsrTranscribed: lambda e: {
+        "transcribed_at": e.at,
+        "asr_ms": e.latency_ms,
+        "asr_engine": e.engine,
+    },
+    TurnAccepted: lambda e: {
+        **_origin(e),
+        "accepted_at": e.at,
+        "language": e.language,
+        "modality": e.modality,
+        "status": "accepted",
+    },
+    TurnRejected: lambda e: {
+        **_origin(e),
+        "accepted_at": e.at,
+        "reject_reason": e.reason,
+        "status": "rejected",
+    },
+    LlmCompleted: lambda e: {
+        "completed_at": e.at,
+        "first_delta_at": e.first_delta_at,
+        "provider": e.provider,
+        "model": e.model,
+        "prompt_tokens": e.prompt_tokens,
+        "completion_tokens": e.completion_tokens,
+        "ttft_ms": e.ttft_ms,
+        "llm_ms": e.total_ms,
+        "cached": e.cached,
+        "status": "completed",
+    },
+    LlmFailed: lambda e: {"completed_at": e.at, "error": e.error, "status": "failed"},
+    TtsSynthesized: lambda e: (
+        {
+            "first_audio_at": e.at,
+            "tts_engine": e.engine,
+            "tts_ttfb_ms": e.ttfb_ms,
+        }
+        if e.index == 0
+        else {}
+    ),
+    ReplyDelivered: lambda e: {
+        "delivered_at": e.at,
+        "interrupted": e.interrupted,
+        "status": "delivered",
+    },
+}
+
+
+def _upsert(columns: tuple[str, ...]) -> str:
+    names = ("turn", "conversation", "user_id", *columns)
+    values = ", ".join(f"${i}" for i in range(1, len(names) + 1))
+    updates = []
+    for column in columns:
+        if column == "status":
+            newer = f"{_RANK.format('EXCLUDED.status')} > {_RANK.format('turns.status')}"
+            updates.append(f"status = CASE WHEN {newer} THEN EXCLUDED.status ELSE turns.status END")
+        elif column == "interrupted":
+            updates.append("interrupted = turns.interrupted OR EXCLUDED.interrupted")
+        else:
+            updates.append(f"{column} = COALESCE(turns.{column}, EXCLUDED.{column})")
+    return (
+        f"INSERT INTO turns ({', '.join(names)}) VALUES ({values})"
+        f" ON CONFLICT (turn) DO UPDATE SET {', '.join(updates)}"
+    )
+
+
+class TurnsProjection:
+    """Folds every stage of a turn into its row of ``turns``."""
+
+    spec = CONSUMERS["turns-projection"]
+    tables = ("turns",)
+
+    async def apply(self, conn: asyncpg.Connection, batch: Sequence[Recorded]) -> None:
+        statements: dict[tuple[str, ...], list[tuple]] = {}
+        for _, event in batch:
+            make = _COLUMNS.get(type(event))
+            columns = make(event) if make else None
+            if not columns:
+                continue
+            key = tuple(columns)
+            statements.setdefault(key, []).append(
+                (event.turn or event.id, event.conversation, event.user, *columns.values())
+            )
+        for key, rows in statements.items():
+            await conn.executemany(_upsert(key), rows)
