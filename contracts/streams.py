@@ -141,6 +141,20 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             max_deliver=3,
         ),
         ConsumerSpec(
+            name="asr",
+            subjects=("libra.voice.captured.>",),
+            description="speech-to-text of captured utterances",
+            max_deliver=3,
+            backoff_s=(0.5, 2.0),
+        ),
+        ConsumerSpec(
+            name="tts",
+            subjects=("libra.turn.accepted.>",),
+            description="speaks the replies to voice turns, sentence by sentence",
+            max_deliver=3,
+            backoff_s=(1.0, 5.0),
+        ),
+        ConsumerSpec(
             name="memory",
             subjects=("libra.llm.completed.>", "libra.session.memory_reset.>"),
             description="embeds completed exchanges into pgvector; forgets on reset",

@@ -117,6 +117,28 @@ def tail(subject_filter: str, raw: bool, count: int, data_dir: str | None) -> No
 
 
 @main.command()
+@click.option("--user", default="", help="Who you are (default: your login name).")
+@click.option("--data-dir", type=click.Path(file_okay=False))
+def chat(user: str, data_dir: str | None) -> None:
+    """Talk with the running stack in this terminal."""
+    import getpass
+
+    from libra.gateway.console import chat_loop
+    from libra.runtime.eventlog import EventLog
+
+    url = resolve_urls(_settings(data_dir)).nats_url
+
+    async def go() -> None:
+        log = await EventLog.connect(url, name="libra-chat")
+        try:
+            await chat_loop(log, user=user or getpass.getuser())
+        finally:
+            await log.close()
+
+    _run(go())
+
+
+@main.command()
 @click.argument("turn")
 @click.option("--data-dir", type=click.Path(file_okay=False))
 def trace(turn: str, data_dir: str | None) -> None:
@@ -161,6 +183,28 @@ def bench() -> None:
     """Benchmarks: each measures Libra beside the bare client in the same run."""
 
 
+@bench.command(name="text")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--conversations", default=200, show_default=True, help="Conversations at once.")
+@click.option(
+    "--think",
+    default=5.0,
+    show_default=True,
+    help="Seconds a person takes to write the next message (±50%).",
+)
+@click.option("--seconds", default=30.0, show_default=True, help="Measured time per scenario.")
+def bench_text(as_json: bool, conversations: int, think: float, seconds: float) -> None:
+    """Text turns: orchestration overhead to the first delta, and turns/s sustained."""
+    from .bench.text import run_bench_text
+
+    settings = _settings()
+    asyncio.run(
+        run_bench_text(
+            settings, conversations=conversations, think=think, seconds=seconds, as_json=as_json
+        )
+    )
+
+
 @bench.command(name="log")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--events", default=20000, show_default=True, help="Events per throughput figure.")
@@ -171,3 +215,34 @@ def bench_log(as_json: bool, events: int, hops: int) -> None:
 
     settings = _settings()
     asyncio.run(run_bench_log(settings, events=events, hops=hops, as_json=as_json))
+
+
+@bench.command(name="discord")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--channels", default=100, show_default=True, help="Channels active at once.")
+@click.option("--rounds", default=10, show_default=True, help="Messages per channel.")
+@click.option(
+    "--interval", default=1.25, show_default=True, help="Seconds between a channel's messages."
+)
+def bench_discord(as_json: bool, channels: int, rounds: int, interval: float) -> None:
+    """The Discord gateway: MESSAGE_CREATE to the first message POST, on a loopback Discord."""
+    from .bench.discord import run_bench_discord
+
+    settings = _settings()
+    asyncio.run(
+        run_bench_discord(
+            settings, channels=channels, rounds=rounds, interval=interval, as_json=as_json
+        )
+    )
+
+
+@bench.command(name="voice-transport")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--seconds", default=60.0, show_default=True, help="Length of the run.")
+@click.option("--speakers", default=10, show_default=True, help="People talking at once.")
+def bench_voice_transport(as_json: bool, seconds: float, speakers: int) -> None:
+    """The voice transport: receive latency, send jitter, CPU per speaker (loopback fake)."""
+    from .bench.voice_transport import run_bench_voice_transport
+
+    _settings()
+    asyncio.run(run_bench_voice_transport(seconds=seconds, speakers=speakers, as_json=as_json))

@@ -145,6 +145,7 @@ async def _llm(r: Resources) -> Component:
         max_tokens=s.max_tokens,
         history_turns=s.llm_history_turns,
         memory_k=s.memory_top_k,
+        recall_budget_s=s.memory_recall_budget_ms / 1000,
         vision_models=tuple(m.strip() for m in s.vision_models.split(",") if m.strip()),
     )
     cache = ResponseCache(r.redis(), ttl_s=s.llm_cache_ttl) if s.llm_cache_enabled else None
@@ -187,6 +188,35 @@ async def _http(r: Resources) -> Component:
     return HttpGateway(app, host=s.http_host, port=s.http_port)
 
 
+async def _asr(r: Resources) -> Component:
+    from libra.processors.asr.chain import AsrChain
+    from libra.processors.asr.processor import AsrProcessor, build_engines
+    from libra.runtime.audio import AudioStore
+
+    s = r.settings
+    chain = r.shared("asr-chain", lambda: AsrChain(build_engines(s), timeout_s=s.asr_timeout_sec))
+    await chain.prepare()  # the local model loads once per process, before the first utterance
+    audio = await AudioStore.open(r.log, max_bytes=s.max_audio_bytes)
+    return ConsumerRunner(r.log, AsrProcessor(audio, chain, language=s.asr_language))
+
+
+async def _tts(r: Resources) -> Component:
+    from libra.processors.tts.chain import TtsChain
+    from libra.processors.tts.processor import TtsProcessor, build_engines
+    from libra.runtime.audio import AudioStore
+
+    s = r.settings
+    chain = r.shared("tts-chain", lambda: TtsChain(build_engines(s), timeout_s=s.tts_timeout_sec))
+    audio = await AudioStore.open(r.log, max_bytes=s.max_audio_bytes)
+    return ConsumerRunner(r.log, TtsProcessor(r.log, audio, chain))
+
+
+async def _discord(r: Resources) -> Component:
+    from libra.gateway.discord.gateway import DiscordGateway
+
+    return DiscordGateway(r.settings, r.log, await r.pool(), r.redis())
+
+
 COMPONENTS: dict[str, Callable[[Resources], Awaitable[Component]]] = {
     **{name: _projection(name) for name in PROJECTIONS},
     "turns": _turns,
@@ -194,7 +224,12 @@ COMPONENTS: dict[str, Callable[[Resources], Awaitable[Component]]] = {
     "llm": _llm,
     "memory": _memory,
     "http": _http,
+    "asr": _asr,
+    "tts": _tts,
+    "discord": _discord,
 }
+# Components that stay off until a setting is given: name -> the setting they need.
+NEEDS: dict[str, str] = {"discord": "discord_token"}
 
 
 class Supervisor:
@@ -210,20 +245,34 @@ class Supervisor:
         self.names = names
         self._running: dict[str, Component] = {}
         self._tasks: list[asyncio.Task] = []
+        self._built: list[asyncio.Event] = []
         self._stopping = False
 
     async def start(self) -> None:
         for name in self.names:
+            needed = NEEDS.get(name)
+            if needed and not getattr(self.resources.settings, needed):
+                log.info("component %s is off: %s is not set", name, needed.upper())
+                continue
+            built = asyncio.Event()
+            self._built.append(built)
             self._tasks.append(
-                asyncio.create_task(self._keep_running(name), name=f"component-{name}")
+                asyncio.create_task(self._keep_running(name, built), name=f"component-{name}")
             )
 
-    async def _keep_running(self, name: str) -> None:
+    async def wait_built(self, timeout: float = 60.0) -> None:
+        """Returns once every component has been built (or has failed to be, once)."""
+        await asyncio.wait_for(asyncio.gather(*(b.wait() for b in self._built)), timeout)
+
+    async def _keep_running(self, name: str, built: asyncio.Event) -> None:
         delay = 1.0
         with log_context(name=name):
             while not self._stopping:
                 try:
-                    component = await COMPONENTS[name](self.resources)
+                    try:
+                        component = await COMPONENTS[name](self.resources)
+                    finally:
+                        built.set()
                     if self._stopping:
                         return
                     self._running[name] = component

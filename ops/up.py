@@ -84,6 +84,7 @@ async def _serve(
         await log_.provision(settings)
         await migrate(urls.database_url)
         await supervisor.start()
+        await supervisor.wait_built()
         _say(f"Libra is ready: {', '.join(names)}. Ctrl-C stops it.")
         await stop.wait()
         _say("Stopping: finishing in-flight work…")
@@ -96,14 +97,34 @@ async def _serve(
 
 async def rebuild_projection(settings: Settings, name: str) -> int:
     """Rebuilds one projection from the log; returns how many events it applied."""
-    if name not in PROJECTIONS:
-        raise SystemExit(f"unknown projection {name!r}; known: {', '.join(PROJECTIONS)}")
+    known = [*PROJECTIONS, "ratelimit-view"]
+    if name not in known:
+        raise SystemExit(f"unknown projection {name!r}; known: {', '.join(known)}")
     urls = resolve_urls(settings)
     log_ = await EventLog.connect(urls.nats_url, name="libra-rebuild")
+    if name == "ratelimit-view":
+        return await _rebuild_rate_limits(settings, log_, urls.redis_url)
     pool = await connect_pool(urls.database_url)
     try:
         await migrate(urls.database_url)
         return await rebuild(log_, pool, PROJECTIONS[name]())
     finally:
         await pool.close()
+        await log_.close()
+
+
+async def _rebuild_rate_limits(settings: Settings, log_: EventLog, redis_url: str) -> int:
+    import redis.asyncio as aioredis
+
+    from libra.processors.turns.ratelimit import RateLimiter
+    from libra.processors.turns.view import rebuild_rate_limits
+
+    client = aioredis.from_url(redis_url)
+    limiter = RateLimiter(
+        client, limit=settings.rate_limit_turns, window_s=settings.rate_limit_window_sec
+    )
+    try:
+        return await rebuild_rate_limits(log_, limiter)
+    finally:
+        await client.aclose()
         await log_.close()

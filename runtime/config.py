@@ -92,6 +92,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # else Libra's local hashing embedder.
     embedding_model: str = ""
     memory_top_k: int = 4
+    memory_recall_budget_ms: int = 300
 
     # Admission.
     rate_limit_turns: int = 10
@@ -121,6 +122,38 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     discord_reply_chain: int = 10
 
     # Voice pipeline: VAD, ASR, TTS.
+    vad_threshold: float = 0.5
+    vad_silence_ms: int = 500
+    vad_speculative_ms: int = 150
+    vad_min_speech_ms: int = 200
+    vad_max_utterance_sec: float = 30.0
+    max_audio_bytes: int = 10_485_760
+    asr_engines: str = ""
+    asr_language: str = ""
+    asr_timeout_sec: float = 15.0
+    whisper_model: str = "small"
+    whisper_device: str = "auto"
+    whisper_compute_type: str = ""
+    whisper_beam_size: int = 1
+    groq_whisper_model: str = "whisper-large-v3-turbo"
+    tts_engines: str = ""
+    tts_timeout_sec: float = 10.0
+    cartesia_api_key: str = ""
+    cartesia_base_url: str = ""
+    cartesia_model: str = "sonic-3"
+    cartesia_voice_ko: str = ""
+    cartesia_voice_en: str = "a0e99841-438c-4a64-b679-ae501e7d6091"
+    elevenlabs_api_key: str = ""
+    elevenlabs_base_url: str = ""
+    elevenlabs_model: str = "eleven_flash_v2_5"
+    elevenlabs_voice_ko: str = ""
+    elevenlabs_voice_en: str = "JBFqnCBsd6RMkjVDRZzb"
+    cf_api_token: str = ""
+    cf_account_id: str = ""
+    cf_base_url: str = ""
+    cf_tts_model: str = "@cf/myshell-ai/melotts"
+    espeak_voice_ko: str = "ko"
+    espeak_voice_en: str = "en-us"
 
     # Discord voice transport.
     discord_voice_jitter_ms: int = 60

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from nats.aio.msg import Msg
 
@@ -30,7 +30,7 @@ from .metrics import (
     CONSUMER_REDELIVERED,
 )
 
-__all__ = ["ConsumerRunner", "Processor"]
+__all__ = ["ConsumerRunner", "GivesUpAloud", "Processor"]
 
 log = logging.getLogger("libra.consumer")
 
@@ -45,6 +45,16 @@ class Processor(Protocol):
     spec: ConsumerSpec
 
     def handle(self, event: AnyEvent) -> AsyncIterator[Event] | Awaitable[Iterable[Event]]: ...
+
+
+@runtime_checkable
+class GivesUpAloud(Protocol):
+    """A processor whose inputs a person waits on says so when the runtime gives up on one."""
+
+    def gave_up(self, event: AnyEvent, error: str) -> Iterable[Event]:
+        """Returns the events that tell the person (e.g. ``llm.failed``), published with the
+        dead letter."""
+        ...
 
 
 class ConsumerRunner:
@@ -146,6 +156,9 @@ class ConsumerRunner:
             error = f"{type(exc).__name__}: {exc}"
             if 0 < self.spec.max_deliver <= deliveries:
                 log.error("giving up after %d deliveries: %s", deliveries, error)
+                if isinstance(self.processor, GivesUpAloud):
+                    for out in self.processor.gave_up(event, error):
+                        await self.log.publish(out)
                 await self._dead_letter(msg, error, event)
             else:
                 delay = self.spec.backoff_s[min(deliveries, len(self.spec.backoff_s)) - 1]

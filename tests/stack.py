@@ -28,6 +28,7 @@ async def running(settings: Settings, names: list[str]) -> AsyncIterator[Resourc
     resources = Resources(settings, log, settings.database_url, settings.redis_url)
     supervisor = Supervisor(resources, names)
     await supervisor.start()
+    await supervisor.wait_built()
     try:
         yield resources
     finally:

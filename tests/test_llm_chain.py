@@ -204,6 +204,42 @@ async def test_a_slow_first_token_within_the_timeout_is_waited_for(
     assert result.ttft_ms >= 200
 
 
+async def test_a_slow_reader_is_not_a_slow_provider(
+    wire: FakeLlmWire, make_chain: Callable[..., ProviderChain]
+) -> None:
+    wire.queue(GROQ_CHAT, Behaviour.ok("a b c"))
+    chain = make_chain(timeout="0.2")
+    pieces: list[str] = []
+    result = None
+    async for item in chain.stream(PROMPT, max_tokens=64, temperature=0.2):
+        if isinstance(item, ChainResult):
+            result = item
+        else:
+            pieces.append(item)
+            await asyncio.sleep(0.3)  # longer than the timeout, but the wait is ours
+    assert pieces == ["a", " b", " c"]
+    assert result is not None and result.attempts == ()
+
+
+async def test_cancelling_a_reply_is_a_cancellation_not_a_timeout(
+    wire: FakeLlmWire, make_chain: Callable[..., ProviderChain]
+) -> None:
+    wire.queue(GROQ_CHAT, Behaviour.hang(after=1, text=TEXT))
+    chain = make_chain(timeout="5")
+    pieces: list[str | ChainResult] = []
+
+    async def read() -> None:
+        async for item in chain.stream(PROMPT, max_tokens=64, temperature=0.2):
+            pieces.append(item)
+
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.3)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert pieces == ["One"]
+
+
 async def test_a_malformed_reply_before_the_first_piece_is_retried(
     wire: FakeLlmWire, make_chain: Callable[..., ProviderChain]
 ) -> None:

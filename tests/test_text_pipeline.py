@@ -358,3 +358,28 @@ async def _count(log: EventLog, subject: str, n: int) -> bool:
 
 async def _decided(log: EventLog, n: int) -> bool:
     return await _count(log, "libra.turn.>", n)
+
+
+async def test_console_chat_streams_the_reply(settings, wire) -> None:
+    import os
+    import subprocess
+    import sys
+
+    s = _settings(settings, wire)
+    async with running(s, TEXT_PIPELINE):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "libra.ops",
+            "chat",
+            "--user",
+            "jules",
+            env=os.environ | {"NATS_URL": s.nats_url, "LOG_FORMAT": "console"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate("hello\n\n/quit\n".encode()), 30)
+    text = out.decode()
+    assert proc.returncode == 0, err.decode()
+    assert "Talking to Libra as 'jules'" in text and f"libra> {REPLY}" in text

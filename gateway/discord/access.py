@@ -36,7 +36,6 @@ log = logging.getLogger("libra.discord.access")
 
 _ADMIN = hikari.Permissions.ADMINISTRATOR | hikari.Permissions.MANAGE_GUILD
 _CHAT_MODE = _ADMIN | hikari.Permissions.MANAGE_CHANNELS
-_RECHECK_S = 1.0  # how often the file's modification time is looked at
 
 
 def parse_ids(value: str) -> frozenset[str]:
@@ -76,10 +75,12 @@ class AccessPolicy:
         guilds: Iterable[str] = (),
         admin_roles: Iterable[str] = (),
         file: str = "",
+        recheck_s: float = 1.0,
     ) -> None:
         self.guilds = frozenset(guilds)
         self.admin_roles = frozenset(admin_roles)
         self.file = Path(file).expanduser() if file else None
+        self.recheck_s = recheck_s  # how often the file's modification time is looked at
         self._rules = AccessRules()
         self._stamp: tuple[int, int] | None = None
         self._checked_at = float("-inf")
@@ -89,7 +90,7 @@ class AccessPolicy:
         if self.file is None:
             return self._rules
         now = time.monotonic()
-        if now - self._checked_at >= _RECHECK_S:
+        if now - self._checked_at >= self.recheck_s:
             self._checked_at = now
             self._reload()
         return self._rules

@@ -32,8 +32,44 @@ _TEXT_TYPES = (
     "application/x-sh",
 )
 _TEXT_SUFFIXES = frozenset(
-    ".txt .md .rst .csv .tsv .log .json .yaml .yml .toml .ini .cfg .conf .xml .html .css .sql"
-    " .py .js .ts .tsx .jsx .sh .rs .go .java .kt .c .h .cpp .hpp .cs .rb .php .swift .lua".split()
+    (
+        ".txt",
+        ".md",
+        ".rst",
+        ".csv",
+        ".tsv",
+        ".log",
+        ".json",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".ini",
+        ".cfg",
+        ".conf",
+        ".xml",
+        ".html",
+        ".css",
+        ".sql",
+        ".py",
+        ".js",
+        ".ts",
+        ".tsx",
+        ".jsx",
+        ".sh",
+        ".rs",
+        ".go",
+        ".java",
+        ".kt",
+        ".c",
+        ".h",
+        ".cpp",
+        ".hpp",
+        ".cs",
+        ".rb",
+        ".php",
+        ".swift",
+        ".lua",
+    )
 )
 _DOWNLOAD_TIMEOUT_S = 10.0
 TRUNCATED = "\n[… truncated]"
@@ -61,8 +97,9 @@ async def read_attachments(
 ) -> tuple[Attachment, ...]:
     """Describes each file of a message; reads text files in, at most ``text_chars`` each."""
     return tuple(
-        await asyncio.gather(*(_describe(a, vision=vision, text_chars=text_chars)
-                               for a in attachments))
+        await asyncio.gather(
+            *(_describe(a, vision=vision, text_chars=text_chars) for a in attachments)
+        )
     )
 
 

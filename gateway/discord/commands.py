@@ -1,4 +1,4 @@
-"""Libra's slash commands: ``/chat on|off``, ``/reset``, ``/model``, ``/persona``, ``/stats``, ``/help``.
+"""Libra's slash commands: /chat on|off, /reset, /model, /persona, /stats and /help.
 
 The lightbulb classes only declare the commands (names and descriptions are localization keys,
 see :mod:`.strings`); :class:`SlashCommands` does what they mean, which for a change of state is
@@ -32,6 +32,7 @@ from .strings import say
 __all__ = ["COMMANDS", "SlashCommands", "register_commands"]
 
 log = logging.getLogger("libra.discord.commands")
+INJECTED = lightbulb.di.INJECTED
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,100}$")
 _THREADS = (
@@ -44,7 +45,8 @@ SELECT count(*) AS turns,
        coalesce(sum(prompt_tokens), 0) AS prompt,
        coalesce(sum(completion_tokens), 0) AS completion
   FROM turns
- WHERE user_id = $1 AND received_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+ WHERE user_id = $1
+   AND received_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
 """
 
 
@@ -97,8 +99,13 @@ class SlashCommands:
     async def stats(self, ctx: lightbulb.Context) -> None:
         row = await self.pool.fetchrow(_STATS_TODAY, str(ctx.user.id))
         await ctx.respond(
-            say("stats", str(ctx.interaction.locale), turns=row["turns"], prompt=row["prompt"],
-                completion=row["completion"]),
+            say(
+                "stats",
+                str(ctx.interaction.locale),
+                turns=row["turns"],
+                prompt=row["prompt"],
+                completion=row["completion"],
+            ),
             ephemeral=True,
         )
 
@@ -135,13 +142,13 @@ class SlashCommands:
         await ctx.respond(text, ephemeral=True)
 
     async def _may_talk(self, ctx: lightbulb.Context) -> bool:
-        channel, parent, _ = _where(ctx)
+        channel, thread = _where(ctx)
         roles = frozenset(str(r) for r in ctx.member.role_ids) if ctx.member else frozenset()
         speaker = Speaker(
             user=str(ctx.user.id),
             guild=str(ctx.guild_id or ""),
-            channel=channel,
-            parent=parent,
+            channel=thread or channel,
+            parent=channel if thread else "",
             roles=roles,
         )
         if self.access.may_talk(speaker):
@@ -150,7 +157,7 @@ class SlashCommands:
         return False
 
     async def _publish(self, ctx: lightbulb.Context, cls: type[Event], **fields: object) -> None:
-        channel, _, thread = _where(ctx)
+        channel, thread = _where(ctx)
         guild = str(ctx.guild_id or "")
         conversation = (
             conversation_id("discord", guild, ctx.channel_id)
@@ -182,12 +189,12 @@ def _rights(ctx: lightbulb.Context) -> tuple[hikari.Permissions, list[str]]:
     return member.permissions, [str(r) for r in member.role_ids]
 
 
-def _where(ctx: lightbulb.Context) -> tuple[str, str, str]:
-    """(channel, the thread's channel or "", thread or "") of an interaction."""
+def _where(ctx: lightbulb.Context) -> tuple[str, str]:
+    """(channel, thread or "") of an interaction; in a thread, the channel is the thread's."""
     channel = ctx.interaction.channel
     if channel.type in _THREADS and channel.parent_id is not None:
-        return str(channel.parent_id), str(channel.parent_id), str(channel.id)
-    return str(ctx.channel_id), "", ""
+        return str(channel.parent_id), str(channel.id)
+    return str(ctx.channel_id), ""
 
 
 # --- the commands as Discord sees them ------------------------------------------------------
@@ -198,14 +205,14 @@ chat = lightbulb.Group("chat", "chat.desc", localize=True)
 @chat.register
 class ChatOn(lightbulb.SlashCommand, name="chat.on", description="chat.on.desc", localize=True):
     @lightbulb.invoke
-    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = lightbulb.di.INJECTED) -> None:
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
         await run.chat(ctx, enabled=True)
 
 
 @chat.register
 class ChatOff(lightbulb.SlashCommand, name="chat.off", description="chat.off.desc", localize=True):
     @lightbulb.invoke
-    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = lightbulb.di.INJECTED) -> None:
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
         await run.chat(ctx, enabled=False)
 
 
@@ -215,7 +222,7 @@ class Reset(lightbulb.SlashCommand, name="reset", description="reset.desc", loca
     )
 
     @lightbulb.invoke
-    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = lightbulb.di.INJECTED) -> None:
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
         await run.reset(ctx, everywhere=self.everywhere)
 
 
@@ -226,7 +233,7 @@ class Model(lightbulb.SlashCommand, name="model", description="model.desc", loca
     clear = lightbulb.boolean("clear", "clear.desc", default=False, localize=True)
 
     @lightbulb.invoke
-    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = lightbulb.di.INJECTED) -> None:
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
         await run.model(ctx, name=self.name_, clear=self.clear)
 
 
@@ -237,19 +244,19 @@ class Persona(lightbulb.SlashCommand, name="persona", description="persona.desc"
     clear = lightbulb.boolean("clear", "clear.desc", default=False, localize=True)
 
     @lightbulb.invoke
-    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = lightbulb.di.INJECTED) -> None:
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
         await run.persona(ctx, prompt=self.prompt, clear=self.clear)
 
 
 class Stats(lightbulb.SlashCommand, name="stats", description="stats.desc", localize=True):
     @lightbulb.invoke
-    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = lightbulb.di.INJECTED) -> None:
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
         await run.stats(ctx)
 
 
 class Help(lightbulb.SlashCommand, name="help", description="help.desc", localize=True):
     @lightbulb.invoke
-    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = lightbulb.di.INJECTED) -> None:
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
         await run.help(ctx)
 
 

@@ -84,6 +84,7 @@ class LiveReply:
     async def say(self, text: str) -> int:
         """Posts a short message as a reply of its own (a notice: rejected, failed, timed out)."""
         self._final = True
+        self._changed.set()  # a writer waiting for more text writes what it has, then ends
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 await self._writer
@@ -101,6 +102,8 @@ class LiveReply:
         while True:
             self._changed.clear()
             wait = await self._sync(split_message(self._text, self.limit))
+            if self._changed.is_set():  # more text came while Discord was being written to
+                continue
             if wait is None:
                 if self._final:
                     return

@@ -22,7 +22,7 @@ from .access import AccessPolicy, Speaker
 from .attachments import can_see, read_attachments
 from .sessions import SessionView
 
-__all__ = ["MessageReader", "Place", "snowflake_ms"]
+__all__ = ["MessageReader", "Place", "event_id_of", "snowflake_ms"]
 
 log = logging.getLogger("libra.discord.messages")
 
@@ -33,6 +33,11 @@ _CHAT_TYPES = (hikari.MessageType.DEFAULT, hikari.MessageType.REPLY)
 def snowflake_ms(snowflake: int) -> int:
     """The Unix time in milliseconds at which Discord made an id."""
     return (int(snowflake) >> 22) + _DISCORD_EPOCH_MS
+
+
+def event_id_of(message: hikari.PartialMessage) -> str:
+    """The id of the ``text.received`` a Discord message becomes: the same in every gateway."""
+    return stable_id(f"discord-message:{message.id}", snowflake_ms(message.id))
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,8 @@ class MessageReader:
             conversation_id("discord", guild_id, thread.parent_id),
         )
 
-    async def read(self, message: hikari.Message) -> TextReceived | None:
-        """The ``text.received`` for ``message``, or None if it is not for Libra."""
+    def addressed(self, message: hikari.Message) -> Place | None:
+        """Where ``message`` was written, if it is for Libra and its author may talk to Libra."""
         me = self.bot.get_me()
         if me is None or message.author.is_bot or message.webhook_id is not None:
             return None
@@ -94,23 +99,27 @@ class MessageReader:
         place = self.place(message.guild_id, message.channel_id)
         if not self._addressed(message, place, me.id):
             return None
-        roles = frozenset(str(r) for r in message.member.role_ids) if message.member else frozenset()
+        member = message.member
         speaker = Speaker(
             user=str(message.author.id),
             guild=place.guild,
-            channel=place.channel,
+            channel=place.thread or place.channel,
             parent=place.channel if place.thread else "",
-            roles=roles,
+            roles=frozenset(str(r) for r in member.role_ids) if member else frozenset(),
         )
-        if not self.access.may_talk(speaker):
-            return None
+        return place if self.access.may_talk(speaker) else None
+
+    async def read(self, message: hikari.Message, place: Place) -> TextReceived:
+        """The ``text.received`` for a message addressed to Libra: files, reply chain and all."""
+        me = self.bot.get_me()
+        assert me is not None  # addressed() said so
         model = self.view.setting(f"guild:{place.guild}", "model") if place.guild else ""
         attachments = await read_attachments(
             message.attachments,
             vision=can_see(model or self.default_model, self.vision_models),
             text_chars=self.text_chars,
         )
-        event_id = stable_id(f"discord-message:{message.id}", snowflake_ms(message.id))
+        event_id = event_id_of(message)
         return TextReceived(
             id=event_id,
             turn=event_id,
@@ -166,8 +175,9 @@ class MessageReader:
     async def _fetch(self, channel: int, message: int) -> hikari.Message | None:
         try:
             return await self.bot.rest.fetch_message(channel, message)
-        except (hikari.NotFoundError, hikari.ForbiddenError):
-            return None  # deleted, or in a channel Libra cannot read: the chain ends there
+        except hikari.HTTPError as exc:  # deleted, unreadable, Discord down: the chain ends here
+            log.info("reply chain stops at message %s: %s", message, exc)
+            return None
 
 
 def _without_mention(text: str, me: int) -> str:

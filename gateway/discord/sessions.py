@@ -97,10 +97,12 @@ class SessionView:
                     self._settings[key] = (event.value, stamp)
 
     async def _load(self) -> int:
-        async with self.pool.acquire() as conn, conn.transaction(
-            isolation="repeatable_read", readonly=True
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            for row in await conn.fetch("SELECT conversation, enabled, at, event_id FROM chat_channels"):
+            chat = await conn.fetch("SELECT conversation, enabled, at, event_id FROM chat_channels")
+            for row in chat:
                 self._chat[row["conversation"]] = (row["enabled"], (row["at"], row["event_id"]))
             for row in await conn.fetch("SELECT scope, key, value, at, event_id FROM settings"):
                 self._settings[(row["scope"], row["key"])] = (

@@ -49,18 +49,16 @@ def _next_chunk(head: str, rest: str, limit: int) -> tuple[str, str, str]:
 
 
 def _cut(text: str, budget: int) -> tuple[int, int]:
-    """Where to cut ``text`` so that at most ``budget`` characters stay: (index, separator length)."""
+    """Where to cut ``text``, keeping at most ``budget`` characters: (index, separator length)."""
     window = text[: budget + 1]
     floor = int(budget * _PREFERRED_FROM)
     for separator in ("\n\n", "\n"):
         at = window.rfind(separator, 0, budget)
         if at >= floor and at > 0:
             return at, len(separator)
-    sentence = None
-    for sentence in _SENTENCE_END.finditer(window, 0, budget):
-        pass
-    if sentence is not None and sentence.end() >= floor // 2:
-        return sentence.end(), 1
+    ends = [m.end() for m in _SENTENCE_END.finditer(window, 0, budget)]
+    if ends and ends[-1] >= floor // 2:
+        return ends[-1], 1
     space = max(window.rfind(" ", 0, budget), window.rfind("\n", 0, budget))
     if space > 0:
         return space, 1

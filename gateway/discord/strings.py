@@ -82,15 +82,27 @@ _REPLIES: dict[str, tuple[str, str]] = {
         "Libra isn't available to you here.",
         "여기서는 Libra를 사용할 수 없어요.",
     ),
-    "guild.only": ("That works in a server, not in DMs.", "서버에서만 쓸 수 있어요. DM에서는 안 돼요."),
+    "guild.only": (
+        "That works in a server, not in DMs.",
+        "서버에서만 쓸 수 있어요. DM에서는 안 돼요.",
+    ),
     "model.show": ("Model for this server: {value}", "이 서버의 모델: {value}"),
-    "model.set": ("Model for this server is now {value}.", "이 서버의 모델을 {value}(으)로 바꿨어요."),
+    "model.set": (
+        "Model for this server is now {value}.",
+        "이 서버의 모델을 {value}(으)로 바꿨어요.",
+    ),
     "model.bad": (
         "That doesn't look like a model name: use provider:model or model, without spaces.",
         "모델 이름이 아닌 것 같아요. 공백 없이 제공자:모델 또는 모델 형식으로 써 주세요.",
     ),
-    "persona.show": ("System prompt for this server:\n{value}", "이 서버의 시스템 프롬프트:\n{value}"),
-    "persona.set": ("System prompt for this server updated.", "이 서버의 시스템 프롬프트를 바꿨어요."),
+    "persona.show": (
+        "System prompt for this server:\n{value}",
+        "이 서버의 시스템 프롬프트:\n{value}",
+    ),
+    "persona.set": (
+        "System prompt for this server updated.",
+        "이 서버의 시스템 프롬프트를 바꿨어요.",
+    ),
     "default": ("Libra's default", "Libra 기본값"),
     "cleared": ("Back to Libra's default.", "Libra 기본값으로 되돌렸어요."),
     "reset.conversation": (

@@ -6,6 +6,10 @@ LSTM state from one window to the next. Libra calls it every 20 ms, on the newes
 windows overlap, but a decision is ready at each frame instead of every 32 ms, which is
 up to 12 ms sooner at the end of a turn (the peer measured in issue 6 lost most of its own time
 to 32 ms windows). One call costs about 0.1 ms of one core.
+
+Digital silence (what Discord's gaps are filled with) is not worth a call: a frame whose every
+sample is within ``_QUIET`` of zero scores 0 without running the model, and after half a second
+of them the recurrent state starts afresh, as it would for a new stream.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ SAMPLE_RATE = 16_000
 FRAME_SAMPLES = 320  # 20 ms at 16 kHz
 _WINDOW = 512
 _CONTEXT = 64
+_QUIET = 32  # about -60 dBFS: no microphone is this quiet while someone talks
+_FORGET_AFTER = 25  # quiet frames (500 ms) after which the state is reset
 
 
 def silero_model_path() -> Path:
@@ -57,12 +63,20 @@ class SileroVad:
         self._h = np.zeros((1, 1, 128), np.float32)
         self._c = np.zeros((1, 1, 128), np.float32)
         self._window = np.zeros((1, _WINDOW + _CONTEXT), np.float32)
+        self._quiet = 0
 
     def __call__(self, frame: np.ndarray) -> float:
         """Returns the probability (0 to 1) that ``frame`` (320 int16 samples) is speech."""
         window = self._window
         window[0, :-FRAME_SAMPLES] = window[0, FRAME_SAMPLES:]
         window[0, -FRAME_SAMPLES:] = frame * (1.0 / 32768.0)
+        if frame.min() > -_QUIET and frame.max() < _QUIET:  # (abs() of -32768 overflows)
+            self._quiet += 1
+            if self._quiet == _FORGET_AFTER:
+                self._h[:] = 0.0
+                self._c[:] = 0.0
+            return 0.0
+        self._quiet = 0
         prob, self._h, self._c = self.session.run(
             None, {"input": window, "h": self._h, "c": self._c}
         )

@@ -85,7 +85,7 @@ class FakeUser:
 
 @dataclass(frozen=True)
 class RestCall:
-    """One REST request the fake answered: what was asked, and when (``time.perf_counter``)."""
+    """One REST request the fake answered: what was asked, and when it arrived (perf_counter)."""
 
     method: str
     path: str
@@ -140,7 +140,8 @@ class _Connection:
             if self.compressor is None:
                 await self.ws.send_str(data.decode())
             else:
-                await self.ws.send_bytes(self.compressor.compress(data) + self.compressor.flush(_SYNC_FLUSH))
+                compressed = self.compressor.compress(data)
+                await self.ws.send_bytes(compressed + self.compressor.flush(_SYNC_FLUSH))
 
     def cut(self) -> None:
         """Drops the TCP connection without a close frame, as a network failure would."""
@@ -159,14 +160,37 @@ class _Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     resumes: int = 0
     replay_overlap: int = 0
+    replayed: list[dict[str, Any]] = field(default_factory=list)  # frames sent again on RESUME
 
 
 @dataclass
-class _Window:
+class _Bucket:
+    """A rate-limit bucket: ``limit`` requests, one more allowed every ``period / limit``.
+
+    This is the sliding window hikari's limiter reads Discord's headers as: the reset is when the
+    bucket is full again, and one request comes back per slice of it.
+    """
+
     limit: int
     period: float
-    used: int = 0
-    resets_at: float = 0.0
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.limit, self.tokens + (now - self.updated) * self.limit / self.period)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def reset_after(self) -> float:
+        """Seconds until the bucket is full again."""
+        return (self.limit - self.tokens) * self.period / self.limit
+
+    def retry_after(self) -> float:
+        """Seconds until one request is allowed again."""
+        return max(0.0, 1 - self.tokens) * self.period / self.limit
 
 
 @dataclass
@@ -178,28 +202,58 @@ class _Forced429:
     is_global: bool
 
 
-# Route patterns (under /api/v10): method, regex, handler name, rate-limit bucket or "".
-_ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
-    (m, re.compile(p), h, b)
-    for m, p, h, b in (
-        ("GET", r"/gateway/bot", "_gateway_bot", ""),
-        ("GET", r"/users/@me", "_me", "me"),
-        ("GET", r"/oauth2/applications/@me", "_application", "app"),
-        ("GET", r"/applications/@me", "_application", "app"),
-        ("GET", r"/applications/(?P<app>\d+)(?:/guilds/(?P<guild>\d+))?/commands", "_commands", ""),
-        ("PUT", r"/applications/(?P<app>\d+)(?:/guilds/(?P<guild>\d+))?/commands", "_put_commands", ""),
-        ("POST", r"/channels/(?P<channel>\d+)/messages", "_create_message", "msg-create"),
-        ("PATCH", r"/channels/(?P<channel>\d+)/messages/(?P<message>\d+)", "_edit_message", "msg-edit"),
-        ("GET", r"/channels/(?P<channel>\d+)/messages/(?P<message>\d+)", "_get_message", "msg-get"),
-        ("DELETE", r"/channels/(?P<channel>\d+)/messages/(?P<message>\d+)", "_delete_message", "msg-del"),
-        ("POST", r"/channels/(?P<channel>\d+)/typing", "_typing", "typing"),
-        ("GET", r"/channels/(?P<channel>\d+)", "_get_channel", "channel"),
-        ("POST", r"/interactions/(?P<interaction>\d+)/(?P<token>[^/]+)/callback", "_callback", ""),
-        ("POST", r"/webhooks/(?P<app>\d+)/(?P<token>[^/]+)", "_followup", "webhook"),
-        ("PATCH", r"/webhooks/(?P<app>\d+)/(?P<token>[^/]+)/messages/(?P<message>[^/]+)",
-         "_edit_response", "webhook"),
-        ("GET", r"/guilds/(?P<guild>\d+)/members/(?P<user>\d+)", "_member", "member"),
-        ("GET", r"/guilds/(?P<guild>\d+)/roles", "_roles", "roles"),
+# Routes under /api/v10: method, path pattern, handler, rate-limit bucket ("" for none), and
+# whether the bot's token is required (interaction callbacks and webhooks go without it).
+_M = r"(?P<message>\d+)"
+_ROUTES: list[tuple[str, re.Pattern[str], str, str, bool]] = [
+    (method, re.compile(path), handler, bucket, auth)
+    for method, path, handler, bucket, auth in (
+        ("GET", r"/gateway/bot", "_gateway_bot", "", True),
+        ("GET", r"/users/@me", "_me", "me", True),
+        ("GET", r"(?:/oauth2)?/applications/@me", "_application", "app", True),
+        (
+            "GET",
+            r"/applications/(?P<app>\d+)(?:/guilds/(?P<guild>\d+))?/commands",
+            "_commands",
+            "",
+            True,
+        ),
+        (
+            "PUT",
+            r"/applications/(?P<app>\d+)(?:/guilds/(?P<guild>\d+))?/commands",
+            "_put_commands",
+            "",
+            True,
+        ),
+        ("POST", r"/channels/(?P<channel>\d+)/messages", "_create_message", "msg-create", True),
+        ("PATCH", rf"/channels/(?P<channel>\d+)/messages/{_M}", "_edit_message", "msg-edit", True),
+        ("GET", rf"/channels/(?P<channel>\d+)/messages/{_M}", "_get_message", "msg-get", True),
+        (
+            "DELETE",
+            rf"/channels/(?P<channel>\d+)/messages/{_M}",
+            "_delete_message",
+            "msg-del",
+            True,
+        ),
+        ("POST", r"/channels/(?P<channel>\d+)/typing", "_typing", "typing", True),
+        ("GET", r"/channels/(?P<channel>\d+)", "_get_channel", "channel", True),
+        (
+            "POST",
+            r"/interactions/(?P<interaction>\d+)/(?P<token>[^/]+)/callback",
+            "_callback",
+            "",
+            False,
+        ),
+        ("POST", r"/webhooks/(?P<app>\d+)/(?P<token>[^/]+)", "_followup", "webhook", False),
+        (
+            "PATCH",
+            r"/webhooks/(?P<app>\d+)/(?P<token>[^/]+)/messages/(?P<message>[^/]+)",
+            "_edit_response",
+            "webhook",
+            False,
+        ),
+        ("GET", r"/guilds/(?P<guild>\d+)/members/(?P<user>\d+)", "_member", "member", True),
+        ("GET", r"/guilds/(?P<guild>\d+)/roles", "_roles", "roles", True),
     )
 ]
 # Discord's documented limits for the routes that matter to a chat bot, per major resource.
@@ -237,7 +291,7 @@ class FakeDiscord:
         self.sessions: list[_Session] = []
         self.identifies = 0
         self._forced: list[_Forced429] = []
-        self._windows: dict[tuple[str, str], _Window] = {}
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -384,8 +438,11 @@ class FakeDiscord:
         channel = self.channels[channel_id]
         guild_id = channel["guild_id"]
         command = next(
-            (c for c in self.commands.get(guild_id, []) + self.commands.get(None, [])
-             if c["name"] == name),
+            (
+                c
+                for c in self.commands.get(guild_id, []) + self.commands.get(None, [])
+                if c["name"] == name
+            ),
             None,
         )
         if command is None:
@@ -503,15 +560,24 @@ class FakeDiscord:
         async with session.lock:
             session.conn = conn
             self.sessions.append(session)
-            await self._dispatch_locked(session, "READY", {
-                "v": 10,
-                "user": {**self.bot.payload(), "mfa_enabled": False, "flags": 0, "verified": True},
-                "guilds": [{"id": str(g), "unavailable": True} for g in guilds],
-                "session_id": session.id,
-                "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
-                "shard": [shard_id, shard_count],
-                "application": {"id": str(self.application_id), "flags": 0},
-            })
+            await self._dispatch_locked(
+                session,
+                "READY",
+                {
+                    "v": 10,
+                    "user": {
+                        **self.bot.payload(),
+                        "mfa_enabled": False,
+                        "flags": 0,
+                        "verified": True,
+                    },
+                    "guilds": [{"id": str(g), "unavailable": True} for g in guilds],
+                    "session_id": session.id,
+                    "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
+                    "shard": [shard_id, shard_count],
+                    "application": {"id": str(self.application_id), "flags": 0},
+                },
+            )
             for guild_id in guilds:
                 await self._dispatch_locked(session, "GUILD_CREATE", self._guild_payload(guild_id))
         await self._changed_now()
@@ -530,6 +596,7 @@ class FakeDiscord:
             async with conn.lock:
                 for seq, frame in list(session.sent):
                     if seq > since:
+                        session.replayed.append(frame)
                         await conn.send_locked(frame)
             await self._dispatch_locked(session, "RESUMED", {})
         await self._changed_now()
@@ -572,42 +639,54 @@ class FakeDiscord:
     def bot_messages(self, channel_id: int) -> list[dict[str, Any]]:
         """The bot's messages in a channel as they are now (after edits), oldest first."""
         return [
-            m for m in self.messages.values()
+            m
+            for m in self.messages.values()
             if m["channel_id"] == str(channel_id) and m["author"]["id"] == str(self.bot.id)
         ]
 
     async def _rest(self, request: web.Request) -> web.Response:
+        arrived = time.perf_counter()
         path = "/" + request.match_info["tail"]
-        body = await request.json() if request.can_read_body and request.content_type == (
-            "application/json") else None
-        for method, pattern, handler, bucket in _ROUTES:
+        body = (
+            await request.json()
+            if request.can_read_body and request.content_type == ("application/json")
+            else None
+        )
+        for method, pattern, handler, bucket, auth in _ROUTES:
             match = pattern.fullmatch(path)
             if method == request.method and match:
-                response = await self._answer(request, path, body, match, handler, bucket)
+                response = await self._answer(request, path, body, match, handler, bucket, auth)
                 break
         else:
             response = web.json_response({"message": "404: Not Found", "code": 0}, status=404)
-        self.calls.append(RestCall(request.method, path, body, response.status, time.perf_counter(),
-                                   dict(request.query)))
+        self.calls.append(
+            RestCall(
+                request.method,
+                path,
+                body,
+                response.status,
+                arrived,
+                dict(request.query),
+            )
+        )
         await self._changed_now()
         return response
 
-    async def _answer(self, request, path, body, match, handler, bucket) -> web.Response:
-        if handler != "_gateway_bot" and not handler.startswith(("_callback", "_followup",
-                                                                  "_edit_response")):
-            if request.headers.get("Authorization") != f"Bot {self.token}":
-                return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
+    async def _answer(self, request, path, body, match, handler, bucket, auth) -> web.Response:
+        if auth and request.headers.get("Authorization") != f"Bot {self.token}":
+            return web.json_response({"message": "401: Unauthorized", "code": 0}, status=401)
         forced = self._forced_429(request.method, path)
         if forced is not None:
-            return self._too_many(bucket or "forced", forced.retry_after, forced.is_global)
+            # A bucket of one request, empty until retry_after: hikari's limiter reads the
+            # headers (not the body) for a per-route 429 and waits exactly that long.
+            return self._too_many(bucket, 1, forced.retry_after, forced.is_global)
         headers: dict[str, str] = {}
         if bucket:
             major = next((v for v in match.groupdict().values() if v), "")
-            window = self._window(bucket, major)
-            if window.used >= window.limit and self.enforce_limits:
-                return self._too_many(bucket, window.resets_at - time.time(), False)
-            window.used += 1
-            headers = self._limit_headers(bucket, window)
+            found = self._bucket(bucket, major)
+            if not found.take(time.time()) and self.enforce_limits:
+                return self._too_many(bucket, found.limit, found.retry_after(), False)
+            headers = self._limit_headers(bucket, found)
         response = await getattr(self, handler)(body, **match.groupdict())
         response.headers.update(headers)
         return response
@@ -619,74 +698,84 @@ class FakeDiscord:
                 return forced
         return None
 
-    def _window(self, bucket: str, major: str) -> _Window:
-        now = time.time()
-        window = self._windows.get((bucket, major))
-        if window is None or now >= window.resets_at:
+    def _bucket(self, bucket: str, major: str) -> _Bucket:
+        found = self._buckets.get((bucket, major))
+        if found is None:
             limit, period = _LIMITS.get(bucket, _DEFAULT_LIMIT)
-            window = self._windows[(bucket, major)] = _Window(limit, period, 0, now + period)
-        return window
+            found = self._buckets[(bucket, major)] = _Bucket(limit, period, limit, time.time())
+        return found
 
     @staticmethod
-    def _limit_headers(bucket: str, window: _Window) -> dict[str, str]:
+    def _limit_headers(bucket: str, found: _Bucket) -> dict[str, str]:
+        reset_after = found.reset_after()
         return {
             "X-RateLimit-Bucket": f"fake-{bucket}",
-            "X-RateLimit-Limit": str(window.limit),
-            "X-RateLimit-Remaining": str(max(0, window.limit - window.used)),
-            "X-RateLimit-Reset": f"{window.resets_at:.3f}",
-            "X-RateLimit-Reset-After": f"{max(0.0, window.resets_at - time.time()):.3f}",
+            "X-RateLimit-Limit": str(found.limit),
+            "X-RateLimit-Remaining": str(int(found.tokens)),
+            "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
+            "X-RateLimit-Reset-After": f"{reset_after:.3f}",
         }
 
     @staticmethod
-    def _too_many(bucket: str, retry_after: float, is_global: bool) -> web.Response:
+    def _too_many(bucket: str, limit: int, retry_after: float, is_global: bool) -> web.Response:
         retry_after = max(retry_after, 0.001)
-        headers = {
-            "Retry-After": str(max(1, round(retry_after))),
-            "X-RateLimit-Scope": "global" if is_global else "user",
-        }
+        scope = "global" if is_global else "user" if bucket else "shared"
+        headers = {"Retry-After": str(max(1, round(retry_after))), "X-RateLimit-Scope": scope}
         if is_global:
             headers["X-RateLimit-Global"] = "true"
-        else:
-            headers.update({
-                "X-RateLimit-Bucket": f"fake-{bucket}",
-                "X-RateLimit-Limit": "5",
-                "X-RateLimit-Remaining": "0",
-                "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}",
-                "X-RateLimit-Reset-After": f"{retry_after:.3f}",
-            })
+        elif bucket:
+            headers.update(
+                {
+                    "X-RateLimit-Bucket": f"fake-{bucket}",
+                    "X-RateLimit-Limit": str(limit),
+                    "X-RateLimit-Remaining": "0",
+                    "X-RateLimit-Reset": f"{time.time() + retry_after:.3f}",
+                    "X-RateLimit-Reset-After": f"{retry_after:.3f}",
+                }
+            )
         return web.json_response(
-            {"message": "You are being rate limited.", "retry_after": retry_after,
-             "global": is_global},
+            {
+                "message": "You are being rate limited.",
+                "retry_after": retry_after,
+                "global": is_global,
+            },
             status=429,
             headers=headers,
         )
 
     async def _gateway_bot(self, _body: Any) -> web.Response:
-        return web.json_response({
-            "url": f"ws://127.0.0.1:{self.port}/gateway",
-            "shards": self.shards,
-            "session_start_limit": {
-                "total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 16,
-            },
-        })
+        return web.json_response(
+            {
+                "url": f"ws://127.0.0.1:{self.port}/gateway",
+                "shards": self.shards,
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 1000,
+                    "reset_after": 0,
+                    "max_concurrency": 16,
+                },
+            }
+        )
 
     async def _me(self, _body: Any) -> web.Response:
         return web.json_response({**self.bot.payload(), "mfa_enabled": False, "flags": 0})
 
     async def _application(self, _body: Any) -> web.Response:
-        return web.json_response({
-            "id": str(self.application_id),
-            "name": "Libra",
-            "description": "",
-            "bot_public": True,
-            "bot_require_code_grant": False,
-            "owner": FakeUser(self.application_id + 1, "owner").payload(),
-            "verify_key": "00" * 32,
-            "flags": 0,
-            "approximate_guild_count": len(self.guilds),
-            "approximate_user_install_count": 0,
-            "integration_types_config": {"0": {}},
-        })
+        return web.json_response(
+            {
+                "id": str(self.application_id),
+                "name": "Libra",
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": FakeUser(self.application_id + 1, "owner").payload(),
+                "verify_key": "00" * 32,
+                "flags": 0,
+                "approximate_guild_count": len(self.guilds),
+                "approximate_user_install_count": 0,
+                "integration_types_config": {"0": {}},
+            }
+        )
 
     async def _commands(self, _body: Any, app: str, guild: str | None = None) -> web.Response:
         return web.json_response(self.commands.get(int(guild) if guild else None, []))
@@ -694,19 +783,21 @@ class FakeDiscord:
     async def _put_commands(self, body: Any, app: str, guild: str | None = None) -> web.Response:
         stored = []
         for command in body or []:
-            stored.append({
-                "type": 1,
-                "options": [],
-                "default_member_permissions": None,
-                "name_localizations": {},
-                "description_localizations": {},
-                "nsfw": False,
-                **command,
-                "id": str(self.snowflake()),
-                "application_id": app,
-                "guild_id": guild,
-                "version": str(self.snowflake()),
-            })
+            stored.append(
+                {
+                    "type": 1,
+                    "options": [],
+                    "default_member_permissions": None,
+                    "name_localizations": {},
+                    "description_localizations": {},
+                    "nsfw": False,
+                    **command,
+                    "id": str(self.snowflake()),
+                    "application_id": app,
+                    "guild_id": guild,
+                    "version": str(self.snowflake()),
+                }
+            )
         self.commands[int(guild) if guild else None] = stored
         return web.json_response(stored)
 
@@ -716,9 +807,7 @@ class FakeDiscord:
             return web.json_response({"message": "Unknown Channel", "code": 10003}, status=404)
         content = body.get("content") or ""
         if not content.strip() or len(content) > 2000:
-            return web.json_response(
-                {"message": "Invalid Form Body", "code": 50035}, status=400
-            )
+            return web.json_response({"message": "Invalid Form Body", "code": 50035}, status=400)
         reference = (body.get("message_reference") or {}).get("message_id")
         payload = self._message_payload(
             target, content, author=self.bot, reply_to=int(reference) if reference else None
@@ -737,13 +826,15 @@ class FakeDiscord:
         content = body.get("content")
         if content is not None:
             if not content.strip() or len(content) > 2000:
-                return web.json_response({"message": "Invalid Form Body", "code": 50035},
-                                         status=400)
+                return web.json_response(
+                    {"message": "Invalid Form Body", "code": 50035}, status=400
+                )
             stored["content"] = content
             stored["edited_timestamp"] = _iso()
         if self.echo_own_messages:
-            await self.dispatch("MESSAGE_UPDATE", stored, guild_id=self.channels[int(channel)][
-                "guild_id"])
+            await self.dispatch(
+                "MESSAGE_UPDATE", stored, guild_id=self.channels[int(channel)]["guild_id"]
+            )
         return web.json_response(stored)
 
     async def _get_message(self, _body: Any, channel: str, message: str) -> web.Response:
@@ -776,10 +867,16 @@ class FakeDiscord:
             )
         found.response = body
         found.responded.set()
-        return web.json_response({"interaction": {
-            "id": interaction, "type": 2, "response_message_loading": body.get("type") == 5,
-            "response_message_ephemeral": found.ephemeral,
-        }})
+        return web.json_response(
+            {
+                "interaction": {
+                    "id": interaction,
+                    "type": 2,
+                    "response_message_loading": body.get("type") == 5,
+                    "response_message_ephemeral": found.ephemeral,
+                }
+            }
+        )
 
     def _interaction_by_token(self, token: str) -> Interaction | None:
         return next((i for i in self.interactions.values() if i.token == token), None)
@@ -791,8 +888,9 @@ class FakeDiscord:
         found.followups.append(body)
         found.responded.set()
         channel = self.channels[int(found.payload["channel_id"])]
-        return web.json_response(self._message_payload(channel, body.get("content") or "",
-                                                       author=self.bot))
+        return web.json_response(
+            self._message_payload(channel, body.get("content") or "", author=self.bot)
+        )
 
     async def _edit_response(
         self, body: dict[str, Any], app: str, token: str, message: str
@@ -800,8 +898,9 @@ class FakeDiscord:
         return await self._followup(body, app, token)
 
     async def _member(self, _body: Any, guild: str, user: str) -> web.Response:
-        return web.json_response({**self._member_payload(()), "user": FakeUser(int(user),
-                                                                                "someone").payload()})
+        return web.json_response(
+            {**self._member_payload(()), "user": FakeUser(int(user), "someone").payload()}
+        )
 
     async def _roles(self, _body: Any, guild: str) -> web.Response:
         roles = self.guilds.get(int(guild), {}).get("roles", {})
@@ -873,8 +972,7 @@ class FakeDiscord:
 
     def _channel_payload(self, channel: dict[str, Any]) -> dict[str, Any]:
         if channel["guild_id"] is None:
-            return {"id": str(channel["id"]), "type": 1, "last_message_id": None,
-                    "recipients": []}
+            return {"id": str(channel["id"]), "type": 1, "last_message_id": None, "recipients": []}
         out: dict[str, Any] = {
             "id": str(channel["id"]),
             "type": 0,
@@ -890,26 +988,34 @@ class FakeDiscord:
             "permissions": str(EVERYDAY_PERMISSIONS),
         }
         if "parent_id" in channel:
-            out.update({
-                "type": 11,
-                "parent_id": str(channel["parent_id"]),
-                "owner_id": str(self.bot.id),
-                "member_count": 1,
-                "message_count": 0,
-                "thread_metadata": {
-                    "archived": False,
-                    "auto_archive_duration": 1440,
-                    "archive_timestamp": _iso(),
-                    "locked": False,
-                },
-            })
+            out.update(
+                {
+                    "type": 11,
+                    "parent_id": str(channel["parent_id"]),
+                    "owner_id": str(self.bot.id),
+                    "member_count": 1,
+                    "message_count": 0,
+                    "thread_metadata": {
+                        "archived": False,
+                        "auto_archive_duration": 1440,
+                        "archive_timestamp": _iso(),
+                        "locked": False,
+                    },
+                }
+            )
         return out
 
     @staticmethod
     def _role_payload(role_id: int, name: str) -> dict[str, Any]:
         return {
-            "id": str(role_id), "name": name, "color": 0, "hoist": False, "position": 0,
-            "permissions": str(EVERYDAY_PERMISSIONS), "managed": False, "mentionable": False,
+            "id": str(role_id),
+            "name": name,
+            "color": 0,
+            "hoist": False,
+            "position": 0,
+            "permissions": str(EVERYDAY_PERMISSIONS),
+            "managed": False,
+            "mentionable": False,
             "flags": 0,
         }
 
@@ -954,4 +1060,3 @@ class FakeDiscord:
             "threads": [self._channel_payload(c) for c in channels if "parent_id" in c],
             "unavailable": False,
         }
-

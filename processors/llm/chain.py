@@ -126,8 +126,11 @@ class ProviderChain:
         backoff_max: float = 4.0,
         max_retry_after: float = 5.0,
     ) -> None:
-        """``breaker_failures`` 0 turns the breakers off. A provider that asks for a wait
-        longer than ``max_retry_after`` seconds is not retried but passed over at once."""
+        """Sets the policy: ``timeout`` seconds for the first piece and between pieces,
+        ``retries`` after a retryable failure with back-off from ``backoff`` up to
+        ``backoff_max`` seconds, a breaker per provider opening after ``breaker_failures``
+        failures in a row (0: no breakers) for ``breaker_reset`` seconds. A provider that asks
+        for a wait longer than ``max_retry_after`` seconds is passed over instead of retried."""
         if not targets:
             raise ValueError("a provider chain needs at least one target")
         self.targets = tuple(targets)
@@ -135,6 +138,7 @@ class ProviderChain:
         self._timeout = timeout
         self._max_retry_after = max_retry_after
         self._backoff = wait_exponential_jitter(multiplier=backoff, max=backoff_max, jitter=backoff)
+        # A template: tenacity keeps a call's state on the object, so each call uses a copy.
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(max(0, retries) + 1),
             wait=self._wait,
@@ -225,7 +229,7 @@ class ProviderChain:
                 raise AllProvidersFailed(attempts, partial_text="".join(text)) from None
             finally:
                 deadline.close()
-                await pieces.aclose()
+                await _close(pieces)
 
             await self._breaker_exit(name, None)
             usage: ChatUsage = item  # type: ignore[assignment]
@@ -274,14 +278,14 @@ class ProviderChain:
                 first = await anext(pieces)
         except (ProviderError, TimeoutError) as exc:
             error = exc if isinstance(exc, ProviderError) else self._timed_out(name)
-            await pieces.aclose()
+            await _close(pieces)
             await self._breaker_exit(name, error)
             attempts.append(_attempt(target, error.kind, error.message, called))
             LLM_REQUESTS.labels(name, target.model, error.kind).inc()
             log.warning("llm %s/%s failed: %s", name, target.model, error)
             raise error from None
         except BaseException:
-            await pieces.aclose()
+            await _close(pieces)
             raise
         return pieces, first, called
 
@@ -372,6 +376,13 @@ class _Deadline:
         # No wait in progress (the caller is busy with the last piece), or one still in time.
         due = now + self._timeout if since is None else since + self._timeout
         self._handle = self._loop.call_at(due, self._check)
+
+
+async def _close(pieces: AsyncIterator[str | ChatUsage]) -> None:
+    """Closes an adapter's stream (and so its HTTP response) that was not read to the end."""
+    aclose = getattr(pieces, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _on_breaker_event(name: str, event_type: str, event: Any) -> None:

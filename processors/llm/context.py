@@ -6,6 +6,8 @@ and the person's message always fit (the person's message was bounded by admissi
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 
 import asyncpg
@@ -16,6 +18,8 @@ from libra.processors.memory.store import MemoryStore
 from .providers.base import ChatMessage
 
 __all__ = ["DEFAULT_PERSONA", "Prompt", "PromptBuilder", "estimate_tokens"]
+
+log = logging.getLogger("libra.llm")
 
 DEFAULT_PERSONA = (
     "You are Libra, a friendly and helpful assistant that people talk to in Discord, by text"
@@ -62,12 +66,14 @@ class PromptBuilder:
         max_tokens: int = 512,
         history_turns: int = 20,
         memory_k: int = 4,
+        recall_budget_s: float = 0.3,
         vision_models: tuple[str, ...] = (),
     ) -> None:
         self.pool, self.memory = pool, memory
         self.persona = persona or DEFAULT_PERSONA
         self.context_tokens, self.max_tokens = context_tokens, max_tokens
         self.history_turns, self.memory_k = history_turns, memory_k
+        self.recall_budget_s = recall_budget_s
         self.vision_models = vision_models
 
     def can_see(self, model: str) -> bool:
@@ -75,8 +81,9 @@ class PromptBuilder:
         return any(name.startswith(prefix.lower()) for prefix in self.vision_models)
 
     async def build(self, turn: TurnAccepted, *, default_model: str) -> Prompt:
-        settings, history = await self._settings_and_history(turn)
-        memories = await self._memories(turn)
+        (settings, history), memories = await asyncio.gather(
+            self._settings_and_history(turn), self._memories(turn)
+        )
         model = settings.get("model") or None
         system = self._system(settings.get("persona") or self.persona, turn, memories)
         current = self._current(turn, model or default_model)
@@ -142,6 +149,13 @@ class PromptBuilder:
     async def _memories(self, turn: TurnAccepted) -> list[str]:
         if self.memory is None or self.memory_k <= 0:
             return []
-        return await self.memory.recall(
+        recall = self.memory.recall(
             user=turn.user, conversation=turn.conversation, text=turn.text, k=self.memory_k
         )
+        try:  # an embedding API that is slow today must not hold every reply back
+            return await asyncio.wait_for(recall, self.recall_budget_s)
+        except TimeoutError:
+            log.warning(
+                "memory recall took over %.0f ms; answering without it", self.recall_budget_s * 1000
+            )
+            return []

@@ -225,6 +225,12 @@ class LlmProcessor:
             origin=turn.origin,
         )
 
+    def gave_up(self, event: AnyEvent, error: str) -> list[Event]:
+        """The runtime gave up on a turn (after retries): the person is told, not left waiting."""
+        if not isinstance(event, TurnAccepted):
+            return []
+        return [self._failed(event, "internal", _say(_FAILURE, event.language), ())]
+
     async def _cached(self, key: str) -> CachedReply | None:
         cached = await self.cache.get(key)
         self._lookups += 1

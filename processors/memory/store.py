@@ -68,10 +68,19 @@ class MemoryStore:
 
     async def recall(self, *, user: str, conversation: str, text: str, k: int) -> list[str]:
         """Returns the contents of the ``k`` memories closest to ``text``, closest first."""
-        if k <= 0:
-            return []
+        if k <= 0 or not await self._has_any(user, conversation):
+            return []  # most people have none yet: no embedding call for them
         [vector] = await self.embedder.embed([text])
         return await self.recall_vector(user=user, conversation=conversation, vector=vector, k=k)
+
+    async def _has_any(self, user: str, conversation: str) -> bool:
+        return await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM memories WHERE user_id = $1 AND conversation = $2"
+            " AND embedder = $3)",
+            user,
+            conversation,
+            self.embedder.name,
+        )
 
     async def recall_vector(
         self, *, user: str, conversation: str, vector: np.ndarray, k: int

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import hikari
 from hikari.events import voice_events
@@ -25,7 +24,15 @@ class LibraVoiceConnection(hikari.api.VoiceConnection):
     the type reach ``initialize``. hikari then forwards the guild's voice events to ``notify``.
     """
 
-    __slots__ = ("_channel_id", "_closed", "_guild_id", "_on_close", "_owner", "_shard_id")
+    __slots__ = (
+        "_channel_id",
+        "_closed",
+        "_guild_id",
+        "_on_close",
+        "_owner",
+        "_shard_id",
+        "session",
+    )
 
     def __init__(
         self,
@@ -136,7 +143,7 @@ class LibraVoiceConnection(hikari.api.VoiceConnection):
         elif isinstance(event, voice_events.VoiceStateUpdateEvent):
             await self._own_state_changed(event.state)
 
-    async def _own_state_changed(self, state: Any) -> None:
+    async def _own_state_changed(self, state: hikari.VoiceState) -> None:
         if state.user_id != self.session.user_id:
             return
         if state.channel_id is None:

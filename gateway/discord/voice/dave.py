@@ -31,6 +31,8 @@ _log = logging.getLogger(__name__)
 _DOWNGRADE_PASSTHROUGH_SECONDS = 120
 # A transition with id 0 (re)initialises the group and takes effect at once.
 _IMMEDIATE = 0
+# Op 27's first byte: append proposals, or revoke ones sent before.
+_OPERATIONS = (davey.ProposalsOperationType.append, davey.ProposalsOperationType.revoke)
 
 
 class DaveError(Exception):
@@ -74,9 +76,10 @@ class DaveState:
         return self._session.epoch if self._session is not None else None
 
     @property
-    def privacy_code(self) -> str | None:
-        """The voice privacy code people compare in Discord's client."""
-        return self._session.voice_privacy_code if self._session is not None else None
+    def group(self) -> frozenset[int]:
+        """The people whose keys Libra holds: the MLS group's members, Libra included."""
+        users = self._session.get_user_ids() if self._session is not None else None
+        return frozenset(int(user) for user in users or ())
 
     def start(self) -> list[Reply]:
         """Begins DAVE after the session description: Libra's key package."""
@@ -145,7 +148,7 @@ class DaveState:
     def _on_proposals(self, payload: bytes) -> list[Reply]:
         if not payload:
             return []
-        operation = davey.ProposalsOperationType(payload[0])
+        operation = _OPERATIONS[payload[0]]
         expected = sorted(self.members)
         result = self._session.process_proposals(operation, payload[1:], expected)
         if result is None:

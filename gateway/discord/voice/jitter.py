@@ -35,15 +35,18 @@ class JitterBuffer(Generic[T]):
     expected: int | None = None
     held: dict[int, tuple[float, T]] = field(default_factory=dict)
 
-    def push(self, seq: int, item: T, now: float) -> list[T | None]:
-        """Adds a packet; returns what is now in order. Raises Late for one already past."""
-        if self.expected is None:
-            self.expected = seq
-        distance = seq_distance(seq, self.expected)
-        if distance < 0:
+    def check(self, seq: int) -> None:
+        """Raises Late for a packet whose turn has passed or that is held already."""
+        if self.expected is not None and seq_distance(seq, self.expected) < 0:
             raise Late("late")
         if seq in self.held:
             raise Late("duplicate")
+
+    def push(self, seq: int, item: T, now: float) -> list[T | None]:
+        """Adds a packet; returns what is now in order. Raises Late for one already past."""
+        self.check(seq)
+        if self.expected is None:
+            self.expected = seq
         self.held[seq] = (now, item)
         out = self._release()
         if len(self.held) > self.depth:

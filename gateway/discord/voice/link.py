@@ -11,8 +11,15 @@ from typing import Any
 
 import aiohttp
 
-from .protocol import GATEWAY_VERSION, Message, Op, decode_binary, decode_text
-from .protocol import encode_binary, encode_text
+from .protocol import (
+    GATEWAY_VERSION,
+    Message,
+    Op,
+    decode_binary,
+    decode_text,
+    encode_binary,
+    encode_text,
+)
 
 __all__ = ["VoiceLink", "gateway_url"]
 
@@ -53,7 +60,8 @@ class VoiceLink:
         seq_ack: int = -1,
     ) -> VoiceLink:
         """Opens the websocket; raises aiohttp.ClientError or TimeoutError."""
-        http = aiohttp.ClientSession()
+        # The timeout bounds reaching the server; the websocket itself lives as long as it may.
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=timeout))
         try:
             ws = await http.ws_connect(
                 gateway_url(endpoint),

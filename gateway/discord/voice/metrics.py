@@ -47,12 +47,17 @@ class VoiceStats:
     send_lateness: deque[float] = field(default_factory=lambda: deque(maxlen=3000))
 
     def drop(self, reason: str) -> None:
-        """Counts a received packet that was dropped, and why."""
+        """Counts a received packet that was dropped, and why.
+
+        Reasons: short, not_rtp, truncated, rtcp (reports, ignored), not_opus, unknown_ssrc,
+        no_key, decrypt_failed (transport), late, duplicate, dave_decrypt_failed, opus_invalid,
+        error (the sink or the decoder raised).
+        """
         self.dropped[reason] += 1
         PACKETS_DROPPED.labels("in", reason).inc()
 
     def drop_outgoing(self, reason: str) -> None:
-        """Counts a frame Libra could not send, and why."""
+        """Counts a frame Libra could not send, and why: not_connected, dave_not_ready."""
         self.unsent[reason] += 1
         PACKETS_DROPPED.labels("out", reason).inc()
 

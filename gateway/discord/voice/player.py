@@ -6,7 +6,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from .opus import decode_audio, encode_pcm
@@ -19,6 +19,9 @@ __all__ = ["Clip", "Interruption", "Played", "Player"]
 SILENCE_FRAMES = 5
 # Late by more than this (a stalled loop), the grid moves on instead of bursting to catch up.
 _MAX_LATENESS = 0.1
+# asyncio wakes a timer up to 1 ms late (epoll counts whole milliseconds): aiming half a
+# millisecond early centres the send times on the grid.
+_AIM_EARLY = 0.0005
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,14 +78,14 @@ class Player:
 
     The grid is anchored to the monotonic clock when a talk spurt starts, and each slot is
     computed from that anchor, so lateness never accumulates over minutes. ``speaking`` is
-    called with True before the first frame and with False after the silence frames.
+    awaited with True before the first frame and with False after the silence frames.
     """
 
     def __init__(
         self,
         *,
         send: Callable[[bytes, float], None],
-        speaking: Callable[[bool], None],
+        speaking: Callable[[bool], Awaitable[None]],
         on_sent: Callable[[float, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -137,7 +140,7 @@ class Player:
             self._task = None
         if self.talking:
             self.talking = False
-            self._speaking(False)
+            await self._speaking(False)
 
     def _next_frame(self) -> bytes | None:
         while True:
@@ -163,15 +166,16 @@ class Player:
     async def _talk(self) -> None:
         """One talk spurt: frames while there are clips, then the silence frames."""
         self.talking = True
-        self._speaking(True)
+        # Discord wants the speaking flag before the first packet.
+        await self._speaking(True)
         anchor = self._clock()
         slot_index = 0
         silence_left = SILENCE_FRAMES
         while silence_left:
             slot = anchor + slot_index * FRAME_SECONDS
             delay = slot - self._clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if delay > _AIM_EARLY:
+                await asyncio.sleep(delay - _AIM_EARLY)
             elif -delay > _MAX_LATENESS:
                 anchor -= delay
                 slot = anchor + slot_index * FRAME_SECONDS
@@ -187,7 +191,7 @@ class Player:
                 self._on_sent(slot, self._clock())
             slot_index += 1
         self.talking = False
-        self._speaking(False)
+        await self._speaking(False)
 
 
 def _resolve(future: asyncio.Future[Played], played: Played) -> None:

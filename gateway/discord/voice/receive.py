@@ -58,11 +58,6 @@ class Receiver:
         self._idle_seconds = idle_seconds
         self._speakers: dict[int, _Speaker] = {}
 
-    @property
-    def speakers(self) -> dict[int, int]:
-        """SSRC to Discord user, as the voice server announced them."""
-        return {ssrc: speaker.user_id for ssrc, speaker in self._speakers.items()}
-
     def map_ssrc(self, ssrc: int, user_id: int) -> None:
         """Records whose audio arrives on an SSRC (from op 5, speaking)."""
         known = self._speakers.get(ssrc)
@@ -97,9 +92,9 @@ class Receiver:
             self.stats.drop(exc.reason)
         except DaveError as exc:
             self.stats.drop(str(exc))
-        except Exception:  # a failing sink must not close the socket (asyncio would)
-            _log.exception("voice sink failed")
-            self.stats.drop("sink_error")
+        except Exception:  # a failing sink or decoder must not close the socket (asyncio would)
+            _log.exception("a received voice packet could not be handled")
+            self.stats.drop("error")
         else:
             self.stats.received += 1
             PACKETS_RECEIVED.inc()
@@ -117,6 +112,8 @@ class Receiver:
         if self.cipher is None:
             raise MalformedPacket("no_key")
         opus = self.cipher.open(data, header)
+        # Replays and stragglers go before DAVE's work (DAVE would refuse a replay anyway).
+        speaker.jitter.check(header.sequence)
         if self.dave is not None:
             opus = self.dave.decrypt(speaker.user_id, opus)
         if not speaker.speaking:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import random
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +119,6 @@ class VoiceSession:
         self._rtp_base = random.getrandbits(32)
         self._first_slot: float | None = None
         self._talking = False
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._run_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
 
@@ -302,28 +301,44 @@ class VoiceSession:
     # --- messages ---------------------------------------------------------------------------
 
     async def _dispatch(self, link: VoiceLink, message: Message) -> None:
-        op, data = message.op, message.data
-        if op == Op.HELLO:
-            link.start_heartbeat(float(data["heartbeat_interval"]))
-        elif op == Op.READY:
-            await self._on_ready(link, data)
-        elif op == Op.SESSION_DESCRIPTION:
-            await self._on_session_description(link, data)
-        elif op == Op.RESUMED:
-            self.ready.set()
-            if self._talking:
-                await self._announce_speaking(link)
-        elif op == Op.SPEAKING:
-            if int(data["ssrc"]) != self.ssrc:
-                self.receiver.map_ssrc(int(data["ssrc"]), int(data["user_id"]))
-        elif op == Op.CLIENTS_CONNECT:
-            self._on_members_joined([int(user) for user in data["user_ids"]])
-        elif op == Op.CLIENT_DISCONNECT:
-            self._on_member_left(int(data["user_id"]))
-        elif Op.DAVE_PREPARE_TRANSITION <= op <= Op.DAVE_MLS_INVALID_COMMIT_WELCOME:
+        if Op.DAVE_PREPARE_TRANSITION <= message.op <= Op.DAVE_MLS_INVALID_COMMIT_WELCOME:
             if self.dave is not None:
-                for reply in self.dave.handle(op, data):
+                for reply in self.dave.handle(message.op, message.data):
                     await link.send(reply.op, reply.data)
+            return
+        handler = _HANDLERS.get(message.op)
+        if handler is not None:
+            await handler(self, link, message.data)
+
+    async def _on_hello(self, link: VoiceLink, data: dict[str, Any]) -> None:
+        link.start_heartbeat(float(data["heartbeat_interval"]))
+
+    async def _on_resumed(self, link: VoiceLink, data: Any) -> None:
+        self.ready.set()
+        if self._talking:
+            await self._announce_speaking(link)
+
+    async def _on_speaking(self, link: VoiceLink, data: dict[str, Any]) -> None:
+        if int(data["ssrc"]) != self.ssrc:
+            self.receiver.map_ssrc(int(data["ssrc"]), int(data["user_id"]))
+
+    async def _on_clients_connect(self, link: VoiceLink, data: dict[str, Any]) -> None:
+        user_ids = [int(user) for user in data["user_ids"]]
+        for user_id in user_ids:
+            if user_id not in self._members:
+                self._members.add(user_id)
+                self._sink.on_member(user_id, True)
+        if self.dave is not None:
+            self.dave.add_members(user_ids)
+
+    async def _on_client_disconnect(self, link: VoiceLink, data: dict[str, Any]) -> None:
+        user_id = int(data["user_id"])
+        self.receiver.forget_user(user_id)
+        if self.dave is not None:
+            self.dave.remove_member(user_id)
+        if user_id in self._members:
+            self._members.discard(user_id)
+            self._sink.on_member(user_id, False)
 
     async def _on_ready(self, link: VoiceLink, data: dict[str, Any]) -> None:
         self.ssrc = int(data["ssrc"])
@@ -357,22 +372,6 @@ class VoiceSession:
         if self._talking:
             await self._announce_speaking(link)
 
-    def _on_members_joined(self, user_ids: list[int]) -> None:
-        for user_id in user_ids:
-            if user_id not in self._members:
-                self._members.add(user_id)
-                self._sink.on_member(user_id, True)
-        if self.dave is not None:
-            self.dave.add_members(user_ids)
-
-    def _on_member_left(self, user_id: int) -> None:
-        self.receiver.forget_user(user_id)
-        if self.dave is not None:
-            self.dave.remove_member(user_id)
-        if user_id in self._members:
-            self._members.discard(user_id)
-            self._sink.on_member(user_id, False)
-
     # --- sending ----------------------------------------------------------------------------
 
     def _send_frame(self, opus: bytes, slot: float) -> None:
@@ -399,20 +398,15 @@ class VoiceSession:
         self.stats.send_lateness.append(sent_at - slot)
         SEND_LATENESS_SECONDS.observe(max(0.0, sent_at - slot))
 
-    def _set_speaking(self, speaking: bool) -> None:
+    async def _set_speaking(self, speaking: bool) -> None:
         self._talking = speaking
         if self._link is not None and self.ready.is_set():
-            self._spawn(self._announce_speaking(self._link))
+            await self._announce_speaking(self._link)
 
     async def _announce_speaking(self, link: VoiceLink) -> None:
         flags = Speaking.MICROPHONE if self._talking else Speaking.NONE
         with contextlib.suppress(aiohttp.ClientError, ConnectionError):
             await link.send(Op.SPEAKING, {"speaking": int(flags), "delay": 0, "ssrc": self.ssrc})
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _teardown(self) -> None:
         await self.player.close()
@@ -422,3 +416,14 @@ class VoiceSession:
             self._udp.close()
             self._udp = None
         self.ready.clear()
+
+
+_HANDLERS: dict[int, Callable[[VoiceSession, VoiceLink, Any], Awaitable[None]]] = {
+    Op.HELLO: VoiceSession._on_hello,
+    Op.READY: VoiceSession._on_ready,
+    Op.SESSION_DESCRIPTION: VoiceSession._on_session_description,
+    Op.RESUMED: VoiceSession._on_resumed,
+    Op.SPEAKING: VoiceSession._on_speaking,
+    Op.CLIENTS_CONNECT: VoiceSession._on_clients_connect,
+    Op.CLIENT_DISCONNECT: VoiceSession._on_client_disconnect,
+}

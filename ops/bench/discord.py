@@ -1,0 +1,226 @@
+"""`libra bench discord`: from a MESSAGE_CREATE to the first message POST, many channels at once.
+
+The gateway runs as production runs it, ``libra run discord`` in a process of its own, against
+the loopback Discord (``ops/fakes/discord.py``) and the real servers (NATS with the real
+``nats.conf``, PostgreSQL, Redis). This process plays Discord and stands in for the turns and llm
+processors with an instant responder on the consumer runtime: each ``text.received`` becomes
+``turn.accepted``, one delta and ``llm.completed`` at once, so the figure is the gateway's and
+the log's share of a reply's latency. Every channel is in chat mode and gets a message every
+``interval`` seconds (open loop, phases spread), within Discord's five messages per five seconds
+per channel. The latency of a message is measured by the fake alone: from the moment it sends
+the MESSAGE_CREATE frame to the arrival of the POST that replies to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from libra.contracts import (
+    ConsumerSpec,
+    LlmCompleted,
+    LlmDelta,
+    Origin,
+    SessionChat,
+    TurnAccepted,
+    conversation_id,
+    derive,
+    make,
+)
+from libra.runtime.config import Settings
+from libra.runtime.consumer import ConsumerRunner
+from libra.runtime.database import migrate
+from libra.runtime.eventlog import EventLog
+
+from ..fakes.discord import FakeDiscord
+from .common import percentile, report, servers
+
+__all__ = ["run_bench_discord"]
+
+ANSWER = "An instant answer from the bench's stand-in for the llm processor."
+NOTE = "instant responder stands in for the turns and llm processors"
+
+
+class _InstantAnswer:
+    """The turns and llm processors' part, with no time taken: accepted, one delta, completed."""
+
+    spec = ConsumerSpec(name="bench-instant-answer", subjects=("libra.text.received.>",))
+
+    async def handle(self, event) -> AsyncIterator:
+        accepted = derive(event, TurnAccepted, key="turn", text=event.text, origin=event.origin)
+        yield accepted
+        yield derive(accepted, LlmDelta, key="delta/0", index=0, text=ANSWER, origin=event.origin)
+        yield derive(
+            accepted,
+            LlmCompleted,
+            key="completed",
+            text=ANSWER,
+            provider="bench",
+            model="instant",
+            origin=event.origin,
+        )
+
+
+def _gateway_env(urls, fake: FakeDiscord) -> dict[str, str]:
+    return {
+        **os.environ,
+        "NATS_URL": urls.nats_url,
+        "DATABASE_URL": urls.database_url,
+        "REDIS_URL": urls.redis_url,
+        "DISCORD_TOKEN": fake.token,
+        "DISCORD_REST_URL": fake.rest_url,
+        "DISCORD_GUILD_ID": "",
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "console",
+        "LIBRA_METRICS_PORT": "0",
+    }
+
+
+@contextlib.asynccontextmanager
+async def _gateway_process(urls, fake: FakeDiscord, folder: Path) -> AsyncIterator[None]:
+    """``libra run discord`` in a process of its own, until the block ends."""
+    log_file = folder / "gateway.log"
+    with log_file.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "libra.ops",
+            "run",
+            "discord",
+            env=_gateway_env(urls, fake),
+            stdout=out,
+            stderr=out,
+        )
+        try:
+            await fake.ready(1, timeout=60)
+            await fake.wait_for(
+                lambda: bool(fake.calls_to("GET", r"/applications/\d+/commands")), timeout=30
+            )
+            yield
+        except TimeoutError:
+            tail = log_file.read_text()[-3000:]
+            raise RuntimeError(f"the gateway did not start; its log ends:\n{tail}") from None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def _first_posts(fake: FakeDiscord, sent: list[int], *, timeout: float) -> list[float]:
+    """Milliseconds from each message's MESSAGE_CREATE to the first POST replying to it."""
+    wanted = {str(m) for m in sent}
+    deadline = time.monotonic() + timeout
+    first: dict[str, float] = {}
+    seen = 0
+    while True:
+        calls = fake.calls
+        for call in calls[seen:]:
+            if call.method != "POST" or not call.path.endswith("/messages") or not call.body:
+                continue
+            replied = (call.body.get("message_reference") or {}).get("message_id")
+            if replied in wanted and replied not in first:
+                first[replied] = call.at
+        seen = len(calls)
+        if len(first) == len(wanted) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return [(first[str(m)] - fake.dispatched_at[m]) * 1000 for m in sent if str(m) in first]
+
+
+async def _send_all(
+    fake: FakeDiscord, channels: list[int], rounds: int, interval: float
+) -> list[int]:
+    """Sends ``rounds`` messages in each channel, one every ``interval`` s, phases spread."""
+    person = fake.user("bench")
+    start = time.perf_counter() + 0.2
+    schedule = sorted(
+        (start + phase + k * interval, channel)
+        for channel, phase in ((c, random.uniform(0, interval)) for c in channels)
+        for k in range(rounds)
+    )
+    sent: list[int] = []
+    for at, channel in schedule:
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        message = await fake.send_message(channel, "How are you today?", author=person)
+        sent.append(int(message["id"]))
+    return sent
+
+
+async def _prepare(log: EventLog, fake: FakeDiscord, count: int) -> list[int]:
+    """A server with ``count`` channels, every one in chat mode (in the log, as /chat on does)."""
+    guild = fake.add_guild("bench")
+    channels = [fake.add_channel(guild, f"chat-{i}") for i in range(count)]
+    await log.publish_many(
+        make(
+            SessionChat,
+            conversation=conversation_id("discord", guild, channel),
+            user="bench",
+            enabled=True,
+            origin=Origin(platform="discord", guild=str(guild), channel=str(channel)),
+        )
+        for channel in channels
+    )
+    return channels
+
+
+async def run_bench_discord(
+    settings: Settings,
+    *,
+    channels: int,
+    rounds: int,
+    interval: float,
+    as_json: bool,
+) -> dict:
+    """Measures MESSAGE_CREATE → first POST with ``channels`` channels active, and prints it."""
+    async with servers(settings, postgres=True, redis=True) as srv, FakeDiscord() as fake:
+        await migrate(srv.database_url)
+        log = await EventLog.connect(srv.nats_url, name="bench-discord")
+        await log.provision(Settings(), consumers=())
+        runner = ConsumerRunner(log, _InstantAnswer(), concurrency=512)
+        answering = asyncio.create_task(runner.run())
+        try:
+            chat = await _prepare(log, fake, channels)
+            with tempfile.TemporaryDirectory(prefix="libra-bench-discord-") as folder:
+                async with _gateway_process(srv, fake, Path(folder)):
+                    warm = await _send_all(fake, chat, 1, interval)
+                    await _first_posts(fake, warm, timeout=30)
+                    await asyncio.sleep(max(0.0, 5.0 - interval))  # let the rate windows pass
+                    started = time.perf_counter()
+                    sent = await _send_all(fake, chat, rounds, interval)
+                    latencies = await _first_posts(fake, sent, timeout=30)
+                    elapsed = time.perf_counter() - started
+        finally:
+            await runner.stop()
+            await answering
+            await log.close()
+    results: dict = {
+        "first_post_p50_ms": percentile(latencies, 50),
+        "first_post_p99_ms": percentile(latencies, 99),
+        "first_post_max_ms": max(latencies, default=float("nan")),
+        "channels": channels,
+        "messages": len(sent),
+        "answered": len(latencies),
+        "messages_per_s": len(sent) / elapsed,
+        "nats": "real nats.conf (every write synced)",
+        "processors": NOTE,
+    }
+    report(
+        results,
+        as_json=as_json,
+        title=f"libra bench discord (MESSAGE_CREATE to first POST; {NOTE})",
+    )
+    return results

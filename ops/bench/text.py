@@ -1,0 +1,243 @@
+"""`libra bench text`: orchestration overhead of a text turn, from ``text.received`` to the
+first delta seen by the gateway.
+
+Libra runs as production runs it: each group of components is a `libra run` process of its own
+(admission, the llm processor, the projections with memory), on servers started from the real
+nats.conf. The provider is a loopback fake of the OpenAI wire in another process, reached
+through the official OpenAI SDK (the OpenAI-compatible path, so memory uses the local
+embedder). The gateway's part is Libra's own ``converse``, as in the HTTP API.
+
+Conversations are people: each sends a message, reads the reply, and writes the next one after
+a think time (``--think`` seconds, ±50 %). Two overheads are reported per turn:
+
+- ``overhead``: time to the first delta minus the provider call (request sent to first token,
+  as the llm processor's chain measured it): Libra's event plumbing alone;
+- ``overhead_with_sdk``: time to the first delta minus the fake's configured TTFT only, so the
+  SDK's own cost of building and parsing the request counts too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+from libra.contracts import LlmCompleted, LlmDelta, LlmFailed, TurnRejected
+from libra.gateway.chat import converse
+from libra.runtime.config import Settings
+from libra.runtime.database import migrate
+from libra.runtime.eventlog import EventLog
+
+from ..embedded import free_port
+from .common import percentile, report, servers
+
+__all__ = ["run_bench_text"]
+
+GROUPS = (
+    ["turns", "ratelimit-view"],
+    ["llm"],
+    ["history", "sessions", "turns-projection", "memory"],
+)
+REPLY = (
+    "Sure. An event log keeps every message, transcript and reply as an immutable fact, so the "
+    "bot can replay a conversation, rebuild its memory and explain what happened when."
+)
+
+
+def _serve_fake(port: int, ttft: float, tokens_per_sec: float, ready) -> None:
+    from libra.ops.fakes.llm_wire import Behaviour, FakeLlmWire
+
+    async def main() -> None:
+        reply = Behaviour.ok(REPLY, ttft=ttft, tokens_per_sec=tokens_per_sec)
+        await FakeLlmWire(port=port, reply=reply, record=False).start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def _fake_provider(ttft: float, tokens_per_sec: float) -> Iterator[str]:
+    port = free_port()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_serve_fake, args=(port, ttft, tokens_per_sec, ready), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the fake provider did not start")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.join(5)
+
+
+@contextlib.asynccontextmanager
+async def _libra(env: dict[str, str]):
+    """Runs every group as a `libra run` process; returns once each says it is ready."""
+    procs = []
+    try:
+        for names in GROUPS:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "libra.ops", "run", *names],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+            )
+        for proc in procs:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            while line and "Libra is ready" not in line:
+                line = await asyncio.to_thread(proc.stdout.readline)
+            if not line:
+                raise RuntimeError(f"`libra run` exited with {proc.wait()}")
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.overheads: list[float] = []
+        self.with_sdk: list[float] = []
+        self.completed = self.failed = 0
+        self.in_flight = self.peak = 0
+
+
+async def _turn(log: EventLog, n: int, ttft: float, tally: _Tally) -> None:
+    started = time.perf_counter()
+    first = None
+    tally.in_flight += 1
+    tally.peak = max(tally.peak, tally.in_flight)
+    try:
+        async for event in converse(
+            log, platform="bench", user=f"person-{n}", text=f"Question {n}?"
+        ):
+            if isinstance(event, LlmDelta) and first is None:
+                first = (time.perf_counter() - started) * 1000
+            elif isinstance(event, LlmCompleted) and first is not None:
+                tally.completed += 1
+                tally.overheads.append(max(0.0, first - event.ttft_ms))
+                tally.with_sdk.append(max(0.0, first - ttft * 1000))
+            elif isinstance(event, LlmFailed | TurnRejected):
+                tally.failed += 1
+    finally:
+        tally.in_flight -= 1
+
+
+async def _conversation(
+    log: EventLog, n: int, ttft: float, think: float, until: float, tally: _Tally
+) -> None:
+    rng = random.Random(n)
+    await asyncio.sleep(rng.uniform(0, think))  # people do not all start in the same second
+    while time.monotonic() < until:
+        await _turn(log, n, ttft, tally)
+        await asyncio.sleep(rng.uniform(0.5 * think, 1.5 * think))
+
+
+async def _scenario(
+    env: dict[str, str],
+    *,
+    ttft: float,
+    tokens_per_sec: float,
+    conversations: int,
+    think: float,
+    seconds: float,
+) -> tuple[_Tally, float]:
+    with _fake_provider(ttft, tokens_per_sec) as provider_url:
+        async with _libra({**env, "LLM_BASE_URL": provider_url}):
+            log = await EventLog.connect(env["NATS_URL"], name="bench-text-gateway")
+            try:
+                warm = _Tally()
+                for i in range(10):
+                    await _turn(log, 10_000 + i, ttft, warm)
+                tally = _Tally()
+                began = time.monotonic()
+                await asyncio.gather(
+                    *(
+                        _conversation(log, i, ttft, think, began + seconds, tally)
+                        for i in range(conversations)
+                    )
+                )
+                return tally, time.monotonic() - began
+            finally:
+                await log.close()
+
+
+def _figures(prefix: str, tally: _Tally, elapsed: float) -> dict:
+    return {
+        f"{prefix}overhead_p50_ms": percentile(tally.overheads, 50),
+        f"{prefix}overhead_p99_ms": percentile(tally.overheads, 99),
+        f"{prefix}overhead_with_sdk_p50_ms": percentile(tally.with_sdk, 50),
+        f"{prefix}overhead_with_sdk_p99_ms": percentile(tally.with_sdk, 99),
+        f"{prefix}turns_per_s": tally.completed / elapsed,
+        f"{prefix}turns": tally.completed,
+        f"{prefix}failed": tally.failed,
+        f"{prefix}peak_in_flight": tally.peak,
+    }
+
+
+async def run_bench_text(
+    settings: Settings, *, conversations: int, think: float, seconds: float, as_json: bool
+) -> dict:
+    """Runs the instant and the slow provider scenario, and a saturation run, and prints them."""
+    results: dict = {"conversations": conversations, "think_s": think, "seconds": seconds}
+    async with servers(settings, postgres=True, redis=True) as urls:
+        await migrate(urls.database_url)
+        env = {
+            **os.environ,
+            "NATS_URL": urls.nats_url,
+            "DATABASE_URL": urls.database_url,
+            "REDIS_URL": urls.redis_url,
+            "LLM_CACHE_ENABLED": "0",
+            "LOG_LEVEL": "WARNING",
+            # a bench person talks faster than a person may: the limit is lifted, the
+            # admission script still runs for every turn
+            "RATE_LIMIT_TURNS": "1000000",
+        }
+        for key in (
+            "OPENAI_API_KEY",
+            "GROQ_API_KEY",
+            "ANTHROPIC_API_KEY",
+            "OLLAMA_URL",
+            "LLM_PROVIDERS",
+        ):
+            env.pop(key, None)
+        for prefix, ttft, tps in (("", 0.0, 0.0), ("slow_", 0.2, 400.0)):
+            tally, elapsed = await _scenario(
+                env,
+                ttft=ttft,
+                tokens_per_sec=tps,
+                conversations=conversations,
+                think=think,
+                seconds=seconds,
+            )
+            results.update(_figures(prefix, tally, elapsed))
+        tally, elapsed = await _scenario(
+            env,
+            ttft=0.0,
+            tokens_per_sec=0.0,
+            conversations=64,
+            think=0.0,
+            seconds=min(seconds, 10.0),
+        )
+        results["max_turns_per_s"] = tally.completed / elapsed
+    report(
+        results,
+        as_json=as_json,
+        title="libra bench text (overhead: first delta at the gateway minus the provider call; "
+        "slow_: provider with 200 ms TTFT then 400 tokens/s; max: 64 conversations, no think time)",
+    )
+    return results

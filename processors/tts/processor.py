@@ -1,0 +1,281 @@
+"""The tts processor: speaks the reply to each voice turn as it streams, in order.
+
+It consumes ``turn.accepted`` on its durable consumer, so one instance owns each turn (the
+reply's pieces are ordered, and a turn must not be split across instances), and ignores turns
+that are not voice. For a voice turn it follows the turn's ``llm.delta`` events as they come
+(:class:`~libra.gateway.replies.TurnFollower`), cuts them into sentences and synthesizes each one
+as soon as it is complete, while the rest of the reply is still being written.
+
+The audio goes out as ``tts.synthesized`` clips (``index`` 0, 1, ...), each stored as 48 kHz
+stereo s16le under ``tts/<conversation>/<id>``. The first clip leaves with the first audio the
+engine sends; each later one waits until it is as long as all the audio before it, or until its
+sentence ends, so playback starts at once and never runs dry while the engine is faster than
+real time. A sentence's text is on its first clip (later pieces of it have ``text`` ""), so the
+clips' texts joined are what was said. The last clip has ``final`` set; when the reply ends after
+its last audio went out, an empty clip carries ``final``. A failed reply (``llm.failed``) speaks
+its message. Clip ids derive from the turn's id and the index: a redelivered turn is spoken
+again, and the clips the log already has are dropped as duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+
+from libra.contracts import (
+    CONSUMERS,
+    AnyEvent,
+    LlmCompleted,
+    LlmDelta,
+    LlmFailed,
+    TtsSynthesized,
+    TurnAccepted,
+    derive,
+    derive_id,
+)
+from libra.gateway.replies import TurnFollower
+from libra.runtime.audio import AudioStore
+from libra.runtime.config import ConfigError, Settings
+from libra.runtime.eventlog import EventLog
+
+from .base import TtsEngine, primary_language
+from .cartesia import CartesiaEngine
+from .chain import DISCORD_CHANNELS, DISCORD_RATE, Audio, SpeechInterrupted, TtsChain
+from .cloudflare import CloudflareEngine
+from .elevenlabs import ElevenLabsEngine
+from .espeak import EspeakEngine
+from .sentences import SentenceSplitter
+
+__all__ = ["TtsProcessor", "build_engines", "spoken_language"]
+
+_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+_LATIN = re.compile(r"[A-Za-z]")
+_FRAME_BYTES = DISCORD_RATE // 50 * DISCORD_CHANNELS * 2  # 20 ms: the smallest clip worth sending
+# The llm processor may wait out timeouts and fall back across providers before its first
+# piece; the follower reads the log back after this long without news, then gives up.
+_REPLY_IDLE_S = 120.0
+
+
+def spoken_language(sentence: str, reply_language: str) -> str:
+    """Returns the language to speak ``sentence`` in: the reply's, unless the script says not.
+
+    A Korean reply may quote English and the other way round; a voice reads its own script
+    best, so Hangul is spoken with the Korean voice, and a Korean reply's sentence in Latin
+    letters only with the English one.
+    """
+    language = primary_language(reply_language)
+    if _HANGUL.search(sentence):
+        return "ko"
+    if language == "ko" and _LATIN.search(sentence):
+        return "en"
+    return language
+
+
+class _Script:
+    """The reply's sentences as they complete, handed from the follower to the speaker."""
+
+    def __init__(self) -> None:
+        self.sentences: list[str] = []
+        self.done = False
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+
+    def add(self, sentences: list[str]) -> None:
+        if sentences:
+            self.sentences.extend(sentences)
+            self._changed.set()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.done, self.error = True, error
+        self._changed.set()
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will come: the reply is over and every sentence was taken."""
+        return self.done and not self.sentences
+
+    async def next(self) -> str | None:
+        """Returns the next sentence, waiting for it; None at the end of the reply."""
+        while not self.sentences:
+            if self.done:
+                if self.error is not None:
+                    raise self.error
+                return None
+            self._changed.clear()
+            await self._changed.wait()
+        return self.sentences.pop(0)
+
+
+class TtsProcessor:
+    """Speaks each voice turn's reply as it streams."""
+
+    spec = CONSUMERS["tts"]
+
+    def __init__(self, log: EventLog, audio: AudioStore, chain: TtsChain) -> None:
+        self.log = log
+        self.audio = audio
+        self.chain = chain
+
+    async def handle(self, event: AnyEvent) -> AsyncIterator[TtsSynthesized]:
+        if not isinstance(event, TurnAccepted) or event.modality != "voice":
+            return
+        script = _Script()
+        follower = TurnFollower(
+            self.log,
+            event.conversation,
+            event.turn,
+            domains=("llm",),
+            until=(LlmCompleted, LlmFailed),
+        )
+        async with follower:
+            # A reply may be in the log already (a cached answer, a redelivered turn): read it
+            # back once now rather than after the follower's idle time.
+            await follower._recover()
+            reader = asyncio.create_task(_read_reply(follower, script))
+            try:
+                async for clip in self._speak(event, script):
+                    yield clip
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    async def _speak(self, turn: TurnAccepted, script: _Script) -> AsyncIterator[TtsSynthesized]:
+        """Yields the turn's clips: pieces of each sentence's audio as it streams in."""
+        index = sent = 0  # clips and bytes of audio sent so far in this turn
+        final = False
+        while (sentence := await script.next()) is not None:
+            language = spoken_language(sentence, turn.language)
+            started = time.perf_counter()
+            text, pending, audio = sentence, b"", None
+            try:
+                async for audio in self.chain.stream(sentence, language):
+                    pending += audio.pcm
+                    # The first audio goes out at once; after that a piece waits until it is as
+                    # long as everything sent before it, so playback never runs dry while the
+                    # engine is faster than real time, and a sentence is a handful of clips.
+                    if len(pending) >= max(sent, _FRAME_BYTES):
+                        yield await self._clip(turn, index, text, language, audio, pending, started)
+                        index, sent, text, pending = index + 1, sent + len(pending), "", b""
+            except SpeechInterrupted:  # logged by the chain; what was said stays said
+                pass
+            # The end of the reply is known here only if its last audio is still to be sent;
+            # otherwise an empty clip says it below.
+            final = bool(pending) and script.finished
+            if pending and audio is not None:
+                yield await self._clip(turn, index, text, language, audio, pending, started, final)
+                index, sent = index + 1, sent + len(pending)
+        if not final:  # the reply ended after its last clip went out, or said nothing
+            yield await self._clip(
+                turn, index, "", turn.language, None, b"", time.perf_counter(), True
+            )
+
+    async def _clip(
+        self,
+        turn: TurnAccepted,
+        index: int,
+        text: str,
+        language: str,
+        audio: Audio | None,
+        pcm: bytes,
+        started: float,
+        final: bool = False,
+    ) -> TtsSynthesized:
+        key = f"tts/{index}"
+        ref = await self.audio.put(
+            f"tts/{turn.conversation}/{derive_id(turn.id, key)}",
+            pcm,
+            format="pcm_s16le",
+            sample_rate=DISCORD_RATE,
+            channels=DISCORD_CHANNELS,
+        )
+        return derive(
+            turn,
+            TtsSynthesized,
+            key=key,
+            audio=ref,
+            index=index,
+            text=text,
+            engine=audio.engine if audio else "",
+            voice=audio.voice if audio else "",
+            language=language,
+            ttfb_ms=audio.ttfb_ms if audio else 0.0,
+            total_ms=round((time.perf_counter() - started) * 1000, 2) if audio else 0.0,
+            final=final,
+            origin=turn.origin,
+        )
+
+
+async def _read_reply(follower: TurnFollower, script: _Script) -> None:
+    """Feeds the reply's sentences to the script as the llm writes them."""
+    splitter = SentenceSplitter()
+    heard = ""
+    try:
+        async for event in follower.events(idle_s=_REPLY_IDLE_S):
+            if isinstance(event, LlmDelta):
+                heard += event.text
+                script.add(splitter.push(event.text))
+            elif isinstance(event, LlmCompleted):
+                # Deltas live in a memory stream: if some never came, the whole reply is here.
+                if event.text.startswith(heard):
+                    script.add(splitter.push(event.text[len(heard) :]))
+                script.add(splitter.flush())
+            elif isinstance(event, LlmFailed):
+                script.add(splitter.flush())
+                apology = SentenceSplitter()  # what the person would have read: say it
+                script.add(apology.push(event.message) + apology.flush())
+    except Exception as exc:  # the speaker raises it, and the runtime retries the turn
+        script.finish(exc)
+        return
+    script.finish()
+
+
+def build_engines(settings: Settings) -> list[TtsEngine]:
+    """Returns the engines in ``TTS_ENGINES`` order (default: every keyed one, then espeak)."""
+    s = settings
+    names = [n.strip() for n in s.tts_engines.split(",") if n.strip()]
+    if not names:
+        keyed = {
+            "cartesia": s.cartesia_api_key,
+            "elevenlabs": s.elevenlabs_api_key,
+            "cloudflare": s.cf_api_token and s.cf_account_id,
+        }
+        names = [name for name, key in keyed.items() if key] + ["espeak"]
+    return [_engine(name, s) for name in names]
+
+
+def _engine(name: str, s: Settings) -> TtsEngine:
+    timeout = s.tts_timeout_sec
+    if name == "espeak":
+        return EspeakEngine({"ko": s.espeak_voice_ko, "en": s.espeak_voice_en})
+    if name == "cartesia" and s.cartesia_api_key:
+        return CartesiaEngine(
+            api_key=s.cartesia_api_key,
+            base_url=s.cartesia_base_url,
+            model=s.cartesia_model,
+            voices={"ko": s.cartesia_voice_ko, "en": s.cartesia_voice_en},
+            timeout_s=timeout,
+        )
+    if name == "elevenlabs" and s.elevenlabs_api_key:
+        return ElevenLabsEngine(
+            api_key=s.elevenlabs_api_key,
+            base_url=s.elevenlabs_base_url,
+            model=s.elevenlabs_model,
+            voices={"ko": s.elevenlabs_voice_ko, "en": s.elevenlabs_voice_en},
+            timeout_s=timeout,
+        )
+    if name == "cloudflare" and s.cf_api_token and s.cf_account_id:
+        return CloudflareEngine(
+            api_token=s.cf_api_token,
+            account_id=s.cf_account_id,
+            base_url=s.cf_base_url,
+            model=s.cf_tts_model,
+            timeout_s=timeout,
+        )
+    known = "cartesia, elevenlabs, cloudflare, espeak"
+    if name in known.split(", "):
+        raise ConfigError(f"TTS_ENGINES names {name}, but its key or account is not set")
+    raise ConfigError(f"TTS_ENGINES: unknown engine {name!r} ({known})")

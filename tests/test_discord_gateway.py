@@ -1,0 +1,757 @@
+"""The Discord gateway against a loopback Discord that hikari really talks to, on real servers.
+
+The turns and llm processors' part is played by :class:`Responder`: it answers each
+``text.received`` with ``turn.accepted``, deltas and ``llm.completed`` (or a rejection), derived
+from the input as the processors derive theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import asyncpg
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from libra.contracts import (
+    LlmCompleted,
+    LlmDelta,
+    LlmFailed,
+    ReplyDelivered,
+    SessionChat,
+    SessionSettings,
+    TextReceived,
+    TurnAccepted,
+    TurnRejected,
+    conversation_id,
+    decode_event,
+    derive,
+    make,
+    stable_id,
+)
+from libra.contracts.events import Origin
+from libra.gateway.discord.gateway import DiscordGateway, parse_shards
+from libra.ops.components import Resources, Supervisor
+from libra.ops.fakes.discord import FakeDiscord, FakeUser, snowflake_ms
+from libra.runtime.config import ConfigError, Settings
+from libra.runtime.eventlog import EventLog
+
+from .helpers import stream_count, stream_events
+from .stack import running
+
+MANAGE_CHANNELS = 1 << 4
+MANAGE_GUILD = 1 << 5
+EDIT = r"/channels/\d+/messages/\d+"
+POST = r"/channels/\d+/messages"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    message: str
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Failing:
+    pieces: list[str]
+    message: str
+
+
+Reply = list[str] | Rejected | Failing | None
+
+
+class Responder:
+    """Plays the turns and llm processors: answers every ``text.received`` it sees."""
+
+    def __init__(
+        self, log: EventLog, script: Callable[[TextReceived], Reply], gap: float, first: float
+    ) -> None:
+        self.log = log
+        self.script = script
+        self.gap = gap
+        self.first = first  # time to the first delta, as a model takes to start
+        self.seen: list[TextReceived] = []
+        self.completed: dict[str, LlmCompleted] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Responder:
+        self._sub = await self.log.nc.subscribe("libra.text.received.>", cb=self._on_msg)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._sub.unsubscribe()
+        for task in self._tasks:
+            task.cancel()
+
+    async def _on_msg(self, msg) -> None:
+        said = decode_event(msg.data)
+        assert isinstance(said, TextReceived)
+        self.seen.append(said)
+        task = asyncio.create_task(self._answer(said))
+        self._tasks.add(task)
+
+    async def _answer(self, said: TextReceived) -> None:
+        script = self.script(said)
+        if script is None:
+            return
+        if isinstance(script, Rejected):
+            await self.log.publish(
+                derive(
+                    said,
+                    TurnRejected,
+                    key="turn",
+                    reason=script.reason,
+                    message=script.message,
+                    retry_after_s=script.retry_after_s,
+                    origin=said.origin,
+                )
+            )
+            return
+        accepted = derive(said, TurnAccepted, key="turn", text=said.text, origin=said.origin)
+        await self.log.publish(accepted)
+        await asyncio.sleep(self.first)
+        pieces = script.pieces if isinstance(script, Failing) else script
+        for index, piece in enumerate(pieces):
+            await self.log.publish(
+                derive(
+                    accepted,
+                    LlmDelta,
+                    key=f"delta/{index}",
+                    index=index,
+                    text=piece,
+                    origin=said.origin,
+                )
+            )
+            await asyncio.sleep(self.gap)
+        if isinstance(script, Failing):
+            await self.log.publish(
+                derive(
+                    accepted,
+                    LlmFailed,
+                    key="completed",
+                    error="timeout",
+                    message=script.message,
+                    origin=said.origin,
+                )
+            )
+            return
+        done = derive(
+            accepted,
+            LlmCompleted,
+            key="completed",
+            text="".join(script),
+            provider="fake",
+            model="fake",
+            deltas=len(script),
+            origin=said.origin,
+        )
+        self.completed[said.id] = done
+        await self.log.publish(done)
+
+
+@dataclass
+class World:
+    fake: FakeDiscord
+    guild: int
+    channel: int
+    quiet: int  # a channel without chat mode
+    alice: FakeUser
+    admin: FakeUser
+
+    @property
+    def conversation(self) -> str:
+        return conversation_id("discord", self.guild, self.channel)
+
+
+class Gateways:
+    """Starts gateway instances against the fake, each with its own connections, as a process."""
+
+    def __init__(self, settings: Settings, fake: FakeDiscord, database_url: str) -> None:
+        self.settings = msgspec.structs.replace(
+            settings, discord_token=fake.token, discord_rest_url=fake.rest_url
+        )
+        self.fake = fake
+        self.database_url = database_url
+        self._running: list[tuple[DiscordGateway, asyncio.Task, list]] = []
+
+    async def start(self, *, reply_idle_s: float = 60.0, **overrides: object) -> DiscordGateway:
+        settings = msgspec.structs.replace(self.settings, **overrides)
+        log = await EventLog.connect(settings.nats_url, name="test-discord")
+        pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=4)
+        redis = aioredis.from_url(settings.redis_url)
+        gateway = DiscordGateway(settings, log, pool, redis, reply_idle_s=reply_idle_s)
+        task = asyncio.create_task(gateway.run())
+        self._running.append((gateway, task, [log, pool, redis]))
+        async with asyncio.timeout(20):
+            await gateway.ready.wait()
+        return gateway
+
+    async def stop(self, gateway: DiscordGateway) -> None:
+        for entry in list(self._running):
+            if entry[0] is gateway:
+                self._running.remove(entry)
+                await _stop(*entry)
+
+    async def stop_all(self) -> None:
+        while self._running:
+            await _stop(*self._running.pop())
+
+
+async def _stop(gateway: DiscordGateway, task: asyncio.Task, owned: list) -> None:
+    await gateway.stop()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    log, pool, redis = owned
+    await log.close()
+    await pool.close()
+    await redis.aclose()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as fake:
+        yield fake
+
+
+@pytest.fixture
+def world(fake: FakeDiscord) -> World:
+    guild = fake.add_guild()
+    return World(
+        fake=fake,
+        guild=guild,
+        channel=fake.add_channel(guild, "chat"),
+        quiet=fake.add_channel(guild, "quiet"),
+        alice=fake.user("alice"),
+        admin=fake.user("admin"),
+    )
+
+
+@pytest.fixture
+async def gateways(
+    settings: Settings, eventlog: EventLog, fake: FakeDiscord, database_url: str
+) -> AsyncIterator[Gateways]:
+    found = Gateways(settings, fake, database_url)
+    yield found
+    await found.stop_all()
+
+
+def replies_with(*pieces: str) -> Callable[[TextReceived], Reply]:
+    return lambda _said: list(pieces)
+
+
+@contextlib.asynccontextmanager
+async def responder(
+    log: EventLog, script: Callable[[TextReceived], Reply], *, gap: float = 0.0, first: float = 0.0
+) -> AsyncIterator[Responder]:
+    async with Responder(log, script, gap, first) as found:
+        yield found
+
+
+async def chat_mode_on(log: EventLog, world: World, *, channel: int | None = None) -> None:
+    channel = channel or world.channel
+    await log.publish(
+        make(
+            SessionChat,
+            conversation=conversation_id("discord", world.guild, channel),
+            user=str(world.admin.id),
+            enabled=True,
+            origin=Origin(platform="discord", guild=str(world.guild), channel=str(channel)),
+        )
+    )
+
+
+async def delivered(log: EventLog, count: int, *, timeout: float = 15.0) -> list[ReplyDelivered]:
+    """Waits until ``count`` replies were delivered; returns them."""
+    async with asyncio.timeout(timeout):
+        while await stream_count(log.js, "LIBRA", "libra.reply.delivered.>") < count:
+            await asyncio.sleep(0.05)
+    found = await stream_events(log.js, "LIBRA", "libra.reply.delivered.>")
+    return [e for e in found if isinstance(e, ReplyDelivered)]
+
+
+def replies_to(fake: FakeDiscord, message: dict) -> list[dict]:
+    return [
+        m
+        for m in fake.bot_messages(int(message["channel_id"]))
+        if (m.get("message_reference") or {}).get("message_id") == message["id"]
+    ]
+
+
+# --- streaming replies ----------------------------------------------------------------------
+
+
+async def test_a_chat_mode_message_gets_a_reply_edited_as_deltas_arrive(
+    eventlog: EventLog, world: World, gateways: Gateways, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start()
+    pieces = ["Hello", " Alice,", " nice", " to", " meet", " you", " today."]
+    async with responder(eventlog, replies_with(*pieces), gap=0.45, first=0.5) as fake_llm:
+        said = await fake.send_message(world.channel, "hi there", author=world.alice)
+        [receipt] = await delivered(eventlog, 1)
+
+    [reply] = fake.bot_messages(world.channel)
+    assert reply["content"] == "Hello Alice, nice to meet you today."
+    assert reply["message_reference"]["message_id"] == said["id"]
+    assert receipt.message_ids == (reply["id"],)
+    assert receipt.causation == fake_llm.completed[fake_llm.seen[0].id].id
+
+    [event] = fake_llm.seen
+    assert event.id == stable_id(f"discord-message:{said['id']}", snowflake_ms(int(said["id"])))
+    assert event.conversation == world.conversation
+    assert event.user == str(world.alice.id)
+    assert event.origin.message == said["id"] and event.origin.channel == str(world.channel)
+
+    posts = fake.calls_to("POST", POST)
+    edits = [c for c in fake.calls_to("PATCH", EDIT) if c.path.endswith(reply["id"])]
+    typing = fake.calls_to("POST", r"/channels/\d+/typing")
+    assert len(posts) == 1 and posts[0].body["content"] == "Hello"
+    assert typing and typing[0].at < posts[0].at
+    assert len(edits) >= 2, "the reply is edited while it streams, not only at the end"
+    writes = [posts[0].at] + [e.at for e in edits]
+    assert all(b - a >= 0.95 for a, b in itertools.pairwise(writes))
+    assert caplog.records and fake.token not in caplog.text
+
+
+async def test_a_5000_character_reply_arrives_as_several_messages_no_fence_broken(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start()
+    prose = " ".join(f"Sentence number {i} explains one more thing." for i in range(32))
+    code = "\n".join(f"value_{i} = compute({i})  # step {i}" for i in range(70))
+    text = f"{prose}\n\n```python\n{code}\n```\n\n{prose}"
+    assert 4900 < len(text) < 5300
+    pieces = [text[i : i + 400] for i in range(0, len(text), 400)]
+    async with responder(eventlog, replies_with(*pieces), gap=0.02):
+        said = await fake.send_message(world.channel, "write a lot", author=world.alice)
+        [receipt] = await delivered(eventlog, 1)
+
+    messages = fake.bot_messages(world.channel)
+    assert len(messages) >= 3
+    assert list(receipt.message_ids) == [m["id"] for m in messages]
+    assert replies_to(fake, said) == messages[:1], "only the first message is a reply"
+    for message in messages:
+        assert len(message["content"]) <= 2000
+        assert message["content"].count("```") % 2 == 0, message["content"]
+    marks = re.compile(r"```[A-Za-z0-9_+\-.#]*|\s")
+    joined = "\n".join(m["content"] for m in messages)
+    assert marks.sub("", joined) == marks.sub("", text)
+    opened = [m for m in messages if m["content"].startswith("```python")]
+    assert opened, "the block cut by a split is reopened with its language"
+
+
+async def test_a_429_on_an_edit_is_waited_out_and_the_reply_still_completes(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start(discord_edit_interval_sec=0.2)
+    fake.rate_limit("PATCH", EDIT, times=1, retry_after=0.8)
+    async with responder(eventlog, replies_with("one", " two", " three"), gap=0.3):
+        await fake.send_message(world.channel, "count", author=world.alice)
+        await delivered(eventlog, 1)
+
+    [reply] = fake.bot_messages(world.channel)
+    assert reply["content"] == "one two three"
+    edits = fake.calls_to("PATCH", EDIT)
+    limited = [i for i, c in enumerate(edits) if c.status == 429]
+    assert limited == [0]
+    assert edits[1].status == 200
+    assert edits[1].at - edits[0].at >= 0.75, "hikari waited for the bucket to reset"
+
+
+async def test_rejected_and_failed_turns_get_a_short_message(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start()
+    slow_down = Rejected("rate_limited", "slow down — try again in 6 s", 6.0)
+    async with responder(eventlog, lambda _said: slow_down):
+        said = await fake.send_message(world.channel, "again!", author=world.alice)
+        await fake.wait_for(lambda: bool(replies_to(fake, said)))
+
+    [notice] = replies_to(fake, said)
+    assert notice["content"] == "slow down — try again in 6 s"
+    assert await stream_count(eventlog.js, "LIBRA", "libra.reply.delivered.>") == 0
+
+
+async def test_a_reply_that_fails_midway_keeps_what_was_said_and_says_why(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start()
+    broken = Failing(["The answer", " is"], "Sorry, the model stopped answering.")
+    async with responder(eventlog, lambda _said: broken, gap=1.2):  # edited, then idle
+        said = await fake.send_message(world.channel, "tell me", author=world.alice)
+        await fake.wait_for(lambda: len(fake.bot_messages(world.channel)) == 2, timeout=15)
+        await asyncio.sleep(0.3)
+
+    partial, notice = fake.bot_messages(world.channel)
+    assert partial["content"] == "The answer is"
+    assert partial["message_reference"]["message_id"] == said["id"]
+    assert notice["content"] == "Sorry, the model stopped answering."
+    assert await stream_count(eventlog.js, "LIBRA", "libra.reply.delivered.>") == 0
+
+
+async def test_silence_from_the_processors_ends_in_an_apology(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start(reply_idle_s=1.0)
+    async with responder(eventlog, lambda _said: None):
+        said = await fake.send_message(world.channel, "hello?", author=world.alice)
+        await fake.wait_for(lambda: bool(replies_to(fake, said)), timeout=15)
+
+    [notice] = replies_to(fake, said)
+    assert notice["content"] == "Sorry, no answer came in time. Please try again in a moment."
+    assert fake.calls_to("POST", r"/channels/\d+/typing"), "it showed it was working on it"
+
+
+# --- who is answered ------------------------------------------------------------------------
+
+
+async def test_mentions_replies_dms_and_threads_are_answered_other_messages_not(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    bot = fake.user("another bot", bot=True)
+    dm = fake.add_channel(None)
+    thread = fake.add_thread(world.channel, "side talk")  # follows its channel's chat mode
+    await chat_mode_on(eventlog, world)
+    await gateways.start()
+    async with responder(eventlog, replies_with("sure")) as fake_llm:
+        await fake.send_message(world.quiet, "talking among ourselves", author=world.alice)
+        await fake.send_message(world.channel, "beep", author=bot)
+        mention = await fake.send_message(
+            world.quiet, "what's up?", author=world.alice, mention_bot=True
+        )
+        await delivered(eventlog, 1)
+        [answer] = replies_to(fake, mention)
+        follow_up = await fake.send_message(
+            world.quiet, "and then?", author=world.alice, reply_to=int(answer["id"])
+        )
+        await fake.send_message(dm, "hello in private", author=world.alice)
+        await fake.send_message(thread, "in the thread", author=world.alice)
+        await delivered(eventlog, 4)
+
+    said = {e.text: e for e in fake_llm.seen}
+    assert set(said) == {"what's up?", "and then?", "hello in private", "in the thread"}
+    assert said["what's up?"].conversation == conversation_id("discord", world.guild, world.quiet)
+    assert [(c.role, c.text) for c in said["and then?"].context] == [
+        ("user", "what's up?"),
+        ("assistant", "sure"),
+    ]
+    assert said["hello in private"].conversation == conversation_id("discord", "dm", dm)
+    assert said["hello in private"].origin.guild == ""
+    threaded = said["in the thread"]
+    assert threaded.conversation == conversation_id("discord", world.guild, thread)
+    assert (threaded.origin.channel, threaded.origin.thread) == (str(world.channel), str(thread))
+    assert replies_to(fake, follow_up), "a reply to Libra is answered where chat mode is off"
+
+
+async def test_attachments_are_seen_read_in_or_named(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start(primary_model="openai:gpt-4o-mini", discord_text_attachment_chars=12)
+    files = (
+        fake.attachment("cat.png", b"\x89PNG....", "image/png"),
+        fake.attachment("notes.txt", "첫 줄\nsecond line\nthird".encode(), "text/plain"),
+        fake.attachment("song.mp3", b"ID3" + bytes(100), "audio/mpeg"),
+    )
+    async with responder(eventlog, replies_with("got them")) as fake_llm:
+        await fake.send_message(world.channel, "look", author=world.alice, attachments=files)
+        await delivered(eventlog, 1)
+        image, text, other = fake_llm.seen[0].attachments
+        await eventlog.publish(
+            make(
+                SessionSettings,
+                conversation=world.conversation,
+                scope=f"guild:{world.guild}",
+                key="model",
+                value="groq:llama-3.3-70b",
+                origin=Origin(platform="discord"),
+            )
+        )
+        await asyncio.sleep(0.3)  # the gateway follows the log
+        await fake.send_message(
+            world.channel, "and now?", author=world.alice, attachments=files[:1]
+        )
+        await delivered(eventlog, 2)
+
+    assert (image.kind, image.url) == ("image", files[0]["url"])
+    assert (text.kind, text.text) == ("text", "첫 줄\nsecond l" + "\n[… truncated]")
+    assert (other.kind, other.name, other.size) == ("other", "song.mp3", 103)
+    [blind] = fake_llm.seen[1].attachments
+    assert (blind.kind, blind.name, blind.url) == ("image", "cat.png", "")
+
+
+async def test_the_access_file_is_read_again_when_it_changes(
+    eventlog: EventLog, world: World, gateways: Gateways, tmp_path
+) -> None:
+    fake = world.fake
+    rules = tmp_path / "access.toml"
+    rules.write_text(f'[block]\nusers = ["{world.alice.id}"]\n')
+    await chat_mode_on(eventlog, world)
+    await gateways.start(discord_access_file=str(rules))
+    async with responder(eventlog, replies_with("hi")) as fake_llm:
+        await fake.send_message(world.channel, "am I blocked?", author=world.alice)
+        await fake.send_message(world.channel, "I am not", author=world.admin)
+        await delivered(eventlog, 1)
+        rules.write_text("[block]\nusers = []\n")
+        await asyncio.sleep(1.1)  # the file is looked at once a second
+        await fake.send_message(world.channel, "and now?", author=world.alice)
+        await delivered(eventlog, 2)
+
+    assert [e.text for e in fake_llm.seen] == ["I am not", "and now?"]
+
+
+# --- slash commands -------------------------------------------------------------------------
+
+
+async def test_chat_on_is_refused_without_manage_channels_and_survives_a_restart(
+    settings: Settings, eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    on = [{"type": 1, "name": "on", "options": []}]
+    async with running(settings, ["sessions"]):
+        first = await gateways.start()
+        refused = await fake.invoke("chat", channel_id=world.quiet, user=world.alice, options=on)
+        await asyncio.wait_for(refused.responded.wait(), 10)
+        assert refused.ephemeral
+        assert refused.content == "Only members who can manage this channel can switch chat mode."
+
+        allowed = await fake.invoke(
+            "chat",
+            channel_id=world.quiet,
+            user=world.admin,
+            options=on,
+            permissions=MANAGE_CHANNELS,
+            locale="ko",
+        )
+        await asyncio.wait_for(allowed.responded.wait(), 10)
+        assert not allowed.ephemeral
+        assert allowed.content == "채팅 모드를 켰어요. 이 채널의 모든 메시지에 답할게요."
+        [switched] = await stream_events(eventlog.js, "LIBRA", "libra.session.chat.>")
+        assert switched.enabled and switched.user == str(world.admin.id)
+        assert switched.conversation == conversation_id("discord", world.guild, world.quiet)
+
+        async with asyncio.timeout(10):  # the sessions projection folds it
+            while not await _chat_row(settings.database_url, switched.conversation):
+                await asyncio.sleep(0.05)
+        await gateways.stop(first)
+        second = await gateways.start()
+        assert second.view.chat_state(switched.conversation) is True
+
+        async with responder(eventlog, replies_with("I'm listening")) as fake_llm:
+            said = await fake.send_message(world.quiet, "anyone?", author=world.alice)
+            await delivered(eventlog, 1)
+    assert [e.text for e in fake_llm.seen] == ["anyone?"]
+    assert replies_to(fake, said)[0]["content"] == "I'm listening"
+
+
+async def _chat_row(database_url: str, conversation: str) -> bool:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(
+            await conn.fetchval(
+                "SELECT enabled FROM chat_channels WHERE conversation = $1", conversation
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_model_persona_reset_stats_and_help(
+    eventlog: EventLog, world: World, gateways: Gateways, pool: asyncpg.Pool
+) -> None:
+    fake = world.fake
+    await gateways.start(primary_model="groq:llama-3.3-70b")
+    name = [{"type": 3, "name": "name", "value": "openai:gpt-4o"}]
+
+    async def ask(command: str, user: FakeUser, options=None, **kw) -> str:
+        done = await fake.invoke(
+            command, channel_id=world.channel, user=user, options=options, **kw
+        )
+        await asyncio.wait_for(done.responded.wait(), 10)
+        assert done.ephemeral
+        return done.content
+
+    assert await ask("model", world.alice) == "Model for this server: groq:llama-3.3-70b"
+    assert await ask("model", world.alice, name) == (
+        "Only server admins (Manage Server) can change that."
+    )
+    assert await ask("model", world.admin, name, permissions=MANAGE_GUILD) == (
+        "Model for this server is now openai:gpt-4o."
+    )
+    assert await ask("model", world.alice) == "Model for this server: openai:gpt-4o"
+    prompt = [{"type": 3, "name": "prompt", "value": "You are a pirate."}]
+    assert await ask("persona", world.admin, prompt, permissions=MANAGE_GUILD) == (
+        "System prompt for this server updated."
+    )
+    assert await ask("reset", world.alice) == "Done: I forgot our conversation here."
+
+    await pool.execute(
+        "INSERT INTO turns (turn, conversation, user_id, received_at, prompt_tokens,"
+        " completion_tokens) VALUES ('t1', 'c', $1, now(), 100, 20),"
+        " ('t2', 'c', $1, now(), 50, 5), ('t3', 'c', $1, now() - interval '2 days', 9, 9)",
+        str(world.alice.id),
+    )
+    assert await ask("stats", world.alice) == (
+        "Today: 2 turns, 150 prompt tokens, 25 reply tokens."
+    )
+    assert "Mention me" in await ask("help", world.alice)
+    assert "저를 멘션" in await ask("help", world.alice, locale="ko")
+
+    settings_events = await stream_events(eventlog.js, "LIBRA", "libra.session.settings.>")
+    assert [(e.scope, e.key, e.value) for e in settings_events] == [
+        (f"guild:{world.guild}", "model", "openai:gpt-4o"),
+        (f"guild:{world.guild}", "persona", "You are a pirate."),
+    ]
+    [reset] = await stream_events(eventlog.js, "LIBRA", "libra.session.memory_reset.>")
+    assert (reset.scope, reset.user, reset.conversation) == (
+        "conversation",
+        str(world.alice.id),
+        world.conversation,
+    )
+
+
+async def test_commands_are_synced_with_korean_names_to_the_configured_guild(
+    world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await gateways.start(discord_guild_id=str(world.guild))
+    synced = {c["name"]: c for c in fake.commands[world.guild]}
+    assert set(synced) == {"chat", "reset", "model", "persona", "stats", "help"}
+    assert synced["chat"]["name_localizations"]["ko"] == "채팅"
+    assert synced["stats"]["description_localizations"]["ko"] == "오늘 내 사용량: 대화 수와 토큰"
+    assert [o["name"] for o in synced["chat"]["options"]] == ["on", "off"]
+    assert fake.commands.get(None) in (None, [])
+    for command in synced.values():
+        assert 1 <= len(command["description"]) <= 100
+        assert re.fullmatch(r"[-_\w]{1,32}", command["name"])
+
+
+# --- more than one connection, more than one instance ---------------------------------------
+
+
+async def test_a_dropped_websocket_is_resumed_and_no_message_is_answered_twice(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start()
+    async with responder(eventlog, replies_with("pong")) as fake_llm:
+        first = await fake.send_message(world.channel, "ping 1", author=world.alice)
+        await delivered(eventlog, 1)
+        await fake.drop(replay_overlap=3)  # the resume sends "ping 1" and its replies again
+        second = await fake.send_message(world.channel, "ping 2", author=world.alice)
+        await fake.wait_for(lambda: fake.sessions[0].resumes == 1, timeout=20)
+        await delivered(eventlog, 2)
+        await asyncio.sleep(0.5)  # room for a second answer to "ping 1", if there were one
+
+    assert fake.identifies == 1, "the session was resumed, not identified again"
+    replayed = [f["d"].get("id") for f in fake.sessions[0].replayed if f["t"] == "MESSAGE_CREATE"]
+    assert first["id"] in replayed and second["id"] in replayed
+    assert len(replies_to(fake, first)) == 1
+    assert len(replies_to(fake, second)) == 1
+    assert [e.text for e in fake_llm.seen] == ["ping 1", "ping 2"]
+
+
+async def test_two_gateway_instances_on_one_fake_answer_once(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start()
+    await gateways.start()
+    assert len(fake.sessions) == 2
+    async with responder(eventlog, replies_with("only ", "once")) as fake_llm:
+        sent = [
+            await fake.send_message(world.channel, f"message {i}", author=world.alice)
+            for i in range(6)
+        ]
+        await delivered(eventlog, 6)
+        await asyncio.sleep(0.5)
+
+    assert [len(replies_to(fake, m)) for m in sent] == [1] * 6
+    assert await stream_count(eventlog.js, "LIBRA", "libra.text.received.>") == 6
+    assert len(fake_llm.seen) == 6
+    creates = {s.id: sum(1 for _, f in s.sent if f["t"] == "MESSAGE_CREATE") for s in fake.sessions}
+    assert all(count >= 6 for count in creates.values()), "both instances got every message"
+
+
+async def test_each_sharded_gateway_answers_the_servers_of_its_shard(
+    settings: Settings, eventlog: EventLog, database_url: str
+) -> None:
+    async with FakeDiscord(shards=2) as fake:
+        guilds: dict[int, int] = {}
+        while len(guilds) < 2:
+            guild = fake.add_guild()
+            guilds.setdefault(fake.shard_of(guild), guild)
+        channels = {shard: fake.add_channel(guild) for shard, guild in guilds.items()}
+        for shard, guild in guilds.items():
+            world = World(
+                fake, guild, channels[shard], channels[shard], fake.user("a"), fake.user("b")
+            )
+            await chat_mode_on(eventlog, world)
+        gateways = Gateways(settings, fake, database_url)
+        try:
+            for shard in (0, 1):
+                await gateways.start(discord_shard_ids=str(shard), discord_shard_count=2)
+            assert sorted(s.shard for s in fake.sessions) == [(0, 2), (1, 2)]
+            person = fake.user("alice")
+            async with responder(eventlog, replies_with("hello")):
+                sent = {
+                    shard: await fake.send_message(channel, "hi", author=person)
+                    for shard, channel in channels.items()
+                }
+                await delivered(eventlog, 2)
+        finally:
+            await gateways.stop_all()
+
+    for shard, message in sent.items():
+        assert len(replies_to(fake, message)) == 1
+        [session] = [s for s in fake.sessions if s.shard[0] == shard]
+        got = {f["d"].get("id") for _, f in session.sent if f["t"] == "MESSAGE_CREATE"}
+        assert message["id"] in got and sent[1 - shard]["id"] not in got
+
+
+def test_shards_are_read_from_the_settings() -> None:
+    assert parse_shards("", 0) == (None, None)
+    assert parse_shards("", 4) == (None, 4)
+    assert parse_shards("0-2,5", 8) == ([0, 1, 2, 5], 8)
+    with pytest.raises(ConfigError, match="DISCORD_SHARD_COUNT"):
+        parse_shards("1", 0)
+    with pytest.raises(ConfigError, match="below 2"):
+        parse_shards("0-2", 2)
+
+
+async def test_libra_up_leaves_discord_off_without_a_token(
+    settings: Settings, eventlog: EventLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="libra.supervisor")
+    resources = Resources(settings, eventlog, settings.database_url, settings.redis_url)
+    supervisor = Supervisor(resources, ["discord"])
+    await supervisor.start()
+    await supervisor.stop()
+    await resources.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "component discord is off: DISCORD_TOKEN is not set"
+    ]
