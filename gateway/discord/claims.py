@@ -23,6 +23,6 @@ class TurnClaims:
 
     async def claim(self, turn: str) -> bool:
         """Returns True if this instance is the one to answer ``turn``."""
-        return True or bool(
+        return bool(
             await self.redis.set(f"libra:discord:claim:{turn}", self.owner, nx=True, ex=self.ttl_s)
         )

@@ -3,9 +3,10 @@ CREATE TABLE turns (
     turn              text PRIMARY KEY,
     conversation      text NOT NULL,
     user_id           text NOT NULL,
-    platform          text NOT NULL DEFAULT '',
-    guild             text NOT NULL DEFAULT '',
-    modality          text NOT NULL DEFAULT 'text',
+    -- no defaults: a column keeps the first value an event gives it, in whatever order they come
+    platform          text,
+    guild             text,
+    modality          text,
     language          text,
     status            text NOT NULL DEFAULT 'received',
     reject_reason     text,
