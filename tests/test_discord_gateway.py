@@ -39,15 +39,19 @@ from libra.contracts import (
 from libra.contracts.events import Origin
 from libra.gateway.discord.gateway import DiscordGateway, parse_shards
 from libra.ops.components import Resources, Supervisor
-from libra.ops.fakes.discord import FakeDiscord, FakeUser, snowflake_ms
+from libra.ops.fakes.discord import (
+    MANAGE_CHANNELS,
+    MANAGE_GUILD,
+    FakeDiscord,
+    FakeUser,
+    snowflake_ms,
+)
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.eventlog import EventLog
 
 from .helpers import stream_count, stream_events
 from .stack import running
 
-MANAGE_CHANNELS = 1 << 4
-MANAGE_GUILD = 1 << 5
 EDIT = r"/channels/\d+/messages/\d+"
 POST = r"/channels/\d+/messages"
 
@@ -672,6 +676,21 @@ async def test_a_dropped_websocket_is_resumed_and_no_message_is_answered_twice(
     assert len(replies_to(fake, first)) == 1
     assert len(replies_to(fake, second)) == 1
     assert [e.text for e in fake_llm.seen] == ["ping 1", "ping 2"]
+
+
+async def test_heartbeats_are_acknowledged(
+    settings: Settings, database_url: str, eventlog: EventLog
+) -> None:
+    async with FakeDiscord(heartbeat_interval_ms=150) as fake:
+        gateways = Gateways(settings, fake, database_url)
+        try:
+            gateway = await gateways.start()
+            await fake.wait_for(lambda: fake.heartbeats >= 4, timeout=5)
+            latency = gateway.bot.heartbeat_latency
+        finally:
+            await gateways.stop_all()
+    assert 0 <= latency < 1, "hikari saw its heartbeats acknowledged"
+    assert len(fake.sessions) == 1 and fake.sessions[0].resumes == 0, "no zombie reconnects"
 
 
 async def test_two_gateway_instances_on_one_fake_answer_once(

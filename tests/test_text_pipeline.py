@@ -114,6 +114,10 @@ async def test_http_stream_to_history_and_turns(settings, wire, pool) -> None:
                 "status": "healthy",
                 "services": {"llm": "ok", "database": "ok", "redis": "ok", "nats": "ok"},
             }
+            docs = await http.get("/docs")
+            spec = (await http.get("/openapi.json")).json()
+            assert docs.status_code == 200 and "/api/chat/completions" in spec["paths"]
+            assert "/api/chat/history/{userId}" in spec["paths"] and "/api/health" in spec["paths"]
             metrics = (await http.get("/metrics")).text
             assert (
                 'http_requests_total{method="POST",route="/api/chat/completions",status="200"}'
@@ -379,7 +383,7 @@ async def test_console_chat_streams_the_reply(settings, wire) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        out, err = await asyncio.wait_for(proc.communicate("hello\n\n/quit\n".encode()), 30)
+        out, err = await asyncio.wait_for(proc.communicate(b"hello\n\n/quit\n"), 30)
     text = out.decode()
     assert proc.returncode == 0, err.decode()
     assert "Talking to Libra as 'jules'" in text and f"libra> {REPLY}" in text

@@ -34,6 +34,8 @@ from aiohttp import WSMsgType, web
 
 __all__ = [
     "DISCORD_EPOCH_MS",
+    "MANAGE_CHANNELS",
+    "MANAGE_GUILD",
     "FakeDiscord",
     "FakeUser",
     "Interaction",
@@ -270,12 +272,10 @@ class FakeDiscord:
         shards: int = 1,
         heartbeat_interval_ms: int = 41_250,
         echo_own_messages: bool = True,
-        enforce_limits: bool = True,
     ) -> None:
         self.shards = shards
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.echo_own_messages = echo_own_messages
-        self.enforce_limits = enforce_limits
         self._ids = itertools.count(1)
         self.bot = FakeUser(self.snowflake(), "Libra", bot=True)
         self.application_id = self.bot.id
@@ -290,6 +290,7 @@ class FakeDiscord:
         self.files: dict[str, tuple[bytes, str]] = {}
         self.sessions: list[_Session] = []
         self.identifies = 0
+        self.heartbeats = 0
         self._forced: list[_Forced429] = []
         self._buckets: dict[tuple[str, str], _Bucket] = {}
         self._changed = asyncio.Condition()
@@ -539,6 +540,7 @@ class FakeDiscord:
             frame = json.loads(msg.data)
             op = frame.get("op")
             if op == _OP_HEARTBEAT:
+                self.heartbeats += 1
                 await conn.send({"op": _OP_HEARTBEAT_ACK})
             elif op == _OP_IDENTIFY:
                 session = await self._identify(conn, frame["d"])
@@ -684,7 +686,7 @@ class FakeDiscord:
         if bucket:
             major = next((v for v in match.groupdict().values() if v), "")
             found = self._bucket(bucket, major)
-            if not found.take(time.time()) and self.enforce_limits:
+            if not found.take(time.time()):
                 return self._too_many(bucket, found.limit, found.retry_after(), False)
             headers = self._limit_headers(bucket, found)
         response = await getattr(self, handler)(body, **match.groupdict())
