@@ -18,6 +18,7 @@ from libra.ops.fakes.groq_whisper import TRANSCRIPTIONS, FakeGroqWhisper
 from libra.ops.fakes.scripted import Behaviour
 from libra.ops.fakes.tiny_whisper import build_tiny_whisper
 from libra.processors.asr import whisper
+from libra.processors.asr.base import Transcript
 from libra.processors.asr.chain import AsrChain
 from libra.processors.asr.groq import GroqWhisperEngine
 from libra.processors.asr.processor import AsrProcessor, build_engines
@@ -182,12 +183,28 @@ async def test_a_failing_groq_falls_back_to_local_whisper(
     await local.transcribe(speech("Warm up.", "en-us").tobytes(), "en")  # load it beforehand
     async with FakeGroqWhisper() as fake:
         fake.queue(failure)
-        # the chain's own time limit, not the SDK's, ends the hang
-        chain = AsrChain([_groq(fake, timeout_s=30), local], timeout_s=2.0)
+        # Groq's request times out in the SDK after 1 s; the local model gets the chain's 10 s
+        chain = AsrChain([_groq(fake, timeout_s=1.0), local], timeout_s=10)
         async with _running(eventlog, chain):
             (heard,) = await _transcripts(eventlog)
         assert fake.requests  # groq was tried first
     assert heard.engine == "whisper" and heard.causation == korean.id
+
+
+async def test_the_chain_gives_up_on_an_engine_at_its_time_limit() -> None:
+    class Instant:
+        name = "instant"
+
+        async def transcribe(self, pcm16k: bytes, language_hint: str | None) -> Transcript:
+            return Transcript(text="ok", language="en")
+
+    async with FakeGroqWhisper() as fake:
+        fake.queue(Behaviour.hang())
+        chain = AsrChain([_groq(fake, timeout_s=30), Instant()], timeout_s=0.5)
+        started = time.perf_counter()
+        transcript, engine = await chain.transcribe(speech("Hi.", "en-us").tobytes(), "en")
+        assert time.perf_counter() - started < 2  # the chain's 0.5 s, not the SDK's 30 s
+        assert fake.requests and engine.name == "instant" and transcript.text == "ok"
 
 
 async def test_an_engine_that_failed_is_tried_last_for_a_while(tiny_model: Path) -> None:

@@ -5,6 +5,11 @@ it PCM as it comes. Feeding only runs the VAD and the segmenter (a fraction of a
 20 ms frame); storing and publishing happen in order on a task of their own, so that a slow
 write never holds up the next frame.
 
+A live speaker (Discord) stops sending audio when they stop talking, yet the end of their turn
+is 500 ms of silence *after* that: with ``fill_gaps_ms`` set, a capture whose utterance is still
+open and that got no audio for that long feeds itself silence, frame by frame on the wall clock,
+so the silence is confirmed on time.
+
 Events: an utterance becomes ``voice.captured`` (its id is also its turn), its audio stored as
 16 kHz mono s16le under ``voice/<conversation>/<id>``. A confirmation becomes ``voice.ended``
 for that turn. ``speech_ended_at`` is the wall-clock time of the end of the last voiced frame.
@@ -17,6 +22,8 @@ import logging
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
+import numpy as np
+
 from libra.contracts import Origin, VoiceCaptured, VoiceEnded, derive, make, new_id
 from libra.runtime.audio import AudioStore
 from libra.runtime.config import Settings
@@ -24,11 +31,14 @@ from libra.runtime.eventlog import EventLog
 
 from .frames import FrameSplitter
 from .segmenter import Confirmed, Decision, Segmenter, SegmenterConfig, Utterance
-from .vad import SAMPLE_RATE, SileroVad
+from .vad import FRAME_SAMPLES, SAMPLE_RATE, SileroVad
 
 __all__ = ["VoiceCapture", "segmenter_config"]
 
 log = logging.getLogger("libra.voice")
+
+FRAME_S = 0.020
+_SILENT_FRAME = np.zeros(FRAME_SAMPLES, np.int16)
 
 
 def segmenter_config(settings: Settings) -> SegmenterConfig:
@@ -57,6 +67,7 @@ class VoiceCapture:
         automatic: bool = True,
         sample_rate: int = 48_000,
         channels: int = 2,
+        fill_gaps_ms: int = 0,
     ) -> None:
         self.log = log_
         self.audio = audio
@@ -68,6 +79,9 @@ class VoiceCapture:
         self._queue: asyncio.Queue[tuple[Decision, datetime] | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._captured: dict[int, VoiceCaptured] = {}
+        self._gap_s = fill_gaps_ms / 1000
+        self._fed_until = 0.0  # loop time at which the audio fed so far ends
+        self._filler: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> VoiceCapture:
         self._writer = asyncio.create_task(self._write(), name=f"voice-{self.conversation}")
@@ -85,6 +99,25 @@ class VoiceCapture:
         """Takes the next piece of the speaker's audio (any length); call it on the loop."""
         for frame in self._frames(pcm):
             self._decided(self.segmenter.feed(frame))
+        if self._gap_s:
+            self._fed_until = asyncio.get_running_loop().time()
+            self._arm(self._fed_until + self._gap_s)
+
+    def _arm(self, when: float) -> None:
+        if self._filler is not None:
+            self._filler.cancel()
+        self._filler = None
+        if self.segmenter.in_utterance:  # nobody is talking: nothing to time, nothing to feed
+            self._filler = asyncio.get_running_loop().call_at(when, self._fill)
+
+    def _fill(self) -> None:
+        """Feeds the silence the speaker's missing audio stands for, up to now."""
+        now = asyncio.get_running_loop().time()
+        missing = int((now - self._fed_until) / FRAME_S)
+        for _ in range(missing):
+            self._decided(self.segmenter.feed(_SILENT_FRAME))
+        self._fed_until += missing * FRAME_S
+        self._arm(self._fed_until + FRAME_S)  # then one frame each time one would have come
 
     def start_recording(self) -> None:
         """``/record``: keeps everything until :meth:`stop_recording`, as one utterance."""
@@ -96,6 +129,8 @@ class VoiceCapture:
 
     async def close(self) -> None:
         """Settles the utterance in progress and waits until every event is written."""
+        if self._filler is not None:
+            self._filler.cancel()
         self._decided(self.segmenter.flush())
         if self._writer is not None:
             self._queue.put_nowait(None)

@@ -126,6 +126,11 @@ class Segmenter:
         """Stream time: the end of the last frame fed."""
         return self._index * FRAME_MS
 
+    @property
+    def in_utterance(self) -> bool:
+        """Whether an automatic utterance is open (speech, or the pause after it)."""
+        return bool(self._frames) and not self._recording
+
     def feed(self, frame: np.ndarray) -> list[Decision]:
         """Reads one frame (320 int16 samples) and returns what it decided, usually nothing."""
         if len(frame) != FRAME_SAMPLES:

@@ -271,11 +271,9 @@ class FakeDiscord:
         *,
         shards: int = 1,
         heartbeat_interval_ms: int = 41_250,
-        echo_own_messages: bool = True,
     ) -> None:
         self.shards = shards
         self.heartbeat_interval_ms = heartbeat_interval_ms
-        self.echo_own_messages = echo_own_messages
         self._ids = itertools.count(1)
         self.bot = FakeUser(self.snowflake(), "Libra", bot=True)
         self.application_id = self.bot.id
@@ -513,7 +511,7 @@ class FakeDiscord:
         await self._changed_now()
 
     async def wait_for(self, check: Callable[[], bool], *, timeout: float = 10.0) -> None:
-        """Waits until ``check()`` is true; checked again after every REST call and handshake."""
+        """Waits until ``check()`` is true; checked after every REST call, handshake, heartbeat."""
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(check)
 
@@ -542,6 +540,7 @@ class FakeDiscord:
             if op == _OP_HEARTBEAT:
                 self.heartbeats += 1
                 await conn.send({"op": _OP_HEARTBEAT_ACK})
+                await self._changed_now()
             elif op == _OP_IDENTIFY:
                 session = await self._identify(conn, frame["d"])
             elif op == _OP_RESUME:
@@ -815,8 +814,8 @@ class FakeDiscord:
             target, content, author=self.bot, reply_to=int(reference) if reference else None
         )
         self.messages[int(payload["id"])] = payload
-        if self.echo_own_messages:
-            await self.dispatch("MESSAGE_CREATE", payload, guild_id=target["guild_id"])
+        # Discord sends a bot its own messages too; Libra must ignore them.
+        await self.dispatch("MESSAGE_CREATE", payload, guild_id=target["guild_id"])
         return web.json_response(payload)
 
     async def _edit_message(self, body: dict[str, Any], channel: str, message: str) -> web.Response:
@@ -833,10 +832,9 @@ class FakeDiscord:
                 )
             stored["content"] = content
             stored["edited_timestamp"] = _iso()
-        if self.echo_own_messages:
-            await self.dispatch(
-                "MESSAGE_UPDATE", stored, guild_id=self.channels[int(channel)]["guild_id"]
-            )
+        await self.dispatch(
+            "MESSAGE_UPDATE", stored, guild_id=self.channels[int(channel)]["guild_id"]
+        )
         return web.json_response(stored)
 
     async def _get_message(self, _body: Any, channel: str, message: str) -> web.Response:
