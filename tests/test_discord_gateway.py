@@ -612,9 +612,11 @@ async def test_model_persona_reset_stats_and_help(
     assert await ask("reset", world.alice) == "Done: I forgot our conversation here."
 
     await pool.execute(
-        "INSERT INTO turns (turn, conversation, user_id, received_at, prompt_tokens,"
-        " completion_tokens) VALUES ('t1', 'c', $1, now(), 100, 20),"
-        " ('t2', 'c', $1, now(), 50, 5), ('t3', 'c', $1, now() - interval '2 days', 9, 9)",
+        "INSERT INTO turns (turn, conversation, user_id, platform, received_at, prompt_tokens,"
+        " completion_tokens) VALUES ('t1', 'c', $1, 'discord', now(), 100, 20),"
+        " ('t2', 'c', $1, 'discord', now(), 50, 5),"
+        " ('t3', 'c', $1, 'discord', now() - interval '2 days', 9, 9),"
+        " ('t4', 'c', $1, 'http', now(), 7, 7)",
         str(world.alice.id),
     )
     assert await ask("stats", world.alice) == (

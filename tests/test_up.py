@@ -153,6 +153,8 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     env_out = listed.stdout
     assert f"NATS_URL={up.nats_url}" in env_out
 
+    stored = await _settled_count(up.nats_url)  # the exchange and what the pipeline made of it
+    assert stored >= 2
     started = time.monotonic()
     assert await asyncio.to_thread(up.terminate, 10.0) == 0
     assert time.monotonic() - started < 10
@@ -161,10 +163,25 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     again = Up(env, elsewhere)
     await asyncio.to_thread(again.wait_ready, 15.0)
     nc = await nats.connect(again.nats_url)
-    assert (await nc.jetstream().stream_info("LIBRA")).state.messages == 2
+    assert (await nc.jetstream().stream_info("LIBRA")).state.messages == stored
     await nc.close()
     assert await _message_count(again.database_url) == 2
     assert await asyncio.to_thread(again.terminate, 10.0) == 0
+
+
+async def _settled_count(url: str) -> int:
+    """The number of events in LIBRA once nothing new has come for a second."""
+    nc = await nats.connect(url)
+    try:
+        last, quiet_since = -1, time.monotonic()
+        while time.monotonic() - quiet_since < 1.0:
+            count = (await nc.jetstream().stream_info("LIBRA")).state.messages
+            if count != last:
+                last, quiet_since = count, time.monotonic()
+            await asyncio.sleep(0.1)
+        return last
+    finally:
+        await nc.close()
 
 
 async def _has_messages(url: str, n: int) -> bool:

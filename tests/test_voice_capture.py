@@ -93,7 +93,7 @@ async def test_a_speaker_who_goes_quiet_is_timed_on_the_wall_clock(eventlog: Eve
         user="u1",
         origin=ORIGIN,
         channels=1,
-        fill_gaps_ms=0,
+        fill_gaps_ms=60,
     ) as capture:
         start = loop.time()
         for i, at in enumerate(range(0, len(pcm), 1920)):  # 20 ms of 48 kHz mono, in real time

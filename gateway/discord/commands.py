@@ -45,7 +45,7 @@ SELECT count(*) AS turns,
        coalesce(sum(prompt_tokens), 0) AS prompt,
        coalesce(sum(completion_tokens), 0) AS completion
   FROM turns
- WHERE user_id = $1
+ WHERE user_id = $1 AND platform = 'discord'
    AND received_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
 """
 
