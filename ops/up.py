@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -85,6 +86,9 @@ async def _serve(
         await migrate(urls.database_url)
         await supervisor.start()
         await supervisor.wait_built()
+        # Everything loaded so far (SDKs, models) lives as long as the process: keep it out of
+        # the collector's way, or full collections pause the event loop for tens of ms.
+        gc.freeze()
         _say(f"Libra is ready: {', '.join(names)}. Ctrl-C stops it.")
         await stop.wait()
         _say("Stopping: finishing in-flight work…")
