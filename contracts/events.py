@@ -39,10 +39,13 @@ __all__ = [
     "SessionVoice",
     "TextReceived",
     "TtsSynthesized",
+    "TurnAbandoned",
     "TurnAccepted",
+    "TurnConfirmed",
     "TurnRejected",
     "VoiceCaptured",
     "VoiceEnded",
+    "VoiceResumed",
     "decode_event",
     "derive",
     "encode_event",
@@ -155,6 +158,9 @@ class VoiceCaptured(Event, frozen=True, kw_only=True, tag="voice.captured"):
     ``speculative``: cut at the first short pause, before the end of turn is certain, so that
     transcription can start early; a ``voice.ended`` for the same turn confirms it. A person who
     goes on talking gets a new capture (a new turn) and this one is never confirmed.
+
+    ``reply``: False when only the transcript is wanted (the speech-to-text API): it is
+    transcribed, and no turn is made of it.
     """
 
     audio: AudioRef
@@ -162,6 +168,7 @@ class VoiceCaptured(Event, frozen=True, kw_only=True, tag="voice.captured"):
     mode: Literal["auto", "manual"] = "auto"
     speech_ended_at: datetime | None = None
     speculative: bool = False
+    reply: bool = True
 
 
 class VoiceEnded(Event, frozen=True, kw_only=True, tag="voice.ended"):
@@ -169,6 +176,17 @@ class VoiceEnded(Event, frozen=True, kw_only=True, tag="voice.ended"):
 
     captured: str
     speech_ended_at: datetime | None = None
+    origin: Origin
+
+
+class VoiceResumed(Event, frozen=True, kw_only=True, tag="voice.resumed"):
+    """The person went on talking after a speculative capture: its turn will never end.
+
+    Their longer utterance comes as a new capture (a new turn); whatever was started for this
+    one is dropped.
+    """
+
+    captured: str
     origin: Origin
 
 
@@ -182,11 +200,18 @@ class AsrTranscribed(Event, frozen=True, kw_only=True, tag="asr.transcribed"):
     audio_ms: int = 0
     latency_ms: float = 0.0
     speculative: bool = False
+    reply: bool = True  # the capture's: False, transcribe only, no turn
     origin: Origin
 
 
 class TurnAccepted(Event, frozen=True, kw_only=True, tag="turn.accepted"):
-    """Admission let a person's input through; the llm answers it."""
+    """Admission let a person's input through; the llm answers it.
+
+    ``speculative``: admitted from the transcript of the first short pause, before the end of
+    the turn is certain, so that the reply is being written (and spoken into a buffer) while
+    the silence is confirmed. Nothing of it is delivered or recorded as said until
+    ``turn.confirmed``; ``turn.abandoned`` or ``turn.rejected`` for the turn drops it.
+    """
 
     text: str
     language: str = "en"
@@ -195,6 +220,23 @@ class TurnAccepted(Event, frozen=True, kw_only=True, tag="turn.accepted"):
     received_at: datetime | None = None
     attachments: tuple[Attachment, ...] = ()
     context: tuple[ContextMessage, ...] = ()
+    speculative: bool = False
+
+
+class TurnConfirmed(Event, frozen=True, kw_only=True, tag="turn.confirmed"):
+    """A speculative turn is a turn after all: the silence lasted and admission let it through.
+
+    ``received_at`` is the time its rate limit counted it at (its transcript's).
+    """
+
+    received_at: datetime | None = None
+    origin: Origin
+
+
+class TurnAbandoned(Event, frozen=True, kw_only=True, tag="turn.abandoned"):
+    """A speculative turn will not be answered: the person went on talking."""
+
+    origin: Origin
 
 
 class TurnRejected(Event, frozen=True, kw_only=True, tag="turn.rejected"):
@@ -322,8 +364,11 @@ AnyEvent = (
     TextReceived
     | VoiceCaptured
     | VoiceEnded
+    | VoiceResumed
     | AsrTranscribed
     | TurnAccepted
+    | TurnConfirmed
+    | TurnAbandoned
     | TurnRejected
     | LlmDelta
     | LlmCompleted

@@ -129,6 +129,7 @@ CONSUMERS: dict[str, ConsumerSpec] = {
                 "libra.text.received.>",
                 "libra.asr.transcribed.>",
                 "libra.voice.ended.>",
+                "libra.voice.resumed.>",
             ),
             description="admission: rate limit, input checks, language",
             ack_wait_s=10.0,
@@ -163,7 +164,7 @@ CONSUMERS: dict[str, ConsumerSpec] = {
         ),
         ConsumerSpec(
             name="ratelimit-view",
-            subjects=("libra.turn.accepted.>",),
+            subjects=("libra.turn.accepted.>", "libra.turn.confirmed.>"),
             description="the Redis rate-limit view, rebuildable from the log",
             max_ack_pending=8192,
             max_deliver=-1,

@@ -161,6 +161,142 @@ def trace(turn: str, data_dir: str | None) -> None:
     asyncio.run(go())
 
 
+def _selection_options(command):
+    """Adds the options that pick recorded inputs (`libra replay`, `libra eval`)."""
+    options = [
+        click.option("--turn", "turns", multiple=True, help="A turn's id (repeatable)."),
+        click.option("--conversation", default="", help="One conversation, e.g. discord-1-2."),
+        click.option("--user", default="", help="One person's inputs."),
+        click.option("--subject", default="", help="A subject filter, e.g. 'libra.*.*.http-*'."),
+        click.option("--since", default="", help="From: ISO 8601 time, or how long ago (30m, 2d)."),
+        click.option("--until", default="", help="Up to: ISO 8601 time, or how long ago."),
+        click.option("--limit", default=0, help="At most this many inputs (0: all)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _selection(turns, conversation, user, subject, since, until, limit):
+    from .replay import Selection, parse_moment
+
+    try:
+        return Selection(
+            turns=frozenset(turns),
+            conversation=conversation,
+            user=user,
+            subject=subject,
+            since=parse_moment(since) if since else None,
+            until=parse_moment(until) if until else None,
+            limit=limit,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command(name="replay")
+@click.argument("processor")
+@_selection_options
+@click.option("--compare", is_flag=True, help="Print what changed against the recorded outputs.")
+@click.option("--concurrency", default=8, show_default=True, help="Inputs handled at once.")
+@click.option("--run", default="", help="The run's token in replay.<run>.> (default: a new id).")
+@click.option("--data-dir", type=click.Path(file_okay=False))
+def replay_command(
+    processor: str, compare: bool, concurrency: int, run: str, data_dir: str | None, **selected
+) -> None:
+    """Run recorded inputs again through one PROCESSOR (llm, turns, asr), as the code and
+    settings are now; its outputs go to replay.<run>.> in LIBRA_REPLAY, never to libra.>."""
+    from .replay import REPLAYABLE, replay
+
+    if processor not in REPLAYABLE:
+        raise click.BadParameter(f"known: {', '.join(REPLAYABLE)}", param_hint="PROCESSOR")
+    settings = _settings(data_dir)
+    selection = _selection(**selected)
+    _run(
+        replay(
+            settings,
+            processor,
+            selection,
+            compare=compare,
+            concurrency=concurrency,
+            run=run,
+            say=click.echo,
+        )
+    )
+
+
+@main.command(name="eval")
+@_selection_options
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="TOML file of [[candidates]] and an optional [judge] (see ops/eval/plan.py).",
+)
+@click.option(
+    "--candidate",
+    "candidates",
+    multiple=True,
+    help="provider:model, or name=provider:model (repeatable).",
+)
+@click.option("--system-prompt", default="", help="The system prompt of the --candidate ones.")
+@click.option("--temperature", type=float, default=None, help="Their temperature.")
+@click.option("--judge", default="", help="provider:model of a model that compares the answers.")
+@click.option("--concurrency", type=int, default=None, help="Answers in flight at once [4].")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("libra-eval"),
+    show_default=True,
+    help="Where results and reports go; run again with the same one to resume.",
+)
+@click.option("--data-dir", type=click.Path(file_okay=False))
+def eval_command(
+    plan_file: Path | None,
+    candidates: tuple[str, ...],
+    system_prompt: str,
+    temperature: float | None,
+    judge: str,
+    concurrency: int | None,
+    out: Path,
+    data_dir: str | None,
+    **selected,
+) -> None:
+    """Answer recorded turns with candidate configurations (provider, model, system prompt,
+    temperature) and report them side by side: Markdown, HTML and CSV."""
+    from .eval.plan import Candidate, load_plan
+    from .eval.run import run_eval
+
+    settings = _settings(data_dir)
+    extra = tuple(
+        Candidate.parse(spec, system_prompt=system_prompt, temperature=temperature)
+        for spec in candidates
+    )
+    try:
+        plan = load_plan(
+            plan_file,
+            extra=extra,
+            judge=Candidate.parse(judge) if judge else None,
+            concurrency=concurrency,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        done = asyncio.run(run_eval(settings, plan, _selection(**selected), out))
+    except ConfigError as exc:  # a candidate's provider without its key
+        raise click.UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(f"stopped; what was answered is kept in {out}: run the same command to go on")
+        sys.exit(130)
+    click.echo(
+        f"{done.turns} turn(s) × {len(plan.candidates)} candidate(s): {done.answered} answered"
+        f" in {done.seconds:.1f} s ({done.answers_per_s:.1f}/s), {done.skipped} done before,"
+        f" {done.judged} judged"
+    )
+    for path in done.reports:
+        click.echo(f"  {path}")
+
+
 @main.group()
 def projections() -> None:
     """Projections: the read models folded from the log."""
@@ -217,6 +353,48 @@ def bench_log(as_json: bool, events: int, hops: int) -> None:
     asyncio.run(run_bench_log(settings, events=events, hops=hops, as_json=as_json))
 
 
+@bench.command(name="replay")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--events", default=50000, show_default=True, help="Events read back per figure.")
+@click.option("--rounds", default=3, show_default=True, help="Rounds of the read figures.")
+@click.option("--turns", default=200, show_default=True, help="Turns replayed through the llm.")
+@click.option("--concurrency", default=16, show_default=True, help="Inputs handled at once.")
+@click.option("--ttft", default=0.2, show_default=True, help="The provider's first-token time (s).")
+def bench_replay(
+    as_json: bool, events: int, rounds: int, turns: int, concurrency: int, ttft: float
+) -> None:
+    """Replay: reading back and re-processing the log, beside a bare read of the same events."""
+    from .bench.replay import run_bench_replay
+
+    settings = _settings()
+    asyncio.run(
+        run_bench_replay(
+            settings,
+            events=events,
+            rounds=rounds,
+            turns=turns,
+            concurrency=concurrency,
+            ttft=ttft,
+            as_json=as_json,
+        )
+    )
+
+
+@bench.command(name="eval")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--turns", default=200, show_default=True, help="Recorded turns answered.")
+@click.option("--concurrency", default=16, show_default=True, help="Answers in flight at once.")
+@click.option("--ttft", default=0.2, show_default=True, help="The provider's first-token time (s).")
+def bench_eval(as_json: bool, turns: int, concurrency: int, ttft: float) -> None:
+    """Eval: answers per second with candidates concurrent, against one at a time."""
+    from .bench.eval import run_bench_eval
+
+    settings = _settings()
+    asyncio.run(
+        run_bench_eval(settings, turns=turns, concurrency=concurrency, ttft=ttft, as_json=as_json)
+    )
+
+
 @bench.command(name="discord")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--channels", default=100, show_default=True, help="Channels active at once.")
@@ -246,3 +424,20 @@ def bench_voice_transport(as_json: bool, seconds: float, speakers: int) -> None:
 
     _settings()
     asyncio.run(run_bench_voice_transport(seconds=seconds, speakers=speakers, as_json=as_json))
+
+
+@bench.command(name="voice")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--turns", default=30, show_default=True, help="Spoken turns measured.")
+@click.option(
+    "--speculate/--no-speculate",
+    default=True,
+    show_default=True,
+    help="Generate from the transcript at the first short pause (VOICE_SPECULATE).",
+)
+def bench_voice(as_json: bool, turns: int, speculate: bool) -> None:
+    """End of speech to the first synthesized audio, with simulated ASR, LLM and TTS vendors."""
+    from .bench.voice import run_bench_voice
+
+    settings = _settings()
+    asyncio.run(run_bench_voice(settings, turns=turns, speculate=speculate, as_json=as_json))

@@ -7,22 +7,37 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
 
+from libra.contracts import CONSUMERS
 from libra.projections.history import HistoryProjection
 from libra.projections.sessions import SessionsProjection
 from libra.projections.turns import TurnsProjection
 from libra.runtime.config import Settings
-from libra.runtime.consumer import ConsumerRunner
+from libra.runtime.consumer import ConsumerRunner, Processor
 from libra.runtime.database import connect_pool
 from libra.runtime.eventlog import EventLog
 from libra.runtime.logs import log_context
+from libra.runtime.metrics import refresh_consumer_lag
 from libra.runtime.projection import Projection, ProjectionRunner
 
-__all__ = ["COMPONENTS", "PROJECTIONS", "Component", "Resources", "Supervisor"]
+if TYPE_CHECKING:
+    from libra.processors.llm.context import PromptBuilder
+
+__all__ = [
+    "COMPONENTS",
+    "PROJECTIONS",
+    "Component",
+    "Resources",
+    "Supervisor",
+    "asr_processor",
+    "llm_processor",
+    "prompt_builder",
+    "turns_processor",
+]
 
 log = logging.getLogger("libra.supervisor")
 T = TypeVar("T")
@@ -114,15 +129,23 @@ async def _memory_store(r: Resources):
     return MemoryStore(await r.pool(), r.shared("embedder", lambda: build_embedder(r.settings)))
 
 
-async def _turns(r: Resources) -> Component:
+async def turns_processor(r: Resources) -> Processor:
+    """Admission as the settings configure it."""
     from libra.processors.turns.admission import TurnsProcessor
 
     s = r.settings
     words = frozenset(w.strip().lower() for w in s.moderation_blocklist.split(",") if w.strip())
-    processor = TurnsProcessor(
-        r.redis(), _limiter(r), max_chars=s.max_input_chars, blocked_words=words
+    return TurnsProcessor(
+        r.redis(),
+        _limiter(r),
+        max_chars=s.max_input_chars,
+        blocked_words=words,
+        speculate=s.voice_speculative_reply,
     )
-    return ConsumerRunner(r.log, processor, concurrency=256)
+
+
+async def _turns(r: Resources) -> Component:
+    return ConsumerRunner(r.log, await turns_processor(r), concurrency=256)
 
 
 async def _ratelimit_view(r: Resources) -> Component:
@@ -131,13 +154,12 @@ async def _ratelimit_view(r: Resources) -> Component:
     return ConsumerRunner(r.log, RateLimitView(_limiter(r)), concurrency=64)
 
 
-async def _llm(r: Resources) -> Component:
-    from libra.processors.llm.cache import ResponseCache
+async def prompt_builder(r: Resources) -> PromptBuilder:
+    """What the llm puts in a prompt (persona, history, memories), as the settings say."""
     from libra.processors.llm.context import PromptBuilder
-    from libra.processors.llm.processor import LlmProcessor
 
     s = r.settings
-    prompts = PromptBuilder(
+    return PromptBuilder(
         await r.pool(),
         await _memory_store(r),
         persona=s.libra_persona,
@@ -148,11 +170,27 @@ async def _llm(r: Resources) -> Component:
         recall_budget_s=s.memory_recall_budget_ms / 1000,
         vision_models=tuple(m.strip() for m in s.vision_models.split(",") if m.strip()),
     )
+
+
+async def llm_processor(r: Resources) -> Processor:
+    """The llm processor as the settings configure it: providers, prompt, cache."""
+    from libra.processors.llm.cache import ResponseCache
+    from libra.processors.llm.processor import LlmProcessor
+
+    s = r.settings
     cache = ResponseCache(r.redis(), ttl_s=s.llm_cache_ttl) if s.llm_cache_enabled else None
-    processor = LlmProcessor(
-        _chain(r), prompts, cache=cache, max_tokens=s.max_tokens, temperature=s.llm_temperature
+    return LlmProcessor(
+        _chain(r),
+        await prompt_builder(r),
+        cache=cache,
+        max_tokens=s.max_tokens,
+        temperature=s.llm_temperature,
+        log=r.log,
     )
-    return ConsumerRunner(r.log, processor, concurrency=s.llm_concurrency)
+
+
+async def _llm(r: Resources) -> Component:
+    return ConsumerRunner(r.log, await llm_processor(r), concurrency=r.settings.llm_concurrency)
 
 
 async def _memory(r: Resources) -> Component:
@@ -165,6 +203,8 @@ async def _http(r: Resources) -> Component:
     from libra.gateway.http.app import create_app
     from libra.gateway.http.auth import Authenticator, is_loopback
     from libra.gateway.http.server import HttpGateway
+    from libra.gateway.voice import segmenter_config
+    from libra.runtime.audio import AudioStore
     from libra.runtime.config import ConfigError
 
     s = r.settings
@@ -184,11 +224,14 @@ async def _http(r: Resources) -> Component:
         auth=auth,
         llm_status=llm_status,
         max_body_bytes=s.http_max_body_bytes,
+        audio=await AudioStore.open(r.log, max_bytes=s.max_audio_bytes),
+        segmentation=segmenter_config(s),
     )
     return HttpGateway(app, host=s.http_host, port=s.http_port)
 
 
-async def _asr(r: Resources) -> Component:
+async def asr_processor(r: Resources) -> Processor:
+    """Speech-to-text as the settings configure it; the local model is loaded on return."""
     from libra.processors.asr.chain import AsrChain
     from libra.processors.asr.processor import AsrProcessor, build_engines
     from libra.runtime.audio import AudioStore
@@ -197,7 +240,11 @@ async def _asr(r: Resources) -> Component:
     chain = r.shared("asr-chain", lambda: AsrChain(build_engines(s), timeout_s=s.asr_timeout_sec))
     await chain.prepare()  # the local model loads once per process, before the first utterance
     audio = await AudioStore.open(r.log, max_bytes=s.max_audio_bytes)
-    return ConsumerRunner(r.log, AsrProcessor(audio, chain, language=s.asr_language))
+    return AsrProcessor(audio, chain, language=s.asr_language)
+
+
+async def _asr(r: Resources) -> Component:
+    return ConsumerRunner(r.log, await asr_processor(r))
 
 
 async def _tts(r: Resources) -> Component:
@@ -247,8 +294,14 @@ class Supervisor:
         self._tasks: list[asyncio.Task] = []
         self._built: list[asyncio.Event] = []
         self._stopping = False
+        self._lag: asyncio.Task | None = None
 
     async def start(self) -> None:
+        consumers = [(CONSUMERS[n].stream, n) for n in self.names if n in CONSUMERS]
+        if consumers:
+            self._lag = asyncio.create_task(
+                refresh_consumer_lag(self.resources.log.js, consumers), name="consumer-lag"
+            )
         for name in self.names:
             needed = NEEDS.get(name)
             if needed and not getattr(self.resources.settings, needed):
@@ -291,6 +344,8 @@ class Supervisor:
     async def stop(self, timeout: float = 25.0) -> None:
         """Asks every component to finish its in-flight work, then waits for them."""
         self._stopping = True
+        if self._lag is not None:
+            self._lag.cancel()
         for component in self._running.values():
             with contextlib.suppress(Exception):
                 await component.stop()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +21,8 @@ import subprocess
 import sys
 import sysconfig
 import warnings
+from collections.abc import Mapping
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 
@@ -29,6 +34,7 @@ __all__ = [
     "ServerStartError",
     "free_port",
     "nats_conf_path",
+    "nats_users",
 ]
 
 
@@ -43,6 +49,31 @@ class PortInUseError(ServerStartError):
 def nats_conf_path() -> Path:
     """Returns the installed copy of the repository's ``nats.conf``."""
     return Path(str(resources.files("libra.ops") / "conf" / "nats.conf"))
+
+
+_USER_PASSWORD = re.compile(r"user:\s*([\w-]+),\s*password:\s*\$(LIBRA_NATS_PASSWORD_\w+)")
+
+
+def nats_users(config: Path | None = None) -> dict[str, str]:
+    """Returns each user of ``nats.conf`` with the environment variable that holds its password."""
+    return dict(_USER_PASSWORD.findall((config or nats_conf_path()).read_text()))
+
+
+def _passwords(folder: Path) -> dict[str, str]:
+    """Returns a password per user of ``nats.conf``, made once and kept in ``folder`` (0600)."""
+    path = folder / "passwords.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    wanted = {user: known.get(user) or "p" + secrets.token_hex(20) for user in nats_users()}
+    if wanted != known:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(wanted, out)
+    return wanted
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,7 +143,12 @@ async def _stop_process(
 
 
 class EmbeddedNats:
-    """nats-server with JetStream, configured by the repository's ``nats.conf``."""
+    """nats-server with JetStream, configured by the repository's ``nats.conf``.
+
+    Each user of ``nats.conf`` gets a password generated into the data directory (or the
+    ``passwords`` given, for the nodes of one cluster). :attr:`url` logs in as ``admin``;
+    :attr:`public_url` has no credentials, which the server takes for the read-only observer.
+    """
 
     def __init__(
         self,
@@ -123,6 +159,7 @@ class EmbeddedNats:
         monitor_port: int | None = None,
         config: Path | None = None,
         name: str = "libra",
+        passwords: Mapping[str, str] | None = None,
     ) -> None:
         self.dir = Path(data_dir) / "nats"
         self.host, self.port, self.name = host, port, name
@@ -130,10 +167,24 @@ class EmbeddedNats:
         self.config = config or nats_conf_path()
         self.log = self.dir / "nats-server.log"
         self.proc: subprocess.Popen | None = None
+        if passwords is not None:
+            self.passwords = dict(passwords)
+
+    @cached_property
+    def passwords(self) -> dict[str, str]:
+        return _passwords(self.dir)
 
     @property
     def url(self) -> str:
+        return self.url_for("admin")
+
+    @property
+    def public_url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    def url_for(self, user: str) -> str:
+        """Returns the URL that logs in as ``user`` of ``nats.conf``."""
+        return f"nats://{user}:{self.passwords[user]}@{self.host}:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -153,6 +204,7 @@ class EmbeddedNats:
             "LIBRA_NATS_LISTEN": f"{self.host}:{self.port}",
             "LIBRA_NATS_MONITOR": f"{self.host}:{self.monitor_port}",
             "LIBRA_NATS_STORE": str(self.dir),
+            **{env: self.passwords[user] for user, env in nats_users().items()},
         }
         binary = _nats_server_binary()
         self.proc = subprocess.Popen(

@@ -34,11 +34,13 @@ class StackUrls(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str
     redis_url: str
     nats_monitor_url: str = ""
+    # The embedded server without credentials (the read-only observer): what people are shown.
+    nats_public_url: str = ""
     pid: int = 0
 
     def as_env(self) -> dict[str, str]:
         return {
-            "NATS_URL": self.nats_url,
+            "NATS_URL": self.nats_public_url or self.nats_url,
             "DATABASE_URL": self.database_url,
             "REDIS_URL": self.redis_url,
         }
@@ -70,6 +72,7 @@ def resolve_urls(settings: Settings) -> StackUrls:
         redis_url=settings.redis_url
         or (running.redis_url if running else f"redis://{host}:{settings.libra_redis_port}/0"),
         nats_monitor_url=running.nats_monitor_url if running else "",
+        nats_public_url="" if settings.nats_url or not running else running.nats_public_url,
         pid=running.pid if running else 0,
     )
 
@@ -109,6 +112,7 @@ class Stack:
             database_url=self.postgres.url if self.postgres else self.settings.database_url,
             redis_url=self.redis.url if self.redis else self.settings.redis_url,
             nats_monitor_url=self.nats.monitor_url if self.nats else "",
+            nats_public_url=self.nats.public_url if self.nats else "",
             pid=os.getpid(),
         )
 
@@ -122,7 +126,11 @@ class Stack:
             await self.stop()
             raise errors[0]
         urls = self.urls
-        (self.data_dir / STATE_FILE).write_bytes(msgspec.json.encode(urls))
+        # It holds the embedded server's admin login: readable by this user only.
+        fd = os.open(self.data_dir / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as state:
+            state.write(msgspec.json.encode(urls))
         return urls
 
     async def stop(self) -> None:

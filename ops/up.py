@@ -9,6 +9,9 @@ import logging
 import signal
 import sys
 
+from nats.js.errors import NotFoundError
+
+from libra.contracts import LOG_STREAM
 from libra.runtime.config import Settings
 from libra.runtime.database import connect_pool, migrate
 from libra.runtime.eventlog import EventLog
@@ -17,9 +20,10 @@ from libra.runtime.projection import rebuild
 
 from .components import COMPONENTS, PROJECTIONS, Resources, Supervisor
 from .embedded import ServerStartError
+from .eval.prices import store_prices
 from .stack import DataDirBusyError, Stack, StackUrls, resolve_urls
 
-__all__ = ["rebuild_projection", "run_components", "run_up"]
+__all__ = ["prepare", "rebuild_projection", "run_components", "run_up"]
 
 log = logging.getLogger("libra.up")
 
@@ -39,7 +43,7 @@ def _say(text: str) -> None:
 def _announce(stack: Stack, urls: StackUrls) -> None:
     _say(f"Libra data directory: {stack.data_dir}")
     rows = [
-        ("NATS", urls.nats_url, stack.nats),
+        ("NATS", urls.as_env()["NATS_URL"], stack.nats),
         ("PostgreSQL", urls.database_url, stack.postgres),
         ("Redis", urls.redis_url, stack.redis),
     ]
@@ -61,7 +65,7 @@ async def run_up(settings: Settings) -> None:
         sys.exit(1)
     try:
         _announce(stack, urls)
-        await _serve(settings, urls, list(COMPONENTS), stop)
+        await _serve(settings, urls, list(COMPONENTS), stop, provision=True)
     finally:
         await stack.stop()
         _say("Libra stopped.")
@@ -72,18 +76,34 @@ async def run_components(settings: Settings, names: list[str]) -> None:
     stop = _stop_signal()
     if settings.libra_metrics_port:
         serve_metrics(settings.libra_metrics_port, settings.libra_host)
-    await _serve(settings, resolve_urls(settings), names, stop)
+    await _serve(settings, resolve_urls(settings), names, stop, provision=False)
+
+
+async def prepare(log_: EventLog, settings: Settings, database_url: str) -> None:
+    """Provisions the log, applies the migrations and loads the price table (`libra migrate`)."""
+    await log_.provision(settings)
+    await migrate(database_url)
+    await store_prices(database_url)
+
+
+async def _provisioned(log_: EventLog) -> bool:
+    try:
+        await log_.js.stream_info(LOG_STREAM)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def _serve(
-    settings: Settings, urls: StackUrls, names: list[str], stop: asyncio.Event
+    settings: Settings, urls: StackUrls, names: list[str], stop: asyncio.Event, *, provision: bool
 ) -> None:
     log_ = await EventLog.connect(urls.nats_url, name="libra")
     resources = Resources(settings, log_, urls.database_url, urls.redis_url)
     supervisor = Supervisor(resources, names)
     try:
-        await log_.provision(settings)
-        await migrate(urls.database_url)
+        # A component's own NATS user may not provision: `libra migrate` did, as admin.
+        if provision or not await _provisioned(log_):
+            await prepare(log_, settings, urls.database_url)
         await supervisor.start()
         await supervisor.wait_built()
         # Everything loaded so far (SDKs, models) lives as long as the process: keep it out of

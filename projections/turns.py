@@ -2,7 +2,9 @@
 
 Each event fills in the columns it knows; the row is whole once the turn is over. Columns keep
 the first value they got (so a redelivered event changes nothing), but for the status, which
-only moves forward: received, accepted or rejected, completed or failed, delivered.
+only moves forward: received, speculative (answered before its end was certain), accepted or
+rejected or abandoned, completed or failed, delivered. A speculative turn's ``accepted_at`` is
+its confirmation; one that was abandoned keeps no more than its row with that status.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from libra.contracts import (
     ReplyDelivered,
     TextReceived,
     TtsSynthesized,
+    TurnAbandoned,
     TurnAccepted,
+    TurnConfirmed,
     TurnRejected,
     VoiceCaptured,
 )
@@ -28,7 +32,16 @@ from libra.runtime.projection import Recorded
 
 __all__ = ["TurnsProjection"]
 
-_STAGE = {"received": 0, "accepted": 1, "rejected": 1, "completed": 2, "failed": 2, "delivered": 3}
+_STAGE = {
+    "received": 0,
+    "speculative": 1,
+    "accepted": 2,
+    "rejected": 2,
+    "abandoned": 2,
+    "completed": 3,
+    "failed": 3,
+    "delivered": 4,
+}
 _RANK = "CASE {} " + " ".join(f"WHEN '{s}' THEN {r}" for s, r in _STAGE.items()) + " ELSE 0 END"
 
 
@@ -44,25 +57,30 @@ _COLUMNS: dict[type, Callable[[Any], dict[str, Any]]] = {
         "received_at": e.at,
         "status": "received",
     },
-    VoiceCaptured: lambda e: {
-        **_origin(e),
-        "modality": "voice",
-        "received_at": e.at,
-        "speech_ended_at": e.speech_ended_at,
-        "status": "received",
-    },
-    AsrTranscribed: lambda e: {
-        "transcribed_at": e.at,
-        "asr_ms": e.latency_ms,
-        "asr_engine": e.engine,
-    },
+    # A capture to transcribe only (reply False) is not a turn: no row.
+    VoiceCaptured: lambda e: (
+        {
+            **_origin(e),
+            "modality": "voice",
+            "received_at": e.at,
+            "speech_ended_at": e.speech_ended_at,
+            "status": "received",
+        }
+        if e.reply
+        else {}
+    ),
+    AsrTranscribed: lambda e: (
+        {"transcribed_at": e.at, "asr_ms": e.latency_ms, "asr_engine": e.engine} if e.reply else {}
+    ),
     TurnAccepted: lambda e: {
         **_origin(e),
-        "accepted_at": e.at,
+        **({} if e.speculative else {"accepted_at": e.at}),
         "language": e.language,
         "modality": e.modality,
-        "status": "accepted",
+        "status": "speculative" if e.speculative else "accepted",
     },
+    TurnConfirmed: lambda e: {"accepted_at": e.at, "status": "accepted"},
+    TurnAbandoned: lambda e: {"status": "abandoned"},
     TurnRejected: lambda e: {
         **_origin(e),
         "accepted_at": e.at,

@@ -54,6 +54,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     libra_live_max_age: float = 600.0
     libra_stream_replicas: int = 1
     libra_audio_ttl: float = 86400.0
+    libra_replay_max_age: float = 86400.0
 
     # Logs and metrics.
     log_format: str = "json"
@@ -125,6 +126,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     vad_threshold: float = 0.5
     vad_silence_ms: int = 500
     vad_speculative_ms: int = 150
+    voice_speculative_reply: bool = True
     vad_min_speech_ms: int = 200
     vad_max_utterance_sec: float = 30.0
     max_audio_bytes: int = 10_485_760
@@ -161,12 +163,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     discord_voice_bitrate: int = 64000
     discord_voice_connect_timeout_sec: float = 10.0
     discord_voice_max_reconnects: int = 5
+    discord_voice_leave_empty_sec: float = 60.0
 
     _durations = (
         "libra_log_max_age",
         "libra_duplicate_window",
         "libra_live_max_age",
         "libra_audio_ttl",
+        "libra_replay_max_age",
     )
     _urls = ("nats_url", "database_url", "redis_url")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from urllib.parse import unquote, urlparse
 
 import nats
 from nats.aio.client import Client as NATS
@@ -39,7 +40,13 @@ _STREAM_NAME_IN_USE = 10058
 
 
 async def connect_nats(url: str, *, name: str) -> NATS:
-    """Connects to NATS, reconnecting for ever: a restart of the server must not end Libra."""
+    """Connects to NATS, reconnecting for ever: a restart of the server must not end Libra.
+
+    ``url`` may list several servers of a cluster, comma-separated. The first credentials in it
+    log in to every server, those the cluster tells the client about included.
+    """
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    login = next((u for u in map(urlparse, servers) if u.password is not None), None)
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats connection error: %s", exc)
@@ -51,7 +58,9 @@ async def connect_nats(url: str, *, name: str) -> NATS:
         log.info("nats reconnected")
 
     return await nats.connect(
-        url,
+        servers,
+        user=unquote(login.username or "") if login else None,
+        password=unquote(login.password) if login else None,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
@@ -12,8 +17,12 @@ __all__ = [
     "CONSUMER_PENDING",
     "CONSUMER_REDELIVERED",
     "EVENTS_PUBLISHED",
+    "VOICE_PROCESSING_SECONDS",
+    "refresh_consumer_lag",
     "serve_metrics",
 ]
+
+log = logging.getLogger("libra.metrics")
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -54,6 +63,32 @@ CONSUMER_PENDING = Gauge(
     ["consumer"],
 )
 EVENTS_PUBLISHED = Counter("libra_events_published_total", "Events written to the log", ["type"])
+VOICE_PROCESSING_SECONDS = Histogram(
+    "voice_processing_duration_seconds",
+    "Time a stage of the voice pipeline took (stage: vad, asr, tts_first_audio, tts ...)",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+
+
+async def refresh_consumer_lag(
+    js: JetStreamContext, consumers: Iterable[tuple[str, str]], *, every_s: float = 10.0
+) -> None:
+    """Sets ``libra_consumer_pending`` from each (stream, consumer)'s info, every ``every_s``.
+
+    A consumer's runtime sets it from each message it gets; a consumer that gets none (stuck,
+    or not running) would show its last value for ever, so the server is asked as well.
+    """
+    consumers = list(consumers)
+    while True:
+        for stream, name in consumers:
+            try:
+                info = await js.consumer_info(stream, name)
+            except Exception as exc:  # not there yet, or the server is away: the next round
+                log.debug("no lag for %s: %s", name, exc)
+                continue
+            CONSUMER_PENDING.labels(name).set(info.num_pending)
+        await asyncio.sleep(every_s)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:

@@ -644,7 +644,11 @@ async def test_commands_are_synced_with_korean_names_to_the_configured_guild(
     fake = world.fake
     await gateways.start(discord_guild_id=str(world.guild))
     synced = {c["name"]: c for c in fake.commands[world.guild]}
-    assert set(synced) == {"chat", "reset", "model", "persona", "stats", "help"}
+    assert set(synced) == {
+        *("chat", "reset", "model", "persona", "stats", "help"),
+        *("join", "leave", "record", "stop", "voice"),
+    }
+    assert [o["name"] for o in synced["voice"]["options"]] == ["auto", "manual"]
     assert synced["chat"]["name_localizations"]["ko"] == "채팅"
     assert synced["stats"]["description_localizations"]["ko"] == "오늘 내 사용량: 대화 수와 토큰"
     assert [o["name"] for o in synced["chat"]["options"]] == ["on", "off"]

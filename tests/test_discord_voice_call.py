@@ -258,7 +258,8 @@ async def test_garbage_wrong_keys_and_truncated_packets_are_dropped_and_counted(
         tampered[20] ^= 0xFF
         bad = {
             "short": [b"\x80", os.urandom(5)],
-            "not_rtp": [b"\x40" + os.urandom(40)],
+            # version 1, and a second byte that is not RTCP (200-204) either
+            "not_rtp": [b"\x40\x11" + os.urandom(39)],
             "rtcp": [b"\x81\xc9" + os.urandom(30)],
             "unknown_ssrc": [struct.pack(">BBHII", 0x80, 0x78, 1, 1, 424242) + os.urandom(40)],
             "decrypt_failed": [

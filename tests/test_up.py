@@ -18,6 +18,8 @@ import pytest
 
 from libra.contracts import LlmCompleted, derive, encode_event
 from libra.ops.embedded import free_port
+from libra.ops.stack import resolve_urls
+from libra.runtime.config import Settings
 
 from .factories import ORIGIN, text
 from .helpers import eventually
@@ -98,6 +100,11 @@ class Up:
         return f"nats://127.0.0.1:{self.env['LIBRA_NATS_PORT']}"
 
     @property
+    def admin_nats_url(self) -> str:
+        """The stack's own login (without one, the server takes a client for the observer)."""
+        return resolve_urls(Settings.from_env(self.env)).nats_url
+
+    @property
     def database_url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.env['LIBRA_POSTGRES_PORT']}/libra"
 
@@ -144,7 +151,7 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     assert await conn.fetchval("SELECT max(version) FROM schema_migrations") >= 1
     await conn.close()
 
-    await _publish_exchange(up.nats_url)
+    await _publish_exchange(up.admin_nats_url)
     await eventually(lambda: _has_messages(up.database_url, 2))
 
     listed = await asyncio.to_thread(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from nats.js.errors import ObjectNotFoundError
 
-from libra.contracts import AUDIO_BUCKET, Origin, VoiceCaptured, VoiceEnded
+from libra.contracts import AUDIO_BUCKET, Origin, VoiceCaptured, VoiceEnded, VoiceResumed
 from libra.gateway.voice import VoiceCapture, segmenter_config
 from libra.runtime.audio import (
     AudioStore,
@@ -122,6 +122,8 @@ async def test_talking_on_gives_a_new_turn_and_only_that_one_is_confirmed(
     (ended,) = [e for e in events if isinstance(e, VoiceEnded)]
     assert len(captures) >= 2 and len({c.turn for c in captures}) == len(captures)
     assert ended.captured == captures[-1].id
+    resumed = [e for e in events if isinstance(e, VoiceResumed)]
+    assert [(r.captured, r.turn) for r in resumed] == [(c.id, c.turn) for c in captures[:-1]]
     assert captures[-1].audio.duration_ms > captures[0].audio.duration_ms
 
 

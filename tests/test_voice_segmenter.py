@@ -10,6 +10,7 @@ import pytest
 from libra.gateway.voice import (
     Confirmed,
     FrameSplitter,
+    Resumed,
     Segmenter,
     SegmenterConfig,
     SileroVad,
@@ -65,8 +66,9 @@ def test_a_pause_gives_a_speculative_cut_then_its_confirmation() -> None:
 
 def test_talking_on_gives_a_new_longer_capture_and_the_old_one_is_never_confirmed() -> None:
     got = [d for _, d in _run("30v 10s 20v 40s")]
-    first, second, done = got
+    first, resumed, second, done = got
     assert first.speculative and second.speculative and second.seq != first.seq
+    assert resumed == Resumed(first.seq)  # said at the first voiced frame after the pause
     assert second.start_ms == first.start_ms == 0  # the whole utterance, from its start
     assert second.speech_end_ms == 1200 and len(second.pcm) > len(first.pcm)
     assert isinstance(done, Confirmed) and done.seq == second.seq

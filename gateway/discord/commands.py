@@ -71,7 +71,7 @@ class SlashCommands:
         self.default_persona = default_persona
 
     async def chat(self, ctx: lightbulb.Context, *, enabled: bool) -> None:
-        if not await self._may_talk(ctx):
+        if not await self.may_talk(ctx):
             return
         locale = str(ctx.interaction.locale)
         if ctx.guild_id is None:
@@ -84,7 +84,7 @@ class SlashCommands:
         await ctx.respond(say("chat.on" if enabled else "chat.off", locale))
 
     async def reset(self, ctx: lightbulb.Context, *, everywhere: bool) -> None:
-        if not await self._may_talk(ctx):
+        if not await self.may_talk(ctx):
             return
         scope = "user" if everywhere else "conversation"
         await self._publish(ctx, SessionMemoryReset, scope=scope)
@@ -119,7 +119,7 @@ class SlashCommands:
     async def _setting(
         self, ctx: lightbulb.Context, key: str, value: str, clear: bool, default: str
     ) -> None:
-        if not await self._may_talk(ctx):
+        if not await self.may_talk(ctx):
             return
         locale = str(ctx.interaction.locale)
         if ctx.guild_id is None:
@@ -141,7 +141,8 @@ class SlashCommands:
         text = say("cleared", locale) if not value else say(f"{key}.set", locale, value=value)
         await ctx.respond(text, ephemeral=True)
 
-    async def _may_talk(self, ctx: lightbulb.Context) -> bool:
+    async def may_talk(self, ctx: lightbulb.Context) -> bool:
+        """Whether the access lists let this person use Libra here; if not, they are told."""
         channel, thread = _where(ctx)
         roles = frozenset(str(r) for r in ctx.member.role_ids) if ctx.member else frozenset()
         speaker = Speaker(

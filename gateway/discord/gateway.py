@@ -6,7 +6,7 @@ to the turn's events, then publishes the input. While the turns and llm processo
 shows the typing indicator (unless the reply starts at once), posts the reply on the first
 delta and edits it as more arrive (:class:`.LiveReply`), and when the reply is complete it
 publishes ``reply.delivered`` with the message ids. A rejected or failed turn gets the short
-message the event carries.
+message the event carries. Voice channels (/join) are :mod:`.voice_calls`' part.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 
 import asyncpg
 import hikari
@@ -44,6 +45,8 @@ from .live_reply import LiveReply
 from .messages import MessageReader, event_id_of
 from .sessions import SessionView
 from .strings import localization, say
+from .voice_calls import VoiceCalls
+from .voice_commands import VoiceCommands, register_voice_commands
 
 __all__ = ["INTENTS", "DiscordGateway", "parse_shards"]
 
@@ -110,6 +113,7 @@ class DiscordGateway:
         redis: aioredis.Redis,
         *,
         reply_idle_s: float = 60.0,
+        voice_ssl: ssl.SSLContext | None = None,
     ) -> None:
         if not settings.discord_token:
             raise ConfigError("DISCORD_TOKEN is not set")
@@ -152,17 +156,17 @@ class DiscordGateway:
             default_enabled_guilds=[int(guild)] if guild else (),
             localization_provider=localization(),
         )
-        register_commands(
-            self.commands,
-            SlashCommands(
-                log_,
-                pool,
-                self.view,
-                self.access,
-                default_model=settings.primary_model,
-                default_persona=settings.libra_persona,
-            ),
+        slash = SlashCommands(
+            log_,
+            pool,
+            self.view,
+            self.access,
+            default_model=settings.primary_model,
+            default_persona=settings.libra_persona,
         )
+        register_commands(self.commands, slash)
+        self.voice = VoiceCalls(self.bot, log_, settings, self.access, ssl=voice_ssl)
+        register_voice_commands(self.commands, VoiceCommands(log_, self.voice, self.claims, slash))
         self.bot.subscribe(hikari.StartedEvent, self._on_started)
         self.bot.subscribe(hikari.MessageCreateEvent, self._on_message)
         self._answering: set[asyncio.Task[None]] = set()
@@ -174,6 +178,7 @@ class DiscordGateway:
         await self.view.start()
         shard_ids, shard_count = self.shards
         try:
+            await self.voice.start()
             await self.bot.start(
                 check_for_updates=False, shard_ids=shard_ids, shard_count=shard_count
             )
@@ -187,6 +192,7 @@ class DiscordGateway:
                 closed.cancel()
         finally:
             self._stopping.set()
+            await self.voice.stop()
             await self._drain()
             await self.commands.stop()
             if self.bot.is_alive:

@@ -55,6 +55,32 @@ COMMAND_TEXTS: dict[str, tuple[str, str]] = {
     "stats.desc": ("My usage today: turns and tokens", "오늘 내 사용량: 대화 수와 토큰"),
     "help": ("help", "도움말"),
     "help.desc": ("What Libra does and how to talk to it", "Libra가 하는 일과 사용법"),
+    "join": ("join", "참가"),
+    "join.desc": ("Libra joins your voice channel", "Libra가 내 음성 채널에 들어옵니다"),
+    "leave": ("leave", "나가기"),
+    "leave.desc": ("Libra leaves the voice channel", "Libra가 음성 채널에서 나갑니다"),
+    "record": ("record", "녹음"),
+    "record.desc": (
+        "Start recording what you say in voice; /stop ends it",
+        "음성으로 하는 말을 녹음하기 시작합니다. /stop으로 끝냅니다",
+    ),
+    "stop": ("stop", "정지"),
+    "stop.desc": (
+        "Stop recording: Libra answers what you said",
+        "녹음을 멈추면 Libra가 녹음한 말에 답합니다",
+    ),
+    "voice": ("voice", "음성"),
+    "voice.desc": ("How Libra listens in voice", "Libra가 음성을 듣는 방식"),
+    "voice.auto": ("auto", "자동"),
+    "voice.auto.desc": (
+        "Libra answers when you pause (voice activity)",
+        "말을 멈추면 Libra가 답합니다 (음성 감지)",
+    ),
+    "voice.manual": ("manual", "수동"),
+    "voice.manual.desc": (
+        "Libra listens only between /record and /stop",
+        "/record와 /stop 사이에만 Libra가 듣습니다",
+    ),
 }
 
 _REPLIES: dict[str, tuple[str, str]] = {
@@ -119,12 +145,16 @@ _REPLIES: dict[str, tuple[str, str]] = {
         "chat mode on (`/chat on`) I answer every message, and in DMs always. Replying to a "
         "message makes its chain of replies my context; a thread is a conversation of its own.\n"
         "`/reset` forgets our conversation, `/stats` shows your usage today, `/model` and "
-        "`/persona` show this server's model and system prompt (admins can set them).",
+        "`/persona` show this server's model and system prompt (admins can set them).\n"
+        "In voice: `/join` your voice channel and talk; `/voice manual` to talk between "
+        "`/record` and `/stop`; `/leave` when you're done.",
         "저는 Libra예요. 저를 멘션하거나 제 메시지에 답장하면 답해요. 채팅 모드가 켜진 "
         "채널(`/chat on`)에서는 모든 메시지에, DM에서는 항상 답해요. 메시지에 답장하면 그 답장 "
         "흐름을 맥락으로 삼고, 스레드는 따로 하나의 대화예요.\n"
         "`/reset`은 대화를 잊고, `/stats`는 오늘 사용량을, `/model`과 `/persona`는 이 서버의 "
-        "모델과 시스템 프롬프트를 보여 줘요 (관리자는 바꿀 수 있어요).",
+        "모델과 시스템 프롬프트를 보여 줘요 (관리자는 바꿀 수 있어요).\n"
+        "음성: 음성 채널에서 `/join`을 쓰고 말하세요. `/voice manual`이면 `/record`와 `/stop` "
+        "사이에만 들어요. 끝나면 `/leave`를 써 주세요.",
     ),
     "error": (
         "Something went wrong on my side; please try again.",
@@ -144,6 +174,43 @@ _REPLIES: dict[str, tuple[str, str]] = {
         "죄송해요, 답을 만들지 못했어요. 다시 시도해 주세요.",
     ),
     "empty": ("(no answer)", "(답 없음)"),
+    "voice.not_in_channel": (
+        "Join a voice channel first, then use /join there.",
+        "먼저 음성 채널에 들어간 다음 /join을 써 주세요.",
+    ),
+    "voice.already": ("I'm already in <#{channel}>.", "이미 <#{channel}>에 있어요."),
+    "voice.join_failed": (
+        "I couldn't join that voice channel. Check that I may connect and speak there.",
+        "음성 채널에 들어가지 못했어요. 제가 연결하고 말할 권한이 있는지 확인해 주세요.",
+    ),
+    "voice.joined": (
+        "I'm in <#{channel}>: talk and I'll answer when you pause. `/voice manual` makes me "
+        "listen only between `/record` and `/stop`; `/leave` when you're done.",
+        "<#{channel}>에 들어왔어요. 말하고 잠시 멈추면 답할게요. `/voice manual`로 바꾸면 "
+        "`/record`와 `/stop` 사이에만 들어요. 끝나면 `/leave`를 써 주세요.",
+    ),
+    "voice.left": ("Left <#{channel}>.", "<#{channel}>에서 나왔어요."),
+    "voice.not_joined": (
+        "I'm not in a voice channel here; use /join first.",
+        "여기서는 음성 채널에 있지 않아요. 먼저 /join을 써 주세요.",
+    ),
+    "voice.not_with_libra": (
+        "Join me in <#{channel}> first.",
+        "먼저 <#{channel}>에 들어와 주세요.",
+    ),
+    "voice.recording": (
+        "Recording: speak, then use /stop.",
+        "녹음 중이에요. 말한 다음 /stop을 써 주세요.",
+    ),
+    "voice.stopped": ("Got it; answering.", "알겠어요, 답할게요."),
+    "voice.auto": (
+        "Voice mode: automatic. I answer when you pause.",
+        "음성 모드: 자동. 말을 멈추면 답할게요.",
+    ),
+    "voice.manual": (
+        "Voice mode: manual. I listen only between /record and /stop.",
+        "음성 모드: 수동. /record와 /stop 사이에만 들을게요.",
+    ),
 }
 
 

@@ -5,6 +5,7 @@
 - ``GET /api/chat/history/{userId}``: that user's messages, oldest first
 - ``GET /api/health``: llm, database, redis and nats
 - ``GET /metrics``: Prometheus
+- ``POST /api/stt/transcribe`` and ``POST /voice/process``: speech in (:mod:`.voice`)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import asyncpg
 import msgspec
@@ -42,6 +43,10 @@ from ..chat import converse
 from ..replies import ReplyTimeout
 from .auth import Authenticator, Principal
 from .metrics import BodyLimit, RequestMetrics
+
+if TYPE_CHECKING:
+    from libra.gateway.voice import SegmenterConfig
+    from libra.runtime.audio import AudioStore
 
 __all__ = ["ChatRequest", "create_app"]
 
@@ -147,18 +152,34 @@ def create_app(
     llm_status: Callable[[], str],
     max_body_bytes: int,
     reply_idle_s: float = 90.0,
+    audio: AudioStore | None = None,
+    segmentation: SegmenterConfig | None = None,
 ) -> FastAPI:
-    """Returns the API wired to the log and the read models."""
+    """Returns the API wired to the log and the read models; with ``audio``, voice too."""
     app = FastAPI(
         title="Libra",
         version="0.1.0",
-        description="Libra's HTTP API: chat with the bot, read history, check health.",
+        description="Libra's HTTP API: chat with the bot by text or voice, read history,"
+        " check health.",
     )
     app.state.auth = auth
     _install_error_handlers(app)
     _install_chat(app, log, reply_idle_s)
     _install_reads(app, log, pool=pool, redis=redis, llm_status=llm_status)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    body_limits: dict[str, int] = {}
+    if audio is not None:
+        from libra.gateway.voice import SegmenterConfig
+
+        from .voice import install_voice  # (it builds on this module's helpers)
+
+        body_limits = install_voice(
+            app,
+            log,
+            audio,
+            segmentation=segmentation or SegmenterConfig(),
+            reply_idle_s=reply_idle_s,
+        )
+    app.add_middleware(BodyLimit, limit=max_body_bytes, routes=body_limits)
     app.add_middleware(RequestMetrics)
     return app
 
@@ -182,7 +203,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if not isinstance(detail, dict):
             error = _ERROR_NAMES.get(exc.status_code, "http_error")
             message = (
-                "the body is not valid JSON in UTF-8" if exc.status_code == 400 else str(detail)
+                "the body is not valid JSON in UTF-8 (or, for an upload, multipart form data)"
+                if exc.status_code == 400
+                else str(detail)
             )
             detail = {"error": error, "message": message}
         return JSONResponse(detail, status_code=exc.status_code, headers=exc.headers)

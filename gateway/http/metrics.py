@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from prometheus_client import Counter, Histogram
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["BodyLimit", "RequestMetrics"]
@@ -46,18 +48,24 @@ class RequestMetrics:
 
 
 class BodyLimit:
-    """Answers 413 to a body over ``limit`` bytes, declared or streamed, before it is read."""
+    """Answers 413 to a body over ``limit`` bytes, declared or streamed, before it is read.
 
-    def __init__(self, app: ASGIApp, *, limit: int) -> None:
-        self.app, self.limit = app, limit
+    ``routes`` gives some paths a larger limit (audio uploads are larger than messages).
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, limit: int, routes: Mapping[str, int] | None = None
+    ) -> None:
+        self.app, self.limit, self.routes = app, limit, dict(routes or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = max(self.limit, self.routes.get(scope["path"], 0))
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _too_large(send, self.limit)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
             return
         seen = 0
 
@@ -65,18 +73,22 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _BodyTooLarge
+            if seen > limit:
+                raise _BodyTooLarge(limit)
             return message
 
         try:
             await self.app(scope, counting_receive, send)
         except _BodyTooLarge:
-            await _too_large(send, self.limit)
+            await _too_large(send, limit)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(HTTPException):
+    """Raised by ``receive``: an HTTP error, so that the app's body parsing lets it through."""
+
+    def __init__(self, limit: int) -> None:
+        message = f"the request body is over {limit} bytes"
+        super().__init__(413, {"error": "too_large", "message": message})
 
 
 async def _too_large(send: Send, limit: int) -> None:

@@ -12,7 +12,8 @@ so the silence is confirmed on time.
 
 Events: an utterance becomes ``voice.captured`` (its id is also its turn), its audio stored as
 16 kHz mono s16le under ``voice/<conversation>/<id>``. A confirmation becomes ``voice.ended``
-for that turn. ``speech_ended_at`` is the wall-clock time of the end of the last voiced frame.
+for that turn, and talking on after a speculative cut ``voice.resumed`` for it.
+``speech_ended_at`` is the wall-clock time of the end of the last voiced frame.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from types import TracebackType
 
 import numpy as np
 
-from libra.contracts import Origin, VoiceCaptured, VoiceEnded, derive, make, new_id
+from libra.contracts import Origin, VoiceCaptured, VoiceEnded, VoiceResumed, derive, make, new_id
 from libra.runtime.audio import AudioStore
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
 from .frames import FrameSplitter
-from .segmenter import Confirmed, Decision, Segmenter, SegmenterConfig, Utterance
+from .segmenter import Confirmed, Decision, Resumed, Segmenter, SegmenterConfig, Utterance
 from .vad import FRAME_SAMPLES, SAMPLE_RATE, SileroVad
 
 __all__ = ["VoiceCapture", "segmenter_config"]
@@ -84,8 +85,13 @@ class VoiceCapture:
         self._filler: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> VoiceCapture:
-        self._writer = asyncio.create_task(self._write(), name=f"voice-{self.conversation}")
+        self.start()
         return self
+
+    def start(self) -> None:
+        """Starts writing utterances to the log (what ``async with`` does), from sync code."""
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(), name=f"voice-{self.conversation}")
 
     async def __aexit__(
         self,
@@ -119,6 +125,12 @@ class VoiceCapture:
         self._fed_until += missing * FRAME_S
         self._arm(self._fed_until + FRAME_S)  # then one frame each time one would have come
 
+    def set_automatic(self, automatic: bool) -> None:
+        """Switches between VAD mode and manual mode; an open automatic utterance ends first."""
+        if self.segmenter.in_utterance:
+            self._decided(self.segmenter.flush())
+        self.segmenter.automatic = automatic
+
     def start_recording(self) -> None:
         """``/record``: keeps everything until :meth:`stop_recording`, as one utterance."""
         self._decided(self.segmenter.start_recording())
@@ -142,17 +154,23 @@ class VoiceCapture:
             # The last frame fed ended now: that maps the stream's clock onto the wall clock.
             now = datetime.now(UTC)
             for decision in decisions:
-                behind = timedelta(milliseconds=self.segmenter.now_ms - decision.speech_end_ms)
+                end_ms = self.segmenter.now_ms  # a resumption: it happened now
+                if not isinstance(decision, Resumed):
+                    end_ms = decision.speech_end_ms
+                behind = timedelta(milliseconds=self.segmenter.now_ms - end_ms)
                 self._queue.put_nowait((decision, now - behind))
 
     async def _write(self) -> None:
         while (item := await self._queue.get()) is not None:
             decision, speech_ended_at = item
             try:
-                if isinstance(decision, Utterance):
-                    await self._publish_utterance(decision, speech_ended_at)
-                else:
-                    await self._publish_end(decision)
+                match decision:
+                    case Utterance():
+                        await self._publish_utterance(decision, speech_ended_at)
+                    case Confirmed():
+                        await self._publish_end(decision)
+                    case Resumed():
+                        await self._publish_resumed(decision)
             except Exception:  # one lost utterance must not end the speaker's capture
                 log.exception("could not write a voice event")
 
@@ -193,4 +211,12 @@ class VoiceCapture:
                 speech_ended_at=captured.speech_ended_at,  # the same last voiced frame
                 origin=self.origin,
             )
+        )
+
+    async def _publish_resumed(self, resumed: Resumed) -> None:
+        captured = self._captured.pop(resumed.seq, None)
+        if captured is None:  # its capture could not be written: nothing was started for it
+            return
+        await self.log.publish(
+            derive(captured, VoiceResumed, key="resumed", captured=captured.id, origin=self.origin)
         )

@@ -10,8 +10,9 @@ The rules, in stream time (20 ms per frame fed):
 - *Speculative cut*: at the first pause of ``speculative_ms``, the utterance so far is emitted
   as ``Utterance(speculative=True)``, so that transcription runs while the silence is still
   being confirmed. If the silence reaches ``silence_ms``, a ``Confirmed`` for it follows. If the
-  person goes on talking, that utterance is simply never confirmed, and the next pause emits a
-  new speculative utterance holding the whole, longer audio.
+  person goes on talking, a ``Resumed`` for it says that it will never be confirmed (what was
+  started for it can stop), and the next pause emits a new speculative utterance holding the
+  whole, longer audio.
 - With ``speculative_ms`` 0 (or not shorter than ``silence_ms``), utterances are emitted once,
   non-speculative, when the silence is confirmed.
 - An utterance reaching ``max_utterance_ms`` is emitted as it stands (non-speculative) and a new
@@ -36,7 +37,15 @@ import numpy as np
 
 from .vad import FRAME_SAMPLES
 
-__all__ = ["FRAME_MS", "Confirmed", "Decision", "Segmenter", "SegmenterConfig", "Utterance"]
+__all__ = [
+    "FRAME_MS",
+    "Confirmed",
+    "Decision",
+    "Resumed",
+    "Segmenter",
+    "SegmenterConfig",
+    "Utterance",
+]
 
 FRAME_MS = 20
 _HYSTERESIS = 0.15  # once speaking, a frame stays voiced down to threshold - 0.15 (as Silero does)
@@ -82,7 +91,14 @@ class Confirmed:
     speech_end_ms: int
 
 
-Decision = Utterance | Confirmed
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """The person went on talking after speculative utterance ``seq``: it is not the turn."""
+
+    seq: int
+
+
+Decision = Utterance | Confirmed | Resumed
 
 
 def _frames(ms: int) -> int:
@@ -192,12 +208,15 @@ class Segmenter:
 
     def _speaking(self, frame: np.ndarray, index: int, prob: float) -> list[Decision]:
         self._frames.append(frame)
+        out: list[Decision] = []
         if prob >= self.config.threshold - _HYSTERESIS:
             self._voiced += 1
             self._last_voiced = index
             self._peak_db = max(self._peak_db, self._energy[-1])
             self._in_pause = False
-            self._pending = None  # they went on talking: the speculative cut is never confirmed
+            if self._pending is not None:  # they went on talking: that cut is not the turn
+                out.append(Resumed(self._pending))
+                self._pending = None
         else:
             if not self._in_pause:
                 self._in_pause = True
@@ -206,8 +225,8 @@ class Segmenter:
             if out or not self._frames:
                 return out
         if index + 1 - self._start >= self._max_frames:
-            return self._split()
-        return []
+            return [*out, *self._split()]
+        return out
 
     def _pause(self, index: int) -> list[Decision]:
         silent = index - self._last_voiced

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import multiprocessing
 import statistics
+import subprocess
+import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +18,14 @@ from libra.runtime.config import Settings
 
 from ..embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis, free_port, nats_conf_path
 
-__all__ = ["BenchServers", "percentile", "report", "servers"]
+__all__ = [
+    "BenchServers",
+    "fake_llm_provider",
+    "libra_processes",
+    "percentile",
+    "report",
+    "servers",
+]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -88,3 +99,72 @@ def report(results: dict[str, float | int | str], *, as_json: bool, title: str) 
     for key, value in results.items():
         shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
         print(f"  {key:<32} {shown:>14}")
+
+
+def _serve_fake_llm(port: int, text: str, ttft: float, tokens_per_sec: float, ready) -> None:
+    from libra.ops.fakes.llm_wire import Behaviour, FakeLlmWire
+
+    async def main() -> None:
+        reply = Behaviour.ok(text, ttft=ttft, tokens_per_sec=tokens_per_sec)
+        await FakeLlmWire(port=port, reply=reply, record=False).start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def fake_llm_provider(
+    text: str, *, ttft: float = 0.0, tokens_per_sec: float = 0.0
+) -> Iterator[str]:
+    """A loopback fake of the OpenAI wire in a process of its own; yields its /v1 base URL.
+
+    Its own process, so that its CPU is not taken from the Libra process being measured.
+    """
+    port = free_port()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(
+        target=_serve_fake_llm, args=(port, text, ttft, tokens_per_sec, ready), daemon=True
+    )
+    proc.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the fake provider did not start")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.join(5)
+
+
+@contextlib.asynccontextmanager
+async def libra_processes(
+    env: dict[str, str], groups: Sequence[Sequence[str]]
+) -> AsyncIterator[None]:
+    """Runs each group of components as a `libra run` process, as production does; returns
+    once every one says it is ready, and stops them (SIGTERM, they drain) at the end."""
+    procs = []
+    try:
+        for names in groups:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "libra.ops", "run", *names],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+            )
+        for proc in procs:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            while line and "Libra is ready" not in line:
+                line = await asyncio.to_thread(proc.stdout.readline)
+            if not line:
+                raise RuntimeError(f"`libra run` exited with {proc.wait()}")
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(30)

@@ -2,13 +2,12 @@
 
 The gateway runs as production runs it, ``libra run discord`` in a process of its own, against
 the loopback Discord (``ops/fakes/discord.py``) and the real servers (NATS with the real
-``nats.conf``, PostgreSQL, Redis). This process plays Discord and stands in for the turns and llm
-processors with an instant responder on the consumer runtime: each ``text.received`` becomes
-``turn.accepted``, one delta and ``llm.completed`` at once, so the figure is the gateway's and
-the log's share of a reply's latency. Every channel is in chat mode and gets a message every
-``interval`` seconds (open loop, phases spread), within Discord's five messages per five seconds
-per channel. The latency of a message is measured by the fake alone: from the moment it sends
-the MESSAGE_CREATE frame to the arrival of the POST that replies to it.
+``nats.conf``, PostgreSQL, Redis), beside the real turns and llm processors (each a ``libra run``
+process too) whose provider answers instantly: a loopback fake of the OpenAI wire, reached
+through the official SDK. This process plays Discord. Every channel is in chat mode and gets a
+message every ``interval`` seconds (open loop, phases spread), within Discord's five messages per
+five seconds per channel. The latency of a message is measured by the fake alone: from the
+moment it sends the MESSAGE_CREATE frame to the arrival of the POST that replies to it.
 """
 
 from __future__ import annotations
@@ -25,48 +24,23 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from libra.contracts import (
-    ConsumerSpec,
-    LlmCompleted,
-    LlmDelta,
     Origin,
     SessionChat,
-    TurnAccepted,
     conversation_id,
-    derive,
     make,
 )
 from libra.runtime.config import Settings
-from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
 
 from ..fakes.discord import FakeDiscord
-from .common import percentile, report, servers
+from .common import fake_llm_provider, libra_processes, percentile, report, servers
 
 __all__ = ["run_bench_discord"]
 
-ANSWER = "An instant answer from the bench's stand-in for the llm processor."
-NOTE = "instant responder stands in for the turns and llm processors"
-
-
-class _InstantAnswer:
-    """The turns and llm processors' part, with no time taken: accepted, one delta, completed."""
-
-    spec = ConsumerSpec(name="bench-instant-answer", subjects=("libra.text.received.>",))
-
-    async def handle(self, event) -> AsyncIterator:
-        accepted = derive(event, TurnAccepted, key="turn", text=event.text, origin=event.origin)
-        yield accepted
-        yield derive(accepted, LlmDelta, key="delta/0", index=0, text=ANSWER, origin=event.origin)
-        yield derive(
-            accepted,
-            LlmCompleted,
-            key="completed",
-            text=ANSWER,
-            provider="bench",
-            model="instant",
-            origin=event.origin,
-        )
+ANSWER = "An instant answer from a loopback fake of the OpenAI wire."
+PROCESSORS = (["turns"], ["llm"])
+NOTE = "real turns and llm processors, provider answering instantly (fake OpenAI wire)"
 
 
 def _gateway_env(urls, fake: FakeDiscord) -> dict[str, str]:
@@ -85,7 +59,9 @@ def _gateway_env(urls, fake: FakeDiscord) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def _gateway_process(urls, fake: FakeDiscord, folder: Path) -> AsyncIterator[None]:
+async def _gateway_process(
+    urls, fake: FakeDiscord, folder: Path, env: dict[str, str]
+) -> AsyncIterator[None]:
     """``libra run discord`` in a process of its own, until the block ends."""
     log_file = folder / "gateway.log"
     with log_file.open("wb") as out:
@@ -95,7 +71,7 @@ async def _gateway_process(urls, fake: FakeDiscord, folder: Path) -> AsyncIterat
             "libra.ops",
             "run",
             "discord",
-            env=_gateway_env(urls, fake),
+            env=env,
             stdout=out,
             stderr=out,
         )
@@ -190,12 +166,20 @@ async def run_bench_discord(
         await migrate(srv.database_url)
         log = await EventLog.connect(srv.nats_url, name="bench-discord")
         await log.provision(Settings(), consumers=())
-        runner = ConsumerRunner(log, _InstantAnswer(), concurrency=512)
-        answering = asyncio.create_task(runner.run())
+        env = {**_gateway_env(srv, fake), "RATE_LIMIT_TURNS": "1000000", "LLM_CACHE_ENABLED": "0"}
+        for key in ("OPENAI_API_KEY", "GROQ_API_KEY", "ANTHROPIC_API_KEY", "OLLAMA_URL"):
+            env.pop(key, None)
         try:
             chat = await _prepare(log, fake, channels)
-            with tempfile.TemporaryDirectory(prefix="libra-bench-discord-") as folder:
-                async with _gateway_process(srv, fake, Path(folder)):
+            with (
+                fake_llm_provider(ANSWER) as provider_url,
+                tempfile.TemporaryDirectory(prefix="libra-bench-discord-") as folder,
+            ):
+                env["LLM_BASE_URL"] = provider_url
+                async with (
+                    libra_processes(env, PROCESSORS),
+                    _gateway_process(srv, fake, Path(folder), env),
+                ):
                     warm = await _send_all(fake, chat, 1, interval)
                     await _first_posts(fake, warm, timeout=30)
                     await asyncio.sleep(max(0.0, 5.0 - interval))  # let the rate windows pass
@@ -204,8 +188,6 @@ async def run_bench_discord(
                     latencies = await _first_posts(fake, sent, timeout=30)
                     elapsed = time.perf_counter() - started
         finally:
-            await runner.stop()
-            await answering
             await log.close()
     results: dict = {
         "first_post_p50_ms": percentile(latencies, 50),

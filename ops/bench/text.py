@@ -19,14 +19,9 @@ a think time (``--think`` seconds, ±50 %). Two overheads are reported per turn:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import multiprocessing
 import os
 import random
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 
 from libra.contracts import LlmCompleted, LlmDelta, LlmFailed, TurnRejected
 from libra.gateway.chat import converse
@@ -34,8 +29,7 @@ from libra.runtime.config import Settings
 from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
 
-from ..embedded import free_port
-from .common import percentile, report, servers
+from .common import fake_llm_provider, libra_processes, percentile, report, servers
 
 __all__ = ["run_bench_text"]
 
@@ -48,64 +42,6 @@ REPLY = (
     "Sure. An event log keeps every message, transcript and reply as an immutable fact, so the "
     "bot can replay a conversation, rebuild its memory and explain what happened when."
 )
-
-
-def _serve_fake(port: int, ttft: float, tokens_per_sec: float, ready) -> None:
-    from libra.ops.fakes.llm_wire import Behaviour, FakeLlmWire
-
-    async def main() -> None:
-        reply = Behaviour.ok(REPLY, ttft=ttft, tokens_per_sec=tokens_per_sec)
-        await FakeLlmWire(port=port, reply=reply, record=False).start()
-        ready.set()
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
-
-
-@contextlib.contextmanager
-def _fake_provider(ttft: float, tokens_per_sec: float) -> Iterator[str]:
-    port = free_port()
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
-    proc = ctx.Process(target=_serve_fake, args=(port, ttft, tokens_per_sec, ready), daemon=True)
-    proc.start()
-    try:
-        if not ready.wait(60):
-            raise RuntimeError("the fake provider did not start")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.join(5)
-
-
-@contextlib.asynccontextmanager
-async def _libra(env: dict[str, str]):
-    """Runs every group as a `libra run` process; returns once each says it is ready."""
-    procs = []
-    try:
-        for names in GROUPS:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "libra.ops", "run", *names],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    text=True,
-                )
-            )
-        for proc in procs:
-            line = await asyncio.to_thread(proc.stdout.readline)
-            while line and "Libra is ready" not in line:
-                line = await asyncio.to_thread(proc.stdout.readline)
-            if not line:
-                raise RuntimeError(f"`libra run` exited with {proc.wait()}")
-        yield
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(30)
 
 
 class _Tally:
@@ -156,8 +92,8 @@ async def _scenario(
     think: float,
     seconds: float,
 ) -> tuple[_Tally, float]:
-    with _fake_provider(ttft, tokens_per_sec) as provider_url:
-        async with _libra({**env, "LLM_BASE_URL": provider_url}):
+    with fake_llm_provider(REPLY, ttft=ttft, tokens_per_sec=tokens_per_sec) as provider_url:
+        async with libra_processes({**env, "LLM_BASE_URL": provider_url}, GROUPS):
             log = await EventLog.connect(env["NATS_URL"], name="bench-text-gateway")
             try:
                 warm = _Tally()

@@ -6,7 +6,10 @@ with the fake's own websocket. On it the fake speaks the gateway protocol as hik
 heartbeats and their ACKs, dispatches (MESSAGE_CREATE, MESSAGE_UPDATE, INTERACTION_CREATE) with
 sequence numbers, and RESUME after :meth:`FakeDiscord.drop` cut the socket: the events sent
 meanwhile are replayed, then RESUMED. Several sessions may identify for the same shard (two bot
-processes) and each receives every event of its shard, as on Discord.
+processes) and each receives every event of its shard, as on Discord. Voice: people join voice
+channels (:meth:`FakeDiscord.move_voice`, VOICE_STATE_UPDATE), and the bot's voice state update
+(op 4) is answered with its VOICE_STATE_UPDATE and a VOICE_SERVER_UPDATE naming the voice server
+the test registered for that channel (:meth:`FakeDiscord.voice_server`).
 
 The REST side answers the calls Libra makes, records each one in :attr:`FakeDiscord.calls`, and
 sends Discord's rate-limit headers, so hikari's limiter learns real per-channel buckets. A test
@@ -49,7 +52,7 @@ MANAGE_CHANNELS = 1 << 4
 MANAGE_GUILD = 1 << 5
 EVERYDAY_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 16)  # view channel, send, read history
 _SYNC_FLUSH = zlib.Z_SYNC_FLUSH
-_OP_DISPATCH, _OP_HEARTBEAT, _OP_IDENTIFY, _OP_RESUME = 0, 1, 2, 6
+_OP_DISPATCH, _OP_HEARTBEAT, _OP_IDENTIFY, _OP_VOICE_STATE, _OP_RESUME = 0, 1, 2, 4, 6
 _OP_INVALID_SESSION, _OP_HELLO, _OP_HEARTBEAT_ACK = 9, 10, 11
 
 
@@ -286,6 +289,10 @@ class FakeDiscord:
         self.guilds: dict[int, dict[str, Any]] = {}
         self.channels: dict[int, dict[str, Any]] = {}
         self.files: dict[str, tuple[bytes, str]] = {}
+        # guild -> user id -> (user, voice channel): who is in which voice channel
+        self.voice_states: dict[int, dict[int, tuple[FakeUser, int]]] = {}
+        self.voice_servers: dict[int, tuple[str, str]] = {}  # voice channel -> endpoint, token
+        self.voice_updates: list[tuple[int, int | None]] = []  # the bot's op 4: guild, channel
         self.sessions: list[_Session] = []
         self.identifies = 0
         self.heartbeats = 0
@@ -359,6 +366,21 @@ class FakeDiscord:
         channel_id = self.snowflake()
         self.channels[channel_id] = {"id": channel_id, "guild_id": guild_id, "name": name}
         return channel_id
+
+    def add_voice_channel(self, guild_id: int, name: str = "voice") -> int:
+        """Adds a voice channel to a guild."""
+        channel_id = self.snowflake()
+        self.channels[channel_id] = {
+            "id": channel_id,
+            "guild_id": guild_id,
+            "name": name,
+            "voice": True,
+        }
+        return channel_id
+
+    def voice_server(self, channel_id: int, endpoint: str, token: str) -> None:
+        """Where the bot is sent when it joins ``channel_id``: ``host:port`` and its token."""
+        self.voice_servers[channel_id] = (endpoint, token)
 
     def add_thread(self, parent_id: int, name: str = "thread") -> int:
         parent = self.channels[parent_id]
@@ -487,6 +509,40 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", payload, guild_id=guild_id)
         return interaction
 
+    async def move_voice(self, user: FakeUser, guild_id: int, channel_id: int | None) -> None:
+        """Someone joins a voice channel, moves, or (``channel_id`` None) leaves voice."""
+        await self._set_voice_state(user, guild_id, channel_id, session_id=f"voice-{user.id}")
+
+    async def _set_voice_state(
+        self, user: FakeUser, guild_id: int, channel_id: int | None, *, session_id: str
+    ) -> None:
+        states = self.voice_states.setdefault(guild_id, {})
+        if channel_id is None:
+            states.pop(user.id, None)
+        else:
+            states[user.id] = (user, channel_id)
+        await self.dispatch(
+            "VOICE_STATE_UPDATE",
+            self._voice_state_payload(user, guild_id, channel_id, session_id),
+            guild_id=guild_id,
+        )
+        await self._changed_now()
+
+    async def _update_voice_state(self, session: _Session, data: dict[str, Any]) -> None:
+        """The bot's op 4: its new voice state to the shard, the voice server to this session."""
+        guild_id = int(data["guild_id"])
+        channel_id = int(data["channel_id"]) if data.get("channel_id") else None
+        self.voice_updates.append((guild_id, channel_id))
+        await self._set_voice_state(self.bot, guild_id, channel_id, session_id=session.id)
+        server = self.voice_servers.get(channel_id) if channel_id is not None else None
+        if server is not None:
+            endpoint, token = server
+            await self._dispatch_to(
+                session,
+                "VOICE_SERVER_UPDATE",
+                {"token": token, "guild_id": str(guild_id), "endpoint": endpoint},
+            )
+
     # --- the gateway ----------------------------------------------------------------------------
 
     async def dispatch(self, name: str, data: dict[str, Any], *, guild_id: int | None) -> None:
@@ -545,6 +601,8 @@ class FakeDiscord:
                 session = await self._identify(conn, frame["d"])
             elif op == _OP_RESUME:
                 session = await self._resume(conn, frame["d"])
+            elif op == _OP_VOICE_STATE and session is not None:
+                await self._update_voice_state(session, frame["d"])
         if session is not None and session.conn is conn:
             session.conn = None
         await self._changed_now()
@@ -960,6 +1018,24 @@ class FakeDiscord:
             }
         return payload
 
+    def _voice_state_payload(
+        self, user: FakeUser, guild_id: int, channel_id: int | None, session_id: str
+    ) -> dict[str, Any]:
+        return {
+            "guild_id": str(guild_id),
+            "channel_id": None if channel_id is None else str(channel_id),
+            "user_id": str(user.id),
+            "member": {**self._member_payload(()), "user": user.payload()},
+            "session_id": session_id,
+            "deaf": False,
+            "mute": False,
+            "self_deaf": False,
+            "self_mute": False,
+            "self_video": False,
+            "suppress": False,
+            "request_to_speak_timestamp": None,
+        }
+
     @staticmethod
     def _member_payload(roles: tuple[int, ...]) -> dict[str, Any]:
         return {
@@ -987,6 +1063,8 @@ class FakeDiscord:
             "rate_limit_per_user": 0,
             "permissions": str(EVERYDAY_PERMISSIONS),
         }
+        if channel.get("voice"):
+            out.update({"type": 2, "bitrate": 64_000, "user_limit": 0, "rtc_region": None})
         if "parent_id" in channel:
             out.update(
                 {
@@ -1053,9 +1131,15 @@ class FakeDiscord:
             "joined_at": _iso(),
             "large": False,
             "member_count": 2,
-            "members": [],
+            "members": [
+                {**self._member_payload(()), "user": user.payload()}
+                for user, _ in self.voice_states.get(guild_id, {}).values()
+            ],
             "presences": [],
-            "voice_states": [],
+            "voice_states": [
+                self._voice_state_payload(user, guild_id, channel, f"voice-{user.id}")
+                for user, channel in self.voice_states.get(guild_id, {}).values()
+            ],
             "channels": [self._channel_payload(c) for c in channels if "parent_id" not in c],
             "threads": [self._channel_payload(c) for c in channels if "parent_id" in c],
             "unavailable": False,

@@ -1,7 +1,8 @@
 """The asr processor: each ``voice.captured`` becomes one ``asr.transcribed``.
 
-The transcript keeps the capture's ``speculative`` flag and turn: admission answers a
-speculative one only once ``voice.ended`` confirms its turn. Silence and noise give a transcript
+The transcript keeps the capture's ``speculative`` and ``reply`` flags and turn: admission
+answers a speculative one only once ``voice.ended`` confirms its turn, and makes no turn of one
+that was captured only to be transcribed. Silence and noise give a transcript
 with empty text (``confidence`` 0): the event still says the utterance was heard, and the turns
 processor makes no turn of it.
 """
@@ -57,6 +58,7 @@ class AsrProcessor:
             audio_ms=event.audio.duration_ms,
             latency_ms=round((time.perf_counter() - started) * 1000, 2),
             speculative=event.speculative,
+            reply=event.reply,
             origin=event.origin,
         )
 

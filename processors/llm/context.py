@@ -80,12 +80,16 @@ class PromptBuilder:
         name = model.split(":", 1)[-1].lower()
         return any(name.startswith(prefix.lower()) for prefix in self.vision_models)
 
-    async def build(self, turn: TurnAccepted, *, default_model: str) -> Prompt:
+    async def build(self, turn: TurnAccepted, *, default_model: str, persona: str = "") -> Prompt:
+        """Returns the turn's prompt as of the turn's time: the history and memories before it.
+
+        ``persona`` replaces the server's and the default one (an eval's candidate prompt).
+        """
         (settings, history), memories = await asyncio.gather(
             self._settings_and_history(turn), self._memories(turn)
         )
         model = settings.get("model") or None
-        system = self._system(settings.get("persona") or self.persona, turn, memories)
+        system = self._system(persona or settings.get("persona") or self.persona, turn, memories)
         current = self._current(turn, model or default_model)
         budget = self.context_tokens - self.max_tokens - estimate_tokens(system.content)
         budget -= estimate_tokens(current.content)
@@ -150,7 +154,11 @@ class PromptBuilder:
         if self.memory is None or self.memory_k <= 0:
             return []
         recall = self.memory.recall(
-            user=turn.user, conversation=turn.conversation, text=turn.text, k=self.memory_k
+            user=turn.user,
+            conversation=turn.conversation,
+            text=turn.text,
+            k=self.memory_k,
+            before=turn.at,
         )
         try:  # an embedding API that is slow today must not hold every reply back
             return await asyncio.wait_for(recall, self.recall_budget_s)

@@ -2,12 +2,21 @@
 
 The first piece of a reply is published at once (time to first token is what people feel);
 later pieces are gathered for up to ``DELTA_EVERY_S`` so a fast model does not turn into
-hundreds of events a second. The completed event carries the whole reply; a failure is an
-``llm.failed`` event with a message the person can read, never silence.
+hundreds of events a second, except that a spoken reply's piece that completes a sentence goes
+at once (the tts starts on the first sentence). The completed event carries the whole reply; a
+failure is an ``llm.failed`` event with a message the person can read, never silence.
+
+A speculative turn (answered before the end of the turn is certain) is answered at once too,
+its deltas streamed as usual, but its ``llm.completed`` or ``llm.failed`` waits until admission
+confirms the turn, so that history, memory and the cache only ever hold replies to turns that
+happened; when the turn is dropped instead, the reply stops where it is and nothing more is
+published.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -25,9 +34,11 @@ from libra.contracts import (
     TurnAccepted,
     derive,
 )
+from libra.runtime.eventlog import EventLog
 
 from .cache import CachedReply, ResponseCache
 from .chain import AllProvidersFailed, ChainResult, ProviderChain
+from .confirmation import CERTAIN, Confirmation
 from .context import Prompt, PromptBuilder
 from .providers.base import ChatUsage
 
@@ -35,6 +46,8 @@ __all__ = ["DELTA_EVERY_S", "LlmProcessor"]
 
 DELTA_EVERY_S = 0.04
 _DELTA_MAX_CHARS = 400
+# A sentence's end as the tts's splitter sees it: a terminator and the space after it.
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*\s|[。！？\n]")
 
 CACHE_REQUESTS = Counter("libra_llm_cache_requests_total", "Response cache lookups", ["result"])
 CACHE_HIT_RATE = Gauge(
@@ -68,12 +81,21 @@ class _Deltas:
         self.buffered = 0
         self.last = 0.0
         self.first_at: datetime | None = None
+        self.spoken = turn.modality == "voice"
+        self._tail = ""  # the last character so far: a sentence's end may span two pieces
 
     def add(self, piece: str) -> LlmDelta | None:
         self.buffer.append(piece)
         self.buffered += len(piece)
         now = time.monotonic()
-        if self.index == 0 or now - self.last >= DELTA_EVERY_S or self.buffered >= _DELTA_MAX_CHARS:
+        ends_sentence = self.spoken and _SENTENCE_END.search(self._tail + piece) is not None
+        self._tail = piece[-1:] or self._tail
+        if (
+            self.index == 0
+            or ends_sentence
+            or now - self.last >= DELTA_EVERY_S
+            or self.buffered >= _DELTA_MAX_CHARS
+        ):
             return self.flush(now)
         return None
 
@@ -101,7 +123,11 @@ class _Deltas:
 
 
 class LlmProcessor:
-    """Turns ``turn.accepted`` into ``llm.delta``s and ``llm.completed`` (or ``llm.failed``)."""
+    """Turns ``turn.accepted`` into ``llm.delta``s and ``llm.completed`` (or ``llm.failed``).
+
+    ``log`` is where a speculative turn's confirmation is followed; without it (replaying
+    recorded turns) a speculative turn is answered as if it had been confirmed.
+    """
 
     spec = CONSUMERS["llm"]
 
@@ -113,15 +139,30 @@ class LlmProcessor:
         cache: ResponseCache | None = None,
         max_tokens: int = 512,
         temperature: float = 0.6,
+        log: EventLog | None = None,
     ) -> None:
         self.chain, self.prompts, self.cache = chain, prompts, cache
         self.max_tokens, self.temperature = max_tokens, temperature
+        self.log = log
         self._hits = self._lookups = 0
 
     async def handle(self, event: AnyEvent) -> AsyncIterator[Event]:
         if not isinstance(event, TurnAccepted):
             return
+        if not event.speculative or self.log is None:
+            async for out in self._answer(event, CERTAIN):
+                yield out
+            return
+        async with Confirmation(self.log, event) as confirmation:
+            async for out in self._answer(event, confirmation):
+                yield out
+
+    async def _answer(
+        self, event: TurnAccepted, confirmation: Confirmation
+    ) -> AsyncIterator[Event]:
         if self.chain is None:
+            if not await confirmation.confirmed():
+                return
             yield self._failed(event, "no_provider", _say(_NO_PROVIDER, event.language), ())
             return
         started = time.perf_counter()
@@ -138,6 +179,8 @@ class LlmProcessor:
             if cached is not None:
                 deltas = _Deltas(event)
                 yield deltas.add(cached.text)
+                if not await confirmation.confirmed():
+                    return
                 result = ChainResult(
                     provider=cached.provider,
                     model=cached.model,
@@ -149,48 +192,65 @@ class LlmProcessor:
                 )
                 yield self._completed(event, cached.text, result, deltas, started, cached=True)
                 return
-        async for out in self._generate(event, prompt, key, started):
+        async for out in self._generate(event, prompt, key, started, confirmation):
             yield out
 
     async def _generate(
-        self, turn: TurnAccepted, prompt: Prompt, key: str | None, started: float
+        self,
+        turn: TurnAccepted,
+        prompt: Prompt,
+        key: str | None,
+        started: float,
+        confirmation: Confirmation,
     ) -> AsyncIterator[Event]:
         deltas = _Deltas(turn)
         text: list[str] = []
         result: ChainResult | None = None
+        stream = self.chain.stream(
+            prompt.messages,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            model_override=prompt.model,
+        )
         try:
-            async for piece in self.chain.stream(
-                prompt.messages,
-                max_tokens=self.max_tokens,
-                temperature=self.temperature,
-                model_override=prompt.model,
-            ):
-                if isinstance(piece, ChainResult):
-                    result = piece
-                    continue
-                text.append(piece)
-                if (delta := deltas.add(piece)) is not None:
-                    yield delta
+            async with contextlib.aclosing(stream):  # a dropped draft hangs up on the provider
+                async for piece in stream:
+                    if confirmation.abandoned:
+                        return
+                    if isinstance(piece, ChainResult):
+                        result = piece
+                        continue
+                    text.append(piece)
+                    if (delta := deltas.add(piece)) is not None:
+                        yield delta
         except AllProvidersFailed as exc:
             if (delta := deltas.flush()) is not None:
                 yield delta
-            yield self._failed(turn, exc.error, _say(_FAILURE, turn.language), exc.attempts)
+            if await confirmation.confirmed():
+                yield self._failed(turn, exc.error, _say(_FAILURE, turn.language), exc.attempts)
             return
         if (delta := deltas.flush()) is not None:
             yield delta
+        if not await confirmation.confirmed():
+            return
         reply = "".join(text)
-        if key is not None and reply:
-            await self.cache.put(
-                key,
-                CachedReply(
-                    text=reply,
-                    provider=result.provider,
-                    model=result.model,
-                    prompt_tokens=result.usage.prompt_tokens,
-                    completion_tokens=result.usage.completion_tokens,
-                ),
-            )
+        await self._remember(key, reply, result)
         yield self._completed(turn, reply, result, deltas, started)
+
+    async def _remember(self, key: str | None, reply: str, result: ChainResult) -> None:
+        """Caches a whole reply under its prompt's key (with the cache on, and words to keep)."""
+        if key is None or not reply:
+            return
+        await self.cache.put(
+            key,
+            CachedReply(
+                text=reply,
+                provider=result.provider,
+                model=result.model,
+                prompt_tokens=result.usage.prompt_tokens,
+                completion_tokens=result.usage.completion_tokens,
+            ),
+        )
 
     def _completed(
         self,

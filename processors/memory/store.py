@@ -66,34 +66,51 @@ class MemoryStore:
                 at,
             )
 
-    async def recall(self, *, user: str, conversation: str, text: str, k: int) -> list[str]:
-        """Returns the contents of the ``k`` memories closest to ``text``, closest first."""
-        if k <= 0 or not await self._has_any(user, conversation):
+    async def recall(
+        self, *, user: str, conversation: str, text: str, k: int, before: datetime | None = None
+    ) -> list[str]:
+        """Returns the contents of the ``k`` memories closest to ``text``, closest first.
+
+        ``before``: only what was remembered before then, so that a turn replayed later sees
+        the memories it saw when it happened.
+        """
+        if k <= 0 or not await self._has_any(user, conversation, before):
             return []  # most people have none yet: no embedding call for them
         [vector] = await self.embedder.embed([text])
-        return await self.recall_vector(user=user, conversation=conversation, vector=vector, k=k)
+        return await self.recall_vector(
+            user=user, conversation=conversation, vector=vector, k=k, before=before
+        )
 
-    async def _has_any(self, user: str, conversation: str) -> bool:
+    async def _has_any(self, user: str, conversation: str, before: datetime | None) -> bool:
         return await self.pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM memories WHERE user_id = $1 AND conversation = $2"
-            " AND embedder = $3)",
+            " AND embedder = $3 AND ($4::timestamptz IS NULL OR at < $4))",
             user,
             conversation,
             self.embedder.name,
+            before,
         )
 
     async def recall_vector(
-        self, *, user: str, conversation: str, vector: np.ndarray, k: int
+        self,
+        *,
+        user: str,
+        conversation: str,
+        vector: np.ndarray,
+        k: int,
+        before: datetime | None = None,
     ) -> list[str]:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL hnsw.ef_search = {_EF_SEARCH}")
             rows = await conn.fetch(
                 "SELECT content FROM memories WHERE user_id = $1 AND conversation = $2"
-                " AND embedder = $3 ORDER BY embedding <=> $4 LIMIT $5",
+                " AND embedder = $3 AND ($6::timestamptz IS NULL OR at < $6)"
+                " ORDER BY embedding <=> $4 LIMIT $5",
                 user,
                 conversation,
                 self.embedder.name,
                 vector,
                 k,
+                before,
             )
         return [r["content"] for r in rows]

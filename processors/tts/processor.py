@@ -15,6 +15,12 @@ clips' texts joined are what was said. The last clip has ``final`` set; when the
 its last audio went out, an empty clip carries ``final``. A failed reply (``llm.failed``) speaks
 its message. Clip ids derive from the turn's id and the index: a redelivered turn is spoken
 again, and the clips the log already has are dropped as duplicates.
+
+A speculative turn (answered before the end of the turn is certain) is spoken at once too, but
+into a buffer: its clips are stored as they come and published only once ``turn.confirmed``
+arrives, the ones made by then all at once, stamped with that moment. ``turn.abandoned`` or
+``turn.rejected`` ends the synthesis, and what was made is never published (its audio is left
+to the bucket's TTL).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import msgspec
 
 from libra.contracts import (
     CONSUMERS,
@@ -32,7 +41,10 @@ from libra.contracts import (
     LlmDelta,
     LlmFailed,
     TtsSynthesized,
+    TurnAbandoned,
     TurnAccepted,
+    TurnConfirmed,
+    TurnRejected,
     derive,
     derive_id,
 )
@@ -123,20 +135,23 @@ class TtsProcessor:
         if not isinstance(event, TurnAccepted) or event.modality != "voice":
             return
         script = _Script()
+        confirmed = asyncio.get_running_loop().create_future()
+        if not event.speculative:
+            confirmed.set_result(True)
         follower = TurnFollower(
             self.log,
             event.conversation,
             event.turn,
-            domains=("llm",),
-            until=(LlmCompleted, LlmFailed),
+            domains=("llm", "turn"),
+            until=(LlmCompleted, LlmFailed, TurnAbandoned, TurnRejected),
         )
         async with follower:
             # A reply may be in the log already (a cached answer, a redelivered turn): read it
             # back once now rather than after the follower's idle time.
             await follower._recover()
-            reader = asyncio.create_task(_read_reply(follower, script))
+            reader = asyncio.create_task(_read_reply(follower, script, confirmed))
             try:
-                async for clip in self._speak(event, script):
+                async for clip in _once_confirmed(confirmed, self._speak(event, script)):
                     yield clip
             finally:
                 reader.cancel()
@@ -209,28 +224,75 @@ class TtsProcessor:
         )
 
 
-async def _read_reply(follower: TurnFollower, script: _Script) -> None:
-    """Feeds the reply's sentences to the script as the llm writes them."""
+async def _once_confirmed(
+    confirmed: asyncio.Future[bool], clips: AsyncIterator[TtsSynthesized]
+) -> AsyncIterator[TtsSynthesized]:
+    """Yields the clips once the turn is confirmed (those made before, at once); else none."""
+    if confirmed.done() and confirmed.result():
+        async for clip in clips:
+            yield clip
+        return
+    made: asyncio.Queue[TtsSynthesized | None] = asyncio.Queue()
+
+    async def make() -> None:
+        try:
+            async for clip in clips:
+                made.put_nowait(clip)
+        finally:
+            made.put_nowait(None)
+
+    maker = asyncio.create_task(make())
+    try:
+        if not await confirmed:
+            return
+        released = datetime.now(UTC)
+        while (clip := await made.get()) is not None:
+            yield msgspec.structs.replace(clip, at=max(clip.at, released))
+        await maker  # raises what stopped the synthesis, if anything did
+    finally:
+        maker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await maker
+
+
+async def _read_reply(
+    follower: TurnFollower, script: _Script, confirmed: asyncio.Future[bool]
+) -> None:
+    """Feeds the reply's sentences to the script as the llm writes them, and settles whether
+    the turn goes ahead (a speculative turn's reply ends only after its confirmation)."""
     splitter = SentenceSplitter()
     heard = ""
     try:
         async for event in follower.events(idle_s=_REPLY_IDLE_S):
-            if isinstance(event, LlmDelta):
-                heard += event.text
-                script.add(splitter.push(event.text))
-            elif isinstance(event, LlmCompleted):
-                # Deltas live in a memory stream: if some never came, the whole reply is here.
-                if event.text.startswith(heard):
-                    script.add(splitter.push(event.text[len(heard) :]))
-                script.add(splitter.flush())
-            elif isinstance(event, LlmFailed):
-                script.add(splitter.flush())
-                apology = SentenceSplitter()  # what the person would have read: say it
-                script.add(apology.push(event.message) + apology.flush())
+            match event:
+                case LlmDelta():
+                    heard += event.text
+                    script.add(splitter.push(event.text))
+                case LlmCompleted():
+                    # Deltas live in a memory stream: if some never came, the whole reply is here.
+                    if event.text.startswith(heard):
+                        script.add(splitter.push(event.text[len(heard) :]))
+                    script.add(splitter.flush())
+                case LlmFailed():
+                    script.add(splitter.flush())
+                    apology = SentenceSplitter()  # what the person would have read: say it
+                    script.add(apology.push(event.message) + apology.flush())
+                case TurnAbandoned() | TurnRejected():
+                    _settle(confirmed, False)
+            # (the llm ends a speculative turn's reply only once the turn is confirmed)
+            if isinstance(event, TurnConfirmed | LlmCompleted | LlmFailed):
+                _settle(confirmed, True)
     except Exception as exc:  # the speaker raises it, and the runtime retries the turn
         script.finish(exc)
+        if not confirmed.done():
+            confirmed.set_exception(exc)
         return
     script.finish()
+
+
+def _settle(confirmed: asyncio.Future[bool], value: bool) -> None:
+    if not confirmed.done():
+        confirmed.set_result(value)
 
 
 def build_engines(settings: Settings) -> list[TtsEngine]:

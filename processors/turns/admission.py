@@ -1,8 +1,17 @@
 """Admission: each person's input becomes an accepted or a rejected turn.
 
 Text is admitted when it arrives; a transcript when it arrives, unless it is speculative (cut
-at the first short pause), in which case it waits until ``voice.ended`` confirms the end of the
-turn. Transcript and confirmation meet in Redis, whichever comes second admitting the turn.
+at the first short pause). A speculative transcript waits until ``voice.ended`` confirms the end
+of the turn; transcript and confirmation meet in Redis, whichever comes second admitting the
+turn, and after a ``voice.resumed`` (the person went on talking) it never will be.
+
+With ``speculate``, a speculative transcript that passes the input checks is answered at once,
+before the end of the turn is known: ``turn.accepted`` with ``speculative`` set, which the llm
+starts writing and the tts starts speaking into a buffer. ``voice.ended`` then makes it
+``turn.confirmed``, or ``turn.rejected`` when the rate limit refuses it (the limit counts a turn
+only now, so a speculation that never became a turn costs the person nothing);
+``voice.resumed`` makes it ``turn.abandoned``. In whatever order the three come, one Lua script
+decides each turn's course once, for every instance of the processor.
 """
 
 from __future__ import annotations
@@ -20,9 +29,12 @@ from libra.contracts import (
     Event,
     Origin,
     TextReceived,
+    TurnAbandoned,
     TurnAccepted,
+    TurnConfirmed,
     TurnRejected,
     VoiceEnded,
+    VoiceResumed,
     derive,
 )
 
@@ -32,13 +44,26 @@ from .ratelimit import RateLimiter
 
 __all__ = ["TurnsProcessor"]
 
-# KEYS[1] the turn's join hash; ARGV: field (transcript|ended), value, ttl (s)
+# KEYS[1] the turn's join hash; ARGV: field (transcript|ended|resumed), value, ttl (s) and, for
+# a transcript, whether it may be answered before the end of the turn (1|0). Returns what to do
+# with the transcript (start, admit, confirm, abandon) and the transcript, or nothing.
 _JOIN = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-local heard = redis.call('HEXISTS', KEYS[1], 'transcript') == 1
-if heard and redis.call('HEXISTS', KEYS[1], 'ended') == 1 then
-  return redis.call('HGET', KEYS[1], 'transcript')
+local transcript, ended, resumed, started = unpack(
+  redis.call('HMGET', KEYS[1], 'transcript', 'ended', 'resumed', 'started'))
+if ARGV[1] == 'transcript' then
+  if started then return {'start', transcript} end
+  if ended then return {'admit', transcript} end
+  if not resumed and ARGV[4] == '1' then
+    redis.call('HSET', KEYS[1], 'started', '1')
+    return {'start', transcript}
+  end
+elseif ARGV[1] == 'ended' and transcript then
+  if started then return {'confirm', transcript} end
+  return {'admit', transcript}
+elseif ARGV[1] == 'resumed' and started then
+  return {'abandon', transcript}
 end
 return false
 """
@@ -61,14 +86,18 @@ class TurnsProcessor:
         *,
         max_chars: int = 4000,
         blocked_words: frozenset[str] = frozenset(),
+        speculate: bool = False,
     ) -> None:
         self.limiter = limiter
         self.max_chars = max_chars
         self.blocked_words = blocked_words
+        self.speculate = speculate
         self._join = redis.register_script(_JOIN)
 
     async def handle(self, event: AnyEvent) -> AsyncIterator[Event]:
         match event:
+            case AsrTranscribed(reply=False):
+                return  # transcribed for the speech-to-text API only: not a turn
             case TextReceived():
                 yield await self._admit(
                     event,
@@ -87,26 +116,70 @@ class TurnsProcessor:
                     language=event.language or detect_language(event.text),
                 )
             case AsrTranscribed(speculative=True) if event.text.strip():
-                transcript = await self._meet(event.turn, "transcript", msgspec.json.encode(event))
-                if transcript is not None:
-                    yield await self._admit_transcript(transcript)
+                early = self.speculate and self._refusal(event.text) is None
+                if (out := await self._meet(event, "transcript", early)) is not None:
+                    yield out
             case VoiceEnded():
-                transcript = await self._meet(event.turn, "ended", event.id.encode())
-                if transcript is not None:
-                    yield await self._admit_transcript(transcript)
+                if (out := await self._meet(event, "ended")) is not None:
+                    yield out
+            case VoiceResumed():
+                if (out := await self._meet(event, "resumed")) is not None:
+                    yield out
 
-    async def _meet(self, turn: str, field: str, value: bytes) -> bytes | None:
-        return await self._join(keys=[f"libra:turn-join:{turn}"], args=[field, value, _JOIN_TTL_S])
-
-    async def _admit_transcript(self, raw: bytes) -> Event:
-        transcript = msgspec.json.decode(raw, type=AsrTranscribed)
-        return await self._admit(
-            transcript,
-            transcript.text,
-            transcript.origin,
-            modality="voice",
-            language=transcript.language or detect_language(transcript.text),
+    async def _meet(self, event: AnyEvent, field: str, early: bool = False) -> Event | None:
+        """Notes one part of a speculative voice turn; returns what the parts so far decide."""
+        value = msgspec.json.encode(event) if field == "transcript" else event.id.encode()
+        decided = await self._join(
+            keys=[f"libra:turn-join:{event.turn}"], args=[field, value, _JOIN_TTL_S, int(early)]
         )
+        if not decided:
+            return None
+        transcript = msgspec.json.decode(decided[1], type=AsrTranscribed)
+        language = transcript.language or detect_language(transcript.text)
+        match decided[0].decode():
+            case "start":
+                return self._accepted(transcript, "voice", language, speculative=True)
+            case "admit":
+                return await self._admit(
+                    transcript,
+                    transcript.text,
+                    transcript.origin,
+                    modality="voice",
+                    language=language,
+                )
+            case "confirm":
+                return await self._confirm(event, transcript, language)
+        return derive(event, TurnAbandoned, key="turn", origin=transcript.origin)
+
+    async def _confirm(self, ended: AnyEvent, transcript: AsrTranscribed, language: str) -> Event:
+        """The end of a turn answered early: only the rate limit is left to decide."""
+        decision = await self.limiter.admit(transcript.user, transcript.turn, _ms(transcript.at))
+        if not decision.admitted:
+            return self._rejected(
+                ended,
+                "rate_limited",
+                language,
+                "voice",
+                transcript.origin,
+                retry_after_s=decision.retry_after_s,
+            )
+        return derive(
+            ended, TurnConfirmed, key="turn", received_at=transcript.at, origin=transcript.origin
+        )
+
+    def _refusal(self, text: str, *, has_files: bool = False) -> tuple[str, dict] | None:
+        """The input checks: the reason to refuse ``text`` and its details, or None."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: what is left of bytes that were not UTF-8
+            return "invalid", {}
+        if not text.strip() and not has_files:
+            return "empty", {}
+        if len(text) > self.max_chars:
+            return "too_long", {"length": len(text), "limit": self.max_chars}
+        if self.blocked_words and self.blocked_words & set(text.lower().split()):
+            return "moderated", {}
+        return None
 
     async def _admit(
         self,
@@ -118,41 +191,63 @@ class TurnsProcessor:
         language: str,
         has_files: bool = False,
     ) -> Event:
-        def reject(reason: str, **detail: float) -> TurnRejected:
-            return derive(
-                event,
-                TurnRejected,
-                key="turn",
-                reason=reason,
-                language=language,
-                modality=modality,
-                origin=origin,
-                retry_after_s=detail.get("retry_after_s"),
-                message=refusal(reason, language, **detail),
-            )
-
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: what is left of bytes that were not UTF-8
-            return reject("invalid")
-        if not text.strip() and not has_files:
-            return reject("empty")
-        if len(text) > self.max_chars:
-            return reject("too_long", length=len(text), limit=self.max_chars)
-        if self.blocked_words and self.blocked_words & set(text.lower().split()):
-            return reject("moderated")
+        refused = self._refusal(text, has_files=has_files)
+        if refused is not None:
+            reason, detail = refused
+            return self._rejected(event, reason, language, modality, origin, **detail)
         decision = await self.limiter.admit(event.user, event.turn or event.id, _ms(event.at))
         if not decision.admitted:
-            return reject("rate_limited", retry_after_s=decision.retry_after_s)
+            return self._rejected(
+                event,
+                "rate_limited",
+                language,
+                modality,
+                origin,
+                retry_after_s=decision.retry_after_s,
+            )
+        return self._accepted(event, modality, language, text=text, origin=origin)
+
+    def _accepted(
+        self,
+        event: TextReceived | AsrTranscribed,
+        modality: str,
+        language: str,
+        *,
+        text: str | None = None,
+        origin: Origin | None = None,
+        speculative: bool = False,
+    ) -> TurnAccepted:
         return derive(
             event,
             TurnAccepted,
             key="turn",
-            text=text.strip(),
+            text=(event.text if text is None else text).strip(),
             language=language,
             modality=modality,
-            origin=origin,
+            origin=origin or event.origin,
             received_at=event.at,
             attachments=getattr(event, "attachments", ()),
             context=getattr(event, "context", ()),
+            speculative=speculative,
+        )
+
+    @staticmethod
+    def _rejected(
+        event: AnyEvent,
+        reason: str,
+        language: str,
+        modality: str,
+        origin: Origin,
+        **detail: float,
+    ) -> TurnRejected:
+        return derive(
+            event,
+            TurnRejected,
+            key="turn",
+            reason=reason,
+            language=language,
+            modality=modality,
+            origin=origin,
+            retry_after_s=detail.get("retry_after_s"),
+            message=refusal(reason, language, **detail),
         )

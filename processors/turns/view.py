@@ -1,7 +1,8 @@
 """The Redis rate-limit view, kept from the log so that it can be rebuilt from it.
 
 Admission writes each admitted turn into the user's window itself; this view writes it again
-from ``turn.accepted`` (a no-op while Redis is whole). After Redis lost its data, `libra
+from ``turn.accepted`` or, for a turn answered before its end was certain, ``turn.confirmed``
+(a no-op while Redis is whole). After Redis lost its data, `libra
 projections rebuild ratelimit-view` replays the recent turns and the limits hold again.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from libra.contracts import CONSUMERS, LOG_STREAM, AnyEvent, Event, TurnAccepted
+from libra.contracts import CONSUMERS, LOG_STREAM, AnyEvent, Event, TurnAccepted, TurnConfirmed
 from libra.runtime.eventlog import EventLog
 from libra.runtime.projection import read_log
 
@@ -18,12 +19,16 @@ from .ratelimit import RateLimiter
 __all__ = ["RateLimitView", "rebuild_rate_limits"]
 
 
-def _ms(turn: TurnAccepted) -> int:
-    return int((turn.received_at or turn.at).timestamp() * 1000)
+def _counted(event: AnyEvent) -> int | None:
+    """The time (ms) an admitted turn counts at in its user's window; None if it does not."""
+    match event:
+        case TurnAccepted(speculative=False) | TurnConfirmed():
+            return int((event.received_at or event.at).timestamp() * 1000)
+    return None
 
 
 class RateLimitView:
-    """Records every admitted turn in its user's window."""
+    """Records every admitted turn in its user's window (a speculative one once confirmed)."""
 
     spec = CONSUMERS["ratelimit-view"]
 
@@ -32,8 +37,8 @@ class RateLimitView:
 
     async def handle(self, event: AnyEvent) -> list[Event]:
         """Writes Redis, emits no events."""
-        if isinstance(event, TurnAccepted):
-            await self.limiter.record(event.user, event.turn, _ms(event))
+        if (at_ms := _counted(event)) is not None:
+            await self.limiter.record(event.user, event.turn, at_ms)
         return []
 
 
@@ -44,7 +49,7 @@ async def rebuild_rate_limits(log: EventLog, limiter: RateLimiter) -> int:
     async for _, event in read_log(
         log, RateLimitView.spec.subjects, stream=LOG_STREAM, start_time=since
     ):
-        if isinstance(event, TurnAccepted):
-            await limiter.record(event.user, event.turn, _ms(event))
+        if (at_ms := _counted(event)) is not None:
+            await limiter.record(event.user, event.turn, at_ms)
             count += 1
     return count

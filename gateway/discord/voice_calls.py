@@ -1,0 +1,252 @@
+"""Libra's voice calls in one gateway process: joining and leaving, and the log's side of them.
+
+A call is made with hikari's voice component and Libra's transport
+(:class:`~.voice.LibraVoiceConnection`), one per server, and its :class:`~.voice_call.VoiceCall`
+is the connection's sink. Two subjects of the log drive the calls a process holds, whichever
+process published to them:
+
+- ``tts.synthesized``: each clip goes to the call of its conversation. Only the process that
+  holds a server's voice connection has that call, so it is the one that plays.
+- ``session.voice``: what the slash commands decided (``recording``, ``stopped``, ``auto``,
+  ``manual``, ``left``) is applied by the process holding the call, which need not be the one
+  that answered the command.
+
+A call ends when a person uses ``/leave``, when it has had nobody else in it for
+``DISCORD_VOICE_LEAVE_EMPTY_SEC``, when Discord ends it or someone moves Libra elsewhere, and when
+the gateway stops; Libra's own reasons are logged as ``session.voice`` ``left`` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl as ssl_module
+from datetime import UTC, datetime
+from typing import Any
+
+import hikari
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from libra.contracts import (
+    LOG_STREAM,
+    EventDecodeError,
+    SessionVoice,
+    TtsSynthesized,
+    decode_event,
+    make,
+)
+from libra.gateway.voice import segmenter_config
+from libra.runtime.audio import AudioStore
+from libra.runtime.config import Settings
+from libra.runtime.eventlog import EventLog
+
+from .access import AccessPolicy, Speaker
+from .voice import LibraVoiceConnection, VoiceOptions
+from .voice_call import VoiceCall
+
+__all__ = ["VoiceCalls"]
+
+log = logging.getLogger("libra.discord.voice")
+
+# A speaker's capture fills the silence of a pause itself once no audio came for this long
+# beyond the jitter window (Discord sends nothing while a person is quiet).
+_FILL_AFTER_JITTER_MS = 40
+
+
+class VoiceCalls:
+    """The voice calls this gateway holds, one per server."""
+
+    def __init__(
+        self,
+        bot: hikari.GatewayBot,
+        log_: EventLog,
+        settings: Settings,
+        access: AccessPolicy,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        self.bot = bot
+        self.log = log_
+        self.settings = settings
+        self.access = access
+        self.options = VoiceOptions.from_settings(settings)
+        self._ssl = ssl  # None: the system's trust store (tests trust their fake's certificate)
+        self._calls: dict[int, VoiceCall] = {}
+        self._since: dict[int, datetime] = {}
+        self._audio: AudioStore | None = None
+        self._subs: list[Any] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        bot.subscribe(hikari.VoiceStateUpdateEvent, self._on_voice_state)
+
+    async def start(self) -> None:
+        """Opens the audio bucket and follows clips and voice session events from now on."""
+        self._audio = await AudioStore.open(self.log, max_bytes=self.settings.max_audio_bytes)
+        for subject, handler in (
+            ("libra.tts.synthesized.>", self._on_clip),
+            ("libra.session.voice.>", self._on_session),
+        ):
+            self._subs.append(
+                await self.log.js.subscribe(
+                    subject,
+                    stream=LOG_STREAM,
+                    cb=handler,
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.NEW,
+                )
+            )
+
+    async def stop(self) -> None:
+        """Leaves every call (what was being said is written first) and stops following."""
+        await asyncio.gather(*(self.leave(guild) for guild in list(self._calls)))
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def call(self, guild: int) -> VoiceCall | None:
+        """This process's call in ``guild``, if it holds one."""
+        return self._calls.get(guild)
+
+    def channel_of(self, guild: int, user: int | None = None) -> int | None:
+        """The voice channel a person (Libra when ``user`` is None) is in, as Discord said."""
+        if user is None:
+            me = self.bot.get_me()
+            if me is None:
+                return None
+            user = int(me.id)
+        state = self.bot.cache.get_voice_state(guild, user)
+        return int(state.channel_id) if state is not None and state.channel_id else None
+
+    async def join(self, guild: int, channel: int) -> VoiceCall:
+        """Connects to a voice channel; raises VoiceConnectError or hikari.VoiceError."""
+        current = self._calls.get(guild)
+        if current is not None:
+            if current.channel == channel:
+                return current
+            await self.leave(guild)
+        assert self._audio is not None, "start() first"
+        options = self.options
+        call = VoiceCall(
+            self.log,
+            self._audio,
+            guild=guild,
+            channel=channel,
+            segmenter=segmenter_config(self.settings),
+            channels=options.channels,
+            fill_gaps_ms=options.jitter_ms + _FILL_AFTER_JITTER_MS,
+            bitrate=options.bitrate,
+            leave_empty_s=self.settings.discord_voice_leave_empty_sec,
+            on_empty=self._on_empty,
+            may_hear=lambda user: self._may_hear(guild, channel, user),
+        )
+        since = datetime.now(UTC)
+        try:
+            connection = await self.bot.voice.connect_to(
+                guild,
+                channel,
+                voice_connection_type=LibraVoiceConnection,
+                timeout=int(options.connect_timeout_sec),
+                sink=call,
+                options=options,
+                ssl=self._ssl,
+            )
+        except BaseException:
+            await call.close()
+            raise
+        self._calls[guild], self._since[guild] = call, since
+        call.start(connection)
+        self._background(self._watch(call, connection))
+        log.info("joined voice channel %s in %s", channel, guild)
+        return call
+
+    async def leave(self, guild: int, *, publish: bool = True, user: str = "") -> bool:
+        """Leaves ``guild``'s call; ``publish``: log ``left`` (the commands log their own)."""
+        call = self._calls.pop(guild, None)
+        self._since.pop(guild, None)
+        if call is None:
+            return False
+        if call.connection is not None:
+            with contextlib.suppress(hikari.HTTPError, hikari.ComponentStateConflictError):
+                await call.connection.disconnect()
+        await call.close()
+        if publish:
+            await self.log.publish(
+                make(
+                    SessionVoice,
+                    conversation=call.conversation,
+                    user=user,
+                    state="left",
+                    channel=str(call.channel),
+                    origin=call.origin,
+                )
+            )
+        log.info("left voice channel %s in %s", call.channel, guild)
+        return True
+
+    def _may_hear(self, guild: int, channel: int, user: int) -> bool:
+        state = self.bot.cache.get_voice_state(guild, user)
+        member = state.member if state is not None else None
+        roles = frozenset(str(r) for r in member.role_ids) if member is not None else frozenset()
+        speaker = Speaker(user=str(user), guild=str(guild), channel=str(channel), roles=roles)
+        return self.access.may_talk(speaker)
+
+    def _on_empty(self, call: VoiceCall) -> None:
+        if self._calls.get(call.guild) is call:
+            log.info("nobody in voice channel %s: leaving", call.channel)
+            self._background(self.leave(call.guild))
+
+    async def _watch(self, call: VoiceCall, connection: LibraVoiceConnection) -> None:
+        """Leaves (and says so in the log) when Discord ends a connection Libra still wanted."""
+        await connection.join()
+        if self._calls.get(call.guild) is call:
+            log.warning("voice connection in %s ended by Discord", call.guild)
+            await self.leave(call.guild)
+
+    async def _on_voice_state(self, event: hikari.VoiceStateUpdateEvent) -> None:
+        state = event.state
+        call = self._calls.get(int(state.guild_id))
+        me = self.bot.get_me()
+        if call is None or me is None or state.user_id != me.id:
+            return
+        if state.channel_id is not None and int(state.channel_id) != call.channel:
+            # Moved by someone: the conversation was the old channel's, so this call is over.
+            log.info("moved out of voice channel %s: leaving", call.channel)
+            await self.leave(call.guild)
+
+    def _held(self, conversation: str) -> VoiceCall | None:
+        return next((c for c in self._calls.values() if c.conversation == conversation), None)
+
+    async def _on_clip(self, msg: Msg) -> None:
+        try:
+            event = decode_event(msg.data)
+        except EventDecodeError:
+            return
+        if isinstance(event, TtsSynthesized) and (call := self._held(event.conversation)):
+            call.take(event)
+
+    async def _on_session(self, msg: Msg) -> None:
+        try:
+            event = decode_event(msg.data)
+        except EventDecodeError:
+            return
+        call = self._held(event.conversation) if isinstance(event, SessionVoice) else None
+        if call is None or event.at < self._since.get(call.guild, event.at):
+            return  # not this process's call, or about an earlier call in that channel
+        match event.state:
+            case "recording" if event.user.isdigit():
+                call.start_recording(int(event.user))
+            case "stopped" if event.user.isdigit():
+                call.stop_recording(int(event.user))
+            case "auto" | "manual":
+                call.set_automatic(event.state == "auto")
+            case "left":
+                await self.leave(call.guild, publish=False)
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

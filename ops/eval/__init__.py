@@ -1,0 +1,1 @@
+"""`libra eval`: recorded turns answered by candidate configurations, side by side."""
