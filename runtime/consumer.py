@@ -83,7 +83,7 @@ class ConsumerRunner:
         await self._feed.start()
         try:
             while not self._stopping.is_set():
-                msg = await self._next(self._feed)
+                msg = await self._feed.get_until(self._stopping)
                 if msg is None:
                     break
                 await self._slots.acquire()
@@ -95,16 +95,6 @@ class ConsumerRunner:
 
     async def stop(self) -> None:
         self._stopping.set()
-
-    async def _next(self, feed: PullFeed) -> Msg | None:
-        getter = asyncio.ensure_future(feed.get())
-        stopper = asyncio.ensure_future(self._stopping.wait())
-        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        return None
 
     async def _drain(self, feed: PullFeed, timeout: float = 20.0) -> None:
         left = await feed.stop()

@@ -67,6 +67,17 @@ class PullFeed:
         """Returns the next message, waiting for one."""
         return await self._queue.get()
 
+    async def get_until(self, stopping: asyncio.Event) -> Msg | None:
+        """Returns the next message, or None once ``stopping`` is set (whichever comes first)."""
+        getter = asyncio.ensure_future(self.get())
+        stopper = asyncio.ensure_future(stopping.wait())
+        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        return None
+
     def get_nowait(self, limit: int) -> list[Msg]:
         """Returns up to ``limit`` messages that are already here."""
         out: list[Msg] = []

@@ -105,7 +105,7 @@ class ProjectionRunner:
         await feed.start()
         try:
             while not self._stopping.is_set():
-                first = await self._next(feed)
+                first = await feed.get_until(self._stopping)
                 if first is None:
                     break
                 msgs = [first, *feed.get_nowait(self.batch_size - 1)]
@@ -120,16 +120,6 @@ class ProjectionRunner:
 
     async def stop(self) -> None:
         self._stopping.set()
-
-    async def _next(self, feed: PullFeed) -> Msg | None:
-        getter = asyncio.ensure_future(feed.get())
-        stopper = asyncio.ensure_future(self._stopping.wait())
-        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        return None
 
     async def _settle(self, msgs: list[Msg]) -> None:
         name = self.spec.name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,13 +24,16 @@ from libra.runtime.config import Settings
 from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
 
+from .helpers import postgres_folder
+
 TEMPLATE_DB = "libra_template"
 _db_numbers = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), port=free_port())
+def postgres_server() -> Iterator[EmbeddedPostgres]:
+    folder = postgres_folder()
+    server = EmbeddedPostgres(folder, port=free_port())
     asyncio.run(server.start())
 
     async def template() -> None:
@@ -41,6 +45,7 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedd
     asyncio.run(template())
     yield server
     asyncio.run(server.stop())
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

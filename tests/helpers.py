@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from nats.js import JetStreamContext
 
 from libra.contracts import AnyEvent, decode_event
+
+
+def postgres_folder() -> Path:
+    """A folder for a PostgreSQL data directory, outside pytest's own temporary tree.
+
+    As root, PostgreSQL runs as another user that must traverse the folder's parents; pytest
+    makes /tmp/pytest-of-<user> private again whenever a pytest session starts, which would
+    pull the ground from under a server of a session that runs beside it.
+    """
+    return Path(tempfile.mkdtemp(prefix="libra-test-pg-"))
 
 
 async def eventually(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 
 import asyncpg
 
@@ -14,7 +15,7 @@ from libra.runtime.eventlog import EventLog
 from libra.runtime.projection import ProjectionRunner, rebuild
 
 from .factories import ORIGIN, text
-from .helpers import eventually
+from .helpers import eventually, postgres_folder
 
 
 def _exchange(i: int, conversation: str = "discord-1-2"):
@@ -122,8 +123,9 @@ async def test_rebuild_while_live_runner_writes(eventlog: EventLog, pool: asyncp
     assert await _rows(pool) == live
 
 
-async def test_database_down_loses_nothing(eventlog: EventLog, tmp_path) -> None:
-    server = EmbeddedPostgres(tmp_path, port=free_port())
+async def test_database_down_loses_nothing(eventlog: EventLog) -> None:
+    folder = postgres_folder()
+    server = EmbeddedPostgres(folder, port=free_port())
     await server.start()
     await migrate(server.url)
     pool = await connect_pool(server.url)
@@ -143,6 +145,7 @@ async def test_database_down_loses_nothing(eventlog: EventLog, tmp_path) -> None
     finally:
         await pool.close()
         await server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _has(pool: asyncpg.Pool, n: int) -> bool:
