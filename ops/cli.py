@@ -87,11 +87,23 @@ def print_env(data_dir: str | None) -> None:
 @main.command()
 @click.option("--data-dir", type=click.Path(file_okay=False))
 def migrate(data_dir: str | None) -> None:
-    """Apply the database migrations that are not applied yet."""
-    from libra.runtime.database import migrate as apply
+    """Apply the database migrations not applied yet, load the LLM price table, and provision
+    the log's streams, bucket and consumers (NATS_URL logs in as the admin user)."""
+    from libra.runtime.eventlog import EventLog
 
-    url = resolve_urls(_settings(data_dir)).database_url
-    applied = asyncio.run(apply(url))
+    from .up import prepare
+
+    settings = _settings(data_dir)
+    urls = resolve_urls(settings)
+
+    async def go() -> list[int]:
+        log = await EventLog.connect(urls.nats_url, name="libra-migrate")
+        try:
+            return await prepare(log, settings, urls.database_url)
+        finally:
+            await log.close()
+
+    applied = asyncio.run(go())
     click.echo(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
 
 

@@ -26,6 +26,7 @@ from libra.runtime.projection import Projection, ProjectionRunner
 
 if TYPE_CHECKING:
     from libra.processors.llm.context import PromptBuilder
+    from libra.runtime.audio import AudioStore
 
 __all__ = [
     "COMPONENTS",
@@ -61,12 +62,21 @@ class Resources:
     redis_url: str
     _pool: asyncpg.Pool | None = field(default=None, repr=False)
     _redis: aioredis.Redis | None = field(default=None, repr=False)
+    _audio: AudioStore | None = field(default=None, repr=False)
     _shared: dict[str, object] = field(default_factory=dict, repr=False)
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
             self._pool = await connect_pool(self.database_url, max_size=20)
         return self._pool
+
+    async def audio(self) -> AudioStore:
+        """The audio bucket, opened on first use (a component that never needs it never asks)."""
+        if self._audio is None:
+            from libra.runtime.audio import AudioStore
+
+            self._audio = await AudioStore.open(self.log, max_bytes=self.settings.max_audio_bytes)
+        return self._audio
 
     def redis(self) -> aioredis.Redis:
         if self._redis is None:
@@ -203,8 +213,8 @@ async def _http(r: Resources) -> Component:
     from libra.gateway.http.app import create_app
     from libra.gateway.http.auth import Authenticator, is_loopback
     from libra.gateway.http.server import HttpGateway
+    from libra.gateway.http.voice import VoiceOptions
     from libra.gateway.voice import segmenter_config
-    from libra.runtime.audio import AudioStore
     from libra.runtime.config import ConfigError
 
     s = r.settings
@@ -224,8 +234,9 @@ async def _http(r: Resources) -> Component:
         auth=auth,
         llm_status=llm_status,
         max_body_bytes=s.http_max_body_bytes,
-        audio=await AudioStore.open(r.log, max_bytes=s.max_audio_bytes),
-        segmentation=segmenter_config(s),
+        voice=VoiceOptions(
+            audio=r.audio, max_audio_bytes=s.max_audio_bytes, segmentation=segmenter_config(s)
+        ),
     )
     return HttpGateway(app, host=s.http_host, port=s.http_port)
 

@@ -160,6 +160,7 @@ class EmbeddedNats:
         config: Path | None = None,
         name: str = "libra",
         passwords: Mapping[str, str] | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.dir = Path(data_dir) / "nats"
         self.host, self.port, self.name = host, port, name
@@ -167,6 +168,7 @@ class EmbeddedNats:
         self.config = config or nats_conf_path()
         self.log = self.dir / "nats-server.log"
         self.proc: subprocess.Popen | None = None
+        self.environment = dict(environment or {})  # more variables the config reads
         if passwords is not None:
             self.passwords = dict(passwords)
 
@@ -205,6 +207,7 @@ class EmbeddedNats:
             "LIBRA_NATS_MONITOR": f"{self.host}:{self.monitor_port}",
             "LIBRA_NATS_STORE": str(self.dir),
             **{env: self.passwords[user] for user, env in nats_users().items()},
+            **self.environment,
         }
         binary = _nats_server_binary()
         self.proc = subprocess.Popen(

@@ -28,7 +28,6 @@ from pathlib import Path
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
 from libra.contracts import (
     LOG_STREAM,
@@ -37,6 +36,7 @@ from libra.contracts import (
     LlmDelta,
     encode_event,
     id_time,
+    is_id,
     new_id,
     safe_token,
     subject_of,
@@ -64,11 +64,11 @@ __all__ = [
     "recorded_outputs",
     "replay",
     "replay_events",
+    "replay_stream_config",
     "selected",
 ]
 
 REPLAY_STREAM = "LIBRA_REPLAY"
-_STREAM_NAME_IN_USE = 10058
 # Stream order follows event time up to the publishers' clock skew: past `until` plus this much,
 # nothing more of the window can come.
 _CLOCK_SKEW = timedelta(minutes=1)
@@ -114,6 +114,11 @@ class Selection:
     since: datetime | None = None
     until: datetime | None = None
     limit: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [turn for turn in self.turns if not is_id(turn)]
+        if unknown:
+            raise ValueError(f"not turn ids: {', '.join(unknown)}")
 
     def filters(self, inputs: Iterable[str]) -> list[str]:
         """The consumer's filter subjects: the processor's inputs, narrowed where possible."""
@@ -186,13 +191,7 @@ def replay_stream_config(settings: Settings) -> StreamConfig:
 
 async def ensure_replay_stream(log: EventLog, settings: Settings) -> None:
     """Creates or updates ``LIBRA_REPLAY``; safe to repeat."""
-    config = replay_stream_config(settings)
-    try:
-        await log.js.add_stream(config)
-    except BadRequestError as exc:
-        if exc.err_code != _STREAM_NAME_IN_USE:
-            raise
-        await log.js.update_stream(config)
+    await log.ensure_stream(replay_stream_config(settings))
 
 
 class ReplaySink:

@@ -60,8 +60,12 @@ def resolve_urls(settings: Settings) -> StackUrls:
     """Returns where the servers are: the environment first, then a running ``libra up``."""
     running = _running_state(settings.data_dir)
     host = settings.libra_host
+    # The URL `libra env` printed (no credentials) means the running stack: log in as it does.
+    nats_url = settings.nats_url
+    if running and nats_url == running.nats_public_url:
+        nats_url = ""
     return StackUrls(
-        nats_url=settings.nats_url
+        nats_url=nats_url
         or (running.nats_url if running else f"nats://{host}:{settings.libra_nats_port}"),
         database_url=settings.database_url
         or (
@@ -72,7 +76,7 @@ def resolve_urls(settings: Settings) -> StackUrls:
         redis_url=settings.redis_url
         or (running.redis_url if running else f"redis://{host}:{settings.libra_redis_port}/0"),
         nats_monitor_url=running.nats_monitor_url if running else "",
-        nats_public_url="" if settings.nats_url or not running else running.nats_public_url,
+        nats_public_url="" if nats_url or not running else running.nats_public_url,
         pid=running.pid if running else 0,
     )
 

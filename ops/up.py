@@ -79,11 +79,13 @@ async def run_components(settings: Settings, names: list[str]) -> None:
     await _serve(settings, resolve_urls(settings), names, stop, provision=False)
 
 
-async def prepare(log_: EventLog, settings: Settings, database_url: str) -> None:
-    """Provisions the log, applies the migrations and loads the price table (`libra migrate`)."""
+async def prepare(log_: EventLog, settings: Settings, database_url: str) -> list[int]:
+    """Provisions the log, applies the migrations and loads the price table (`libra migrate`);
+    returns the migrations it applied."""
     await log_.provision(settings)
-    await migrate(database_url)
+    applied = await migrate(database_url)
     await store_prices(database_url)
+    return applied
 
 
 async def _provisioned(log_: EventLog) -> bool:

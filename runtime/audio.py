@@ -27,6 +27,7 @@ import av
 import numpy as np
 from nats.js import JetStreamContext
 from nats.js.api import ObjectInfo, ObjectMetaOptions
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from libra.contracts import AUDIO_BUCKET, AudioRef
@@ -101,10 +102,29 @@ class AudioStore:
         )
 
     async def get(self, ref: AudioRef) -> bytes:
-        """Returns a clip's bytes; raises ``ObjectNotFoundError`` once its TTL removed it."""
+        """Returns a clip's bytes; raises ``ObjectNotFoundError`` once its TTL removed it.
+
+        A clip of one chunk (most: half a megabyte is 16 s of an utterance) is read with two
+        direct gets, its metadata and its chunk, instead of the consumer ``ObjectStore.get``
+        makes for every read: a third of the time, and reading an utterance is on the clock.
+        """
         self._check_size(ref.size)
-        result = await self.store.get(ref.name)
-        return bytes(result.data)
+        stream = f"OBJ_{AUDIO_BUCKET}"
+        try:
+            meta = await self.js.get_last_msg(stream, _meta_subject(ref.name), direct=True)
+            info = json.loads(meta.data or b"{}")
+            if info.get("deleted") or "nuid" not in info:
+                raise ObjectNotFoundError
+            if not info.get("chunks"):
+                return b""
+            if info["chunks"] > 1:
+                return bytes((await self.store.get(ref.name)).data or b"")
+            chunk = await self.js.get_last_msg(
+                stream, f"$O.{AUDIO_BUCKET}.C.{info['nuid']}", direct=True
+            )
+        except NotFoundError:
+            raise ObjectNotFoundError from None
+        return bytes(chunk.data or b"")
 
     async def _write(self, name: str, data: bytes) -> None:
         """Writes an object as ``ObjectStore.put`` does, but with its chunks and its metadata
@@ -131,7 +151,7 @@ class AudioStore:
             digest="SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode(),
             options=ObjectMetaOptions(max_chunk_size=_CHUNK_BYTES),
         )
-        meta = f"$O.{AUDIO_BUCKET}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        meta = _meta_subject(name)
         acks.append(
             await js.publish_async(
                 meta, json.dumps(info.as_dict()).encode(), headers={"Nats-Rollup": "sub"}
@@ -147,6 +167,10 @@ class AudioStore:
     def _check_size(self, size: int) -> None:
         if self.max_bytes and size > self.max_bytes:
             raise AudioTooLarge(f"{size} bytes of audio is over the limit of {self.max_bytes}")
+
+
+def _meta_subject(name: str) -> str:
+    return f"$O.{AUDIO_BUCKET}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
 
 
 def _duration_of(data: bytes, format: AudioFormat, sample_rate: int, channels: int) -> int:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 from urllib.parse import unquote, urlparse
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
 from nats.js.object_store import ObjectStore
 from prometheus_client import Counter
 
@@ -37,6 +38,7 @@ __all__ = ["EventLog", "connect_nats"]
 
 log = logging.getLogger("libra.eventlog")
 _STREAM_NAME_IN_USE = 10058
+_RETRY_EVERY_S = 0.25
 
 
 async def connect_nats(url: str, *, name: str) -> NATS:
@@ -86,21 +88,34 @@ def _published(event: Event) -> Counter:
 class EventLog:
     """Writes events to the log and owns the connection that everything else borrows."""
 
-    def __init__(self, nc: NATS, *, publish_timeout: float = 5.0) -> None:
+    def __init__(self, nc: NATS, *, publish_timeout: float = 5.0, retry_s: float = 15.0) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(
             timeout=publish_timeout, publish_async_max_pending=4000
         )
+        self.retry_s = retry_s
 
     @classmethod
     async def connect(cls, url: str, *, name: str) -> EventLog:
         return cls(await connect_nats(url, name=name))
 
     async def publish(self, event: Event) -> int:
-        """Publishes one event and waits for the stream's ack; returns its stream sequence."""
-        ack = await self.js.publish(
-            subject_of(event), encode_event(event), headers={"Nats-Msg-Id": event.id}
-        )
+        """Publishes one event and waits for the stream's ack; returns its stream sequence.
+
+        A stream whose leader died (a node of a cluster) answers no one until its replicas have
+        elected another, a few seconds: the publish is tried again for up to ``retry_s``. The
+        event's id makes a repeat of one that did get through a duplicate the stream drops.
+        """
+        subject, data = subject_of(event), encode_event(event)
+        deadline = time.monotonic() + self.retry_s
+        while True:
+            try:
+                ack = await self.js.publish(subject, data, headers={"Nats-Msg-Id": event.id})
+                break
+            except (NoStreamResponseError, nats.errors.TimeoutError):
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(_RETRY_EVERY_S)
         _published(event).inc()
         return ack.seq
 
@@ -130,7 +145,7 @@ class EventLog:
     ) -> None:
         """Creates or updates the streams, the audio bucket and the consumers; safe to repeat."""
         replicas = settings.libra_stream_replicas
-        await self._ensure_stream(
+        await self.ensure_stream(
             log_stream_config(
                 max_age_s=settings.libra_log_max_age,
                 max_bytes=settings.libra_log_max_bytes,
@@ -138,7 +153,7 @@ class EventLog:
                 replicas=replicas,
             )
         )
-        await self._ensure_stream(
+        await self.ensure_stream(
             live_stream_config(max_age_s=settings.libra_live_max_age, replicas=replicas)
         )
         try:
@@ -160,7 +175,8 @@ class EventLog:
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         await self.js.add_consumer(spec.stream, consumer_config(spec))
 
-    async def _ensure_stream(self, config: nats.js.api.StreamConfig) -> None:
+    async def ensure_stream(self, config: nats.js.api.StreamConfig) -> None:
+        """Creates the stream, or updates it to ``config``; safe to repeat."""
         try:
             await self.js.add_stream(config)
         except BadRequestError as exc:

@@ -8,27 +8,34 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
 from libra.contracts import (
+    AsrTranscribed,
     LlmCompleted,
     Origin,
     TextReceived,
     TurnAccepted,
     TurnRejected,
+    VoiceCaptured,
     make,
 )
 from libra.gateway.chat import converse
+from libra.ops.fakes.groq_whisper import FakeGroqWhisper
 from libra.ops.fakes.llm_wire import OPENAI_CHAT, Behaviour, FakeLlmWire
 from libra.ops.replay import REPLAY_STREAM, Selection, parse_moment, replay
 from libra.processors.turns.ratelimit import key_for
+from libra.runtime.audio import AudioStore
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
 from .helpers import eventually, stream_count, stream_events
 from .stack import TEXT_PIPELINE, running
 
+VOICE = Origin(platform="discord", guild="5", channel="6")
 FIRST = "Biscuit is a fine name for a dog."
 SECOND = "Your dog is called Biscuit, and he loves the beach."
 
@@ -203,3 +210,42 @@ def test_selection_reads_times_and_narrows_subjects() -> None:
     ]
     assert Selection(subject="libra.text.>").filters(inputs) == ["libra.text.>"]
     assert Selection().filters(inputs) == list(inputs)
+
+
+async def test_asr_replay_hears_the_recorded_audio_again(settings, eventlog: EventLog) -> None:
+    tone = (np.sin(np.arange(16_000) * 2 * np.pi * 220 / 16_000) * 8000).astype(np.int16)
+    async with FakeGroqWhisper(transcript="Is anyone there?") as fake:
+        s = msgspec.structs.replace(
+            settings, asr_engines="groq", groq_api_key="gsk-test", groq_base_url=fake.url
+        )
+        async with running(s, ["asr"]):
+            audio = await AudioStore.open(eventlog)
+            ref = await audio.put(
+                "voice/t/1", tone.tobytes(), format="pcm_s16le", sample_rate=16_000
+            )
+            captured = make(
+                VoiceCaptured, conversation="discord-5-6", user="u5", audio=ref, origin=VOICE
+            )
+            await eventlog.publish(captured)
+            await eventually(lambda: _transcribed(eventlog))
+        [recorded] = await stream_events(eventlog.js, "LIBRA", "libra.asr.>")
+        fake.transcript = "Is anybody there?"
+        lines: list[str] = []
+        result = await replay(
+            s,
+            "asr",
+            Selection(conversation="discord-5-6"),
+            compare=True,
+            run="t3",
+            say=lines.append,
+        )
+    assert result.inputs == 1 and result.errors == 0 and len(fake.requests) == 2
+    [again] = await stream_events(eventlog.js, REPLAY_STREAM, "replay.t3.asr.>")
+    assert isinstance(again, AsrTranscribed) and again.id == recorded.id
+    assert again.text == "Is anybody there?"
+    text = "\n".join(lines)
+    assert "asr.transcribed: text " in text and "«Is anybody there?»" in text and "latency " in text
+
+
+async def _transcribed(log: EventLog) -> bool:
+    return await stream_count(log.js, "LIBRA", "libra.asr.>") >= 1

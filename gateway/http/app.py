@@ -45,8 +45,7 @@ from .auth import Authenticator, Principal
 from .metrics import BodyLimit, RequestMetrics
 
 if TYPE_CHECKING:
-    from libra.gateway.voice import SegmenterConfig
-    from libra.runtime.audio import AudioStore
+    from .voice import VoiceOptions
 
 __all__ = ["ChatRequest", "create_app"]
 
@@ -152,10 +151,9 @@ def create_app(
     llm_status: Callable[[], str],
     max_body_bytes: int,
     reply_idle_s: float = 90.0,
-    audio: AudioStore | None = None,
-    segmentation: SegmenterConfig | None = None,
+    voice: VoiceOptions | None = None,
 ) -> FastAPI:
-    """Returns the API wired to the log and the read models; with ``audio``, voice too."""
+    """Returns the API wired to the log and the read models; with ``voice``, speech too."""
     app = FastAPI(
         title="Libra",
         version="0.1.0",
@@ -167,18 +165,10 @@ def create_app(
     _install_chat(app, log, reply_idle_s)
     _install_reads(app, log, pool=pool, redis=redis, llm_status=llm_status)
     body_limits: dict[str, int] = {}
-    if audio is not None:
-        from libra.gateway.voice import SegmenterConfig
-
+    if voice is not None:
         from .voice import install_voice  # (it builds on this module's helpers)
 
-        body_limits = install_voice(
-            app,
-            log,
-            audio,
-            segmentation=segmentation or SegmenterConfig(),
-            reply_idle_s=reply_idle_s,
-        )
+        body_limits = install_voice(app, log, voice, reply_idle_s=reply_idle_s)
     app.add_middleware(BodyLimit, limit=max_body_bytes, routes=body_limits)
     app.add_middleware(RequestMetrics)
     return app

@@ -25,7 +25,8 @@ import binascii
 import dataclasses
 import io
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -58,7 +59,7 @@ from libra.runtime.eventlog import EventLog
 
 from .app import Caller, _error, _rejection, _sse
 
-__all__ = ["SAMPLE_RATES", "VoiceRequest", "install_voice"]
+__all__ = ["SAMPLE_RATES", "VoiceOptions", "VoiceRequest", "install_voice"]
 
 SAMPLE_RATES = (8_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
 _FOLLOWED = ("asr", "turn", "llm", "tts", "dead")  # a dead letter of the turn ends the wait
@@ -119,17 +120,27 @@ def _speech_in(pcm16k: bytes, config: SegmenterConfig) -> bool:
     return bool(segmenter.flush())
 
 
+@dataclass(frozen=True)
+class VoiceOptions:
+    """What the voice routes need: the audio bucket (opened on first use), its size limit
+    (``MAX_AUDIO_BYTES``, 0 for none) and the VAD's rules."""
+
+    audio: Callable[[], Awaitable[AudioStore]]
+    max_audio_bytes: int
+    segmentation: SegmenterConfig
+
+
 class _Clips:
     """Checks a clip, and stores and publishes the ones that hold speech."""
 
-    def __init__(self, log: EventLog, audio: AudioStore, config: SegmenterConfig) -> None:
-        self.log, self.audio, self.config = log, audio, config
+    def __init__(self, log: EventLog, options: VoiceOptions) -> None:
+        self.log, self.options = log, options
 
     async def capture(
         self, pcm: bytes, *, user: str, sample_rate: int, channels: int = 1, reply: bool
     ) -> VoiceCaptured:
         """Returns the ``voice.captured`` of a good clip, its audio stored (not yet published)."""
-        limit = self.audio.max_bytes
+        limit = self.options.max_audio_bytes
         if limit and len(pcm) > limit:
             raise _BadAudio(413, "too_large", f"the audio is over {limit} bytes")
         if sample_rate not in SAMPLE_RATES:
@@ -146,11 +157,12 @@ class _Clips:
         pcm16k = resample_pcm(
             pcm, rate=sample_rate, channels=channels, to_rate=SAMPLE_RATE, to_channels=1
         )
-        if not await asyncio.to_thread(_speech_in, pcm16k, self.config):  # ~0.1 ms per 20 ms
+        segmentation = self.options.segmentation
+        if not await asyncio.to_thread(_speech_in, pcm16k, segmentation):  # ~0.1 ms a frame
             raise _BadAudio(422, "no_speech", "no speech was heard in the audio")
         conversation = conversation_id("http", user)
         event_id = new_id()
-        ref = await self.audio.put(
+        ref = await (await self.options.audio()).put(
             f"voice/{conversation}/{event_id}", pcm16k, format="pcm_s16le", sample_rate=SAMPLE_RATE
         )
         return make(
@@ -292,15 +304,10 @@ class _Reply:
 
 
 def install_voice(
-    app: FastAPI,
-    log: EventLog,
-    audio: AudioStore,
-    *,
-    segmentation: SegmenterConfig,
-    reply_idle_s: float,
+    app: FastAPI, log: EventLog, options: VoiceOptions, *, reply_idle_s: float
 ) -> dict[str, int]:
     """Adds the voice routes; returns the request body size each route needs."""
-    clips = _Clips(log, audio, segmentation)
+    clips = _Clips(log, options)
 
     @app.exception_handler(_BadAudio)
     async def bad_audio(_request: Request, exc: _BadAudio) -> JSONResponse:
@@ -308,9 +315,9 @@ def install_voice(
 
     _install_transcribe(app, log, clips, reply_idle_s)
     _install_process(app, log, clips, reply_idle_s)
-    if not audio.max_bytes:
+    if not options.max_audio_bytes:
         return {}
-    need = audio.max_bytes * 4 // 3 + _FORM_SLACK  # base64 makes 4 bytes of every 3
+    need = options.max_audio_bytes * 4 // 3 + _FORM_SLACK  # base64 makes 4 bytes of every 3
     return {"/api/stt/transcribe": need, "/voice/process": need}
 
 
@@ -360,7 +367,7 @@ def _install_process(app: FastAPI, log: EventLog, clips: _Clips, idle_s: float) 
     async def process(body: VoiceRequest, principal: Caller) -> Response:
         if not principal.may_act_as(body.userId):
             return _error(403, "forbidden", "this token may only talk as its own user")
-        pcm = _base64_pcm(body.audioData, clips.audio.max_bytes)
+        pcm = _base64_pcm(body.audioData, clips.options.max_audio_bytes)
         captured = await clips.capture(
             pcm, user=body.userId, sample_rate=body.sampleRate, reply=True
         )
@@ -374,7 +381,7 @@ def _install_process(app: FastAPI, log: EventLog, clips: _Clips, idle_s: float) 
             return heard
         # the stream closes the follower when the reply ends or the client goes
         return StreamingResponse(
-            _Reply(log, clips.audio, heard).stream(events),
+            _Reply(log, await clips.options.audio(), heard).stream(events),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Libra-Turn": captured.id},
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from libra.contracts import Origin, TextReceived, TurnAccepted, derive, make
 from libra.runtime.config import Settings
 from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
@@ -21,29 +20,15 @@ from ..eval.plan import Candidate, EvalPlan
 from ..eval.run import run_eval
 from ..replay import Selection
 from .common import fake_llm_provider, report, servers
+from .replay import recorded_turns
 
 __all__ = ["run_bench_eval"]
 
-ORIGIN = Origin(platform="bench", channel="1")
 REPLY = " ".join(["word"] * 40)
 _CANDIDATES = (
     Candidate(name="mini", provider="openai", model="gpt-4o-mini"),
     Candidate(name="nano", provider="openai", model="gpt-4.1-nano", temperature=0.2),
 )
-
-
-def _turns(n: int) -> list[TurnAccepted]:
-    turns = []
-    for i in range(n):
-        said = make(
-            TextReceived,
-            conversation=f"bench-{i % 50}",
-            user=f"u{i % 50}",
-            text=f"Question number {i}: what should I cook tonight?",
-            origin=ORIGIN,
-        )
-        turns.append(derive(said, TurnAccepted, key="turn", text=said.text, origin=ORIGIN))
-    return turns
 
 
 async def _answers_per_s(settings: Settings, concurrency: int, turns: int) -> float:
@@ -62,7 +47,7 @@ async def run_bench_eval(
         log = await EventLog.connect(srv.nats_nosync_url, name="bench-eval")
         try:
             await log.provision(Settings(), consumers=())
-            await log.publish_many(_turns(turns))
+            await log.publish_many(recorded_turns(turns, conversations=50))
         finally:
             await log.close()
         with fake_llm_provider(REPLY, ttft=ttft) as base_url:

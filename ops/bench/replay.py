@@ -37,7 +37,7 @@ from libra.runtime.eventlog import EventLog
 from ..replay import ReplaySink, Selection, ensure_replay_stream, replay_events
 from .common import fake_llm_provider, median, report, servers
 
-__all__ = ["run_bench_replay"]
+__all__ = ["recorded_turns", "run_bench_replay"]
 
 ORIGIN = Origin(platform="bench", channel="1")
 REPLY = " ".join(["word"] * 20)
@@ -61,13 +61,14 @@ class _Echo:
         return [derive(event, LlmFailed, key="completed", error="echo", message="", origin=ORIGIN)]
 
 
-def _turns(n: int, conversations: int = 200) -> Iterator[TurnAccepted]:
+def recorded_turns(n: int, conversations: int = 200) -> Iterator[TurnAccepted]:
+    """Accepted turns as the log records them, spread over ``conversations``."""
     for i in range(n):
         said = make(
             TextReceived,
             conversation=f"bench-{i % conversations}",
             user=f"u{i % conversations}",
-            text=f"Question number {i}?",
+            text=f"Question number {i}: what should I cook tonight?",
             origin=ORIGIN,
         )
         yield derive(said, TurnAccepted, key="turn", text=said.text, origin=ORIGIN)
@@ -144,7 +145,7 @@ async def run_bench_replay(
         try:
             await log.provision(Settings(), consumers=())
             await ensure_replay_stream(log, Settings())
-            await log.publish_many(_turns(events))
+            await log.publish_many(recorded_turns(events))
             noop, echo, bare = [], [], []
             for _ in range(rounds):  # interleaved, so that each sees the same noise
                 bare.append(await _bare_read(srv.nats_nosync_url, events))

@@ -70,10 +70,15 @@ class EvalRun:
 
 
 async def load_turns(log: EventLog, selection: Selection) -> list[EvalTurn]:
-    """Returns the selected recorded turns, each with the answer the log holds for it."""
+    """Returns the selected recorded turns, each with the answer the log holds for it.
+
+    A speculative turn that was never answered was abandoned (the person went on talking):
+    it is not a turn anyone asked.
+    """
     turns = [r.event async for r in selected(log, selection, _TURNS)]
     answers = await recorded_outputs(log, turns, _ANSWERS, conversation=selection.conversation)
-    return [EvalTurn(turn, _first_answer(answers.get(turn.id, []))) for turn in turns]
+    recorded = [EvalTurn(turn, _first_answer(answers.get(turn.id, []))) for turn in turns]
+    return [t for t in recorded if t.recorded is not None or not t.turn.speculative]
 
 
 def _first_answer(events: list[AnyEvent]) -> LlmCompleted | LlmFailed | None:

@@ -131,21 +131,23 @@ class PromptBuilder:
         scopes = [f"channel:{turn.conversation}"]
         if turn.origin.guild:
             scopes.append(f"guild:{turn.origin.guild}")
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
+        # Two connections, the queries side by side: a prompt is on the clock of every reply.
+        rows, history = await asyncio.gather(
+            self.pool.fetch(
                 "SELECT key, value FROM settings WHERE scope = ANY($1::text[])"
                 " AND key IN ('model', 'persona') AND value <> ''"
                 " ORDER BY (scope LIKE 'channel:%') ASC",
                 scopes,
-            )
-            history = await conn.fetch(
+            ),
+            self.pool.fetch(
                 "SELECT role, content FROM messages WHERE conversation = $1 AND turn <> $2"
                 " AND at <= $3 ORDER BY at DESC LIMIT $4",
                 turn.conversation,
                 turn.turn,
                 turn.at,
                 self.history_turns * 2,
-            )
+            ),
+        )
         settings = {r["key"]: r["value"] for r in rows}  # channel rows last: they win
         messages = [ChatMessage(role=r["role"], content=r["content"]) for r in reversed(history)]
         return settings, messages

@@ -69,6 +69,7 @@ _FRAME_BYTES = DISCORD_RATE // 50 * DISCORD_CHANNELS * 2  # 20 ms: the smallest 
 # The llm processor may wait out timeouts and fall back across providers before its first
 # piece; the follower reads the log back after this long without news, then gives up.
 _REPLY_IDLE_S = 120.0
+_CATCH_UP_S = 0.05
 
 
 def spoken_language(sentence: str, reply_language: str) -> str:
@@ -142,21 +143,21 @@ class TtsProcessor:
             self.log,
             event.conversation,
             event.turn,
-            domains=("llm", "turn"),
+            # a speculative turn's confirmation comes as a turn event
+            domains=("llm", "turn") if event.speculative else ("llm",),
             until=(LlmCompleted, LlmFailed, TurnAbandoned, TurnRejected),
         )
         async with follower:
-            # A reply may be in the log already (a cached answer, a redelivered turn): read it
-            # back once now rather than after the follower's idle time.
-            await follower._recover()
             reader = asyncio.create_task(_read_reply(follower, script, confirmed))
+            catch_up = asyncio.create_task(_catch_up(follower))
             try:
                 async for clip in _once_confirmed(confirmed, self._speak(event, script)):
                     yield clip
             finally:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                for task in (reader, catch_up):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _speak(self, turn: TurnAccepted, script: _Script) -> AsyncIterator[TtsSynthesized]:
         """Yields the turn's clips: pieces of each sentence's audio as it streams in."""
@@ -222,6 +223,14 @@ class TtsProcessor:
             final=final,
             origin=turn.origin,
         )
+
+
+async def _catch_up(follower: TurnFollower) -> None:
+    """Reads back what the log already has of the reply (a cached answer, a redelivered turn):
+    soon, rather than after the follower's idle time, but not at once, while the llm builds its
+    prompt on the same cores; the follower drops what it has seen already."""
+    await asyncio.sleep(_CATCH_UP_S)
+    await follower._recover()
 
 
 async def _once_confirmed(

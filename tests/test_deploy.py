@@ -1,0 +1,227 @@
+"""The deployment files, checked as far as a machine without Docker can: the compose file runs
+real components with real settings and logins, the configs parse, every service is scraped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import nats
+import yaml
+from prometheus_client import REGISTRY
+
+from libra.contracts import CONSUMERS, TurnAccepted, derive
+from libra.ops.components import COMPONENTS
+from libra.ops.embedded import _nats_server_binary, free_port, nats_conf_path, nats_users
+from libra.ops.eval.prices import PriceTable
+from libra.runtime.config import Settings
+from libra.runtime.metrics import refresh_consumer_lag
+
+from .factories import text
+from .helpers import eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "ops" / "deploy"
+COMPOSE = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+LIBRA = {name: s for name, s in SERVICES.items() if s.get("image") == "libra:latest"}
+SETTINGS = {field.upper() for field in Settings.__struct_fields__}
+# Each service's NATS login: nats://USER:${PASSWORD_VARIABLE}@host,...
+_LOGIN = re.compile(r"^nats://([\w-]+):\$\{(\w+)\}@nats-1:4222(,nats://nats-[23]:4222){2}$")
+
+
+def test_every_component_is_a_service_of_its_own() -> None:
+    commands = {name: s["command"] for name, s in LIBRA.items()}
+    assert commands.pop("migrate") == ["migrate"]
+    assert all(c[0] == "run" and len(c) == 2 for c in commands.values())
+    assert {c[1] for c in commands.values()} == set(COMPONENTS)
+    assert all(name == c[1] for name, c in commands.items())  # the service is named for it
+    for processor in ("turns", "llm", "memory", "asr", "tts"):
+        assert LIBRA[processor]["deploy"]["replicas"] >= 2
+
+
+def test_libra_services_set_only_real_settings_and_log_in_as_themselves() -> None:
+    users = nats_users()
+    for name, service in LIBRA.items():
+        env = service["environment"]
+        assert set(env) <= SETTINGS, f"{name}: {set(env) - SETTINGS} are not settings"
+        user, password, _ = _LOGIN.match(env["NATS_URL"]).groups()
+        assert user == ("admin" if name == "migrate" else name)
+        assert users[user] == password
+        assert env["LIBRA_STREAM_REPLICAS"] == "3" and env["LIBRA_METRICS_PORT"] == "9100"
+    assert LIBRA["http"]["environment"]["HTTP_HOST"] == "0.0.0.0"
+    assert LIBRA["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert all(
+        s["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        for name, s in LIBRA.items()
+        if name != "migrate"
+    )
+
+
+def test_every_variable_the_compose_file_reads_is_in_its_env_example() -> None:
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    used = set(re.findall(r"\$\{(\w+)", text))
+    listed = set(re.findall(r"^(\w+)=", (DEPLOY / "compose.env.example").read_text(), re.M))
+    assert used == listed
+    assert set(nats_users().values()) <= listed
+
+
+def test_the_nats_cluster_nodes_have_every_password_and_a_config_that_parses(
+    tmp_path: Path,
+) -> None:
+    nodes = {name: s for name, s in SERVICES.items() if name.startswith("nats-")}
+    assert sorted(nodes) == ["nats-1", "nats-2", "nats-3"]
+    for name, node in nodes.items():
+        env = node["environment"]
+        assert env["LIBRA_NATS_NAME"] == name
+        assert set(nats_users().values()) <= set(env)
+        assert all(f"nats-route://{other}:6222" in env["LIBRA_NATS_ROUTES"] for other in nodes)
+        mounts = {m.split(":")[1]: m.split(":")[0] for m in node["volumes"]}
+        assert (DEPLOY / mounts["/etc/nats/nats.conf"]).resolve() == nats_conf_path().resolve()
+        assert (DEPLOY / mounts["/etc/nats/cluster.conf"]).exists()
+    env = {k: "p1" if "PASSWORD" in k else v for k, v in nodes["nats-1"]["environment"].items()}
+    env["LIBRA_NATS_STORE"] = str(tmp_path / "store")
+    shutil.copy(nats_conf_path(), tmp_path / "nats.conf")
+    shutil.copy(DEPLOY / "nats" / "cluster.conf", tmp_path / "cluster.conf")
+    checked = subprocess.run(
+        [_nats_server_binary(), "-c", str(tmp_path / "cluster.conf"), "-t"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_prometheus_scrapes_every_component_where_it_serves_metrics() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    [job] = config["scrape_configs"]
+    [discovery] = job["dns_sd_configs"]
+    assert set(discovery["names"]) == set(COMPONENTS)
+    assert discovery["port"] == 9100
+    mount = SERVICES["prometheus"]["volumes"][0].split(":")
+    assert (DEPLOY / mount[0]).resolve() == (DEPLOY / "prometheus.yml").resolve()
+
+
+def test_grafana_gets_its_provisioning_and_dashboards() -> None:
+    mounts = dict(v.split(":")[:2] for v in SERVICES["grafana"]["volumes"] if v.startswith("./"))
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/libra.yml").read_text())
+    assert all((DEPLOY / source).is_dir() for source in mounts)
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert mounts["./grafana/dashboards"] == provider["providers"][0]["options"]["path"]
+    assert SERVICES["postgres"]["image"].startswith("pgvector/pgvector:")
+    init = SERVICES["postgres"]["volumes"][1].split(":")[0]
+    assert "GRANT SELECT ON TABLES TO grafana" in (DEPLOY / init).read_text()
+
+
+def test_the_image_holds_every_package_and_runs_libra() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    packages = re.findall(r"TOP_LEVEL = \((.+?)\)", (ROOT / "setup.py").read_text())[0]
+    for package in re.findall(r'"(\w+)"', packages):
+        assert f"COPY {package} {package}" in dockerfile
+    assert 'ENTRYPOINT ["libra"]' in dockerfile and "USER libra" in dockerfile
+    assert LIBRA["migrate"]["build"]["dockerfile"] == "ops/deploy/Dockerfile"
+
+
+async def test_a_component_run_as_in_production_serves_its_metrics(
+    settings: Settings, eventlog, nats_server, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = os.environ | {
+        "NATS_URL": nats_server.url_for("sessions"),
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "LIBRA_METRICS_PORT": str(port),
+        "LIBRA_DATA_DIR": str(tmp_path),
+        "LOG_FORMAT": "console",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "libra.ops",
+        "run",
+        "sessions",
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        await eventually(
+            lambda: _serves(port, 'libra_consumer_pending{consumer="sessions"} 0.0'), timeout=30
+        )
+        metrics = await _metrics(port)
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0 and b"violation" not in err.lower(), err.decode()[-2000:]
+    # No message was delivered: the lag comes from the server, asked by the supervisor.
+    for name in ("voice_processing_duration_seconds", "libra_consumer_dead_letters_total"):
+        assert f"# TYPE {name.removesuffix('_total')}" in metrics
+
+
+async def _metrics(port: int) -> str:
+    async with httpx.AsyncClient() as http:
+        return (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=2)).text
+
+
+async def _serves(port: int, line: str) -> bool:
+    try:
+        return line in await _metrics(port)
+    except httpx.HTTPError:
+        return False
+
+
+async def test_consumer_lag_follows_the_server_without_deliveries(eventlog) -> None:
+    turns = [
+        derive(said, TurnAccepted, key="turn", text=said.text, origin=said.origin)
+        for said in (text(conversation="http-lag") for _ in range(7))
+    ]
+    await eventlog.publish_many(turns[:4])
+    watcher = asyncio.create_task(
+        refresh_consumer_lag(eventlog.js, [("LIBRA", "llm")], every_s=0.1)
+    )
+    try:
+        await eventually(lambda: _pending("llm", 4))
+        await eventlog.publish_many(turns[4:])  # nobody consumes: only the server knows
+        await eventually(lambda: _pending("llm", 7))
+    finally:
+        watcher.cancel()
+
+
+async def _pending(consumer: str, n: int) -> bool:
+    return REGISTRY.get_sample_value("libra_consumer_pending", {"consumer": consumer}) == n
+
+
+async def test_migrate_provisions_the_log_and_loads_the_prices(
+    nats_server, database_url: str, pool, tmp_path: Path
+) -> None:
+    env = os.environ | {
+        "NATS_URL": nats_server.url,
+        "DATABASE_URL": database_url,
+        "LIBRA_DATA_DIR": str(tmp_path),
+        "LOG_FORMAT": "console",
+    }
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "libra.ops", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    assert (await js.stream_info("LIBRA")).config.num_replicas == 1
+    assert {c.name for c in await js.consumers_info("LIBRA")} == {
+        s.name for s in CONSUMERS.values() if s.stream == "LIBRA"
+    }
+    await nc.close()
+    prices = await pool.fetchval("SELECT count(*) FROM llm_prices WHERE as_of = '2025-10-01'")
+    assert prices == len(PriceTable.load().rows()) > 10
