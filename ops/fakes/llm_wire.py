@@ -34,11 +34,12 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
+
+from .loopback import LoopbackServer
 
 __all__ = [
     "ANTHROPIC_MESSAGES",
@@ -155,8 +156,10 @@ class ReceivedRequest(msgspec.Struct, frozen=True, kw_only=True):
         return bool(self.body.get("stream")) if isinstance(self.body, dict) else False
 
 
-class FakeLlmWire:
+class FakeLlmWire(LoopbackServer):
     """The fake vendors on 127.0.0.1 (an aiohttp server in this process's event loop)."""
+
+    backlog = 2048  # benchmarks open hundreds of streams at once
 
     def __init__(
         self,
@@ -167,21 +170,13 @@ class FakeLlmWire:
         models: tuple[str, ...] = ("gpt-4o-mini", "llama-3.3-70b-versatile", "llama3.1:8b"),
         record: bool = True,
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host=host, port=port)
         self.reply = reply or Behaviour()
         self.models = models
         self.record = record
         self.requests: list[ReceivedRequest] = []
         self._queues: dict[str, deque[Behaviour]] = {}
         self._standing: dict[str, Behaviour] = {}
-        self._closing = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        """The root URL, e.g. ``http://127.0.0.1:41234`` (Groq's and Anthropic's base URL)."""
-        return f"http://{self.host}:{self.port}"
 
     def env(self) -> dict[str, str]:
         """Returns the base-URL settings that point every provider at this fake."""
@@ -218,34 +213,8 @@ class FakeLlmWire:
         self._standing.clear()
         self.requests.clear()
 
-    async def start(self) -> FakeLlmWire:
-        """Starts listening; ``port`` 0 picks a free one."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def add_routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=2048, reuse_address=True)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def close(self) -> None:
-        """Releases hanging requests and stops the server."""
-        self._closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> FakeLlmWire:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _behaviour(self, path: str) -> Behaviour:
         queue = self._queues.get(path)

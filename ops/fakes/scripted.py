@@ -20,13 +20,14 @@ import math
 import time
 from collections import deque
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal
 
 import av
 import msgspec
 import numpy as np
 from aiohttp import web
+
+from .loopback import LoopbackServer
 
 __all__ = ["Behaviour", "ReceivedRequest", "ScriptedFake", "mp3_bytes", "speech_like"]
 
@@ -101,7 +102,7 @@ class ReceivedRequest(msgspec.Struct, frozen=True, kw_only=True):
     at: float = 0.0
 
 
-class ScriptedFake:
+class ScriptedFake(LoopbackServer):
     """A vendor's API on 127.0.0.1 (an aiohttp server in this process's event loop).
 
     Subclasses name their ``routes`` and implement :meth:`answer` (a good answer),
@@ -113,18 +114,10 @@ class ScriptedFake:
     def __init__(
         self, *, host: str = "127.0.0.1", port: int = 0, reply: Behaviour | None = None
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host=host, port=port)
         self.reply = reply or Behaviour()
         self.requests: list[ReceivedRequest] = []
         self._queue: deque[Behaviour] = deque()
-        self._closing = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        """The root URL, e.g. ``http://127.0.0.1:41234``."""
-        return f"http://{self.host}:{self.port}"
 
     def env(self) -> dict[str, str]:
         """Returns the settings that point Libra at this fake."""
@@ -134,35 +127,9 @@ class ScriptedFake:
         """Answers the next requests with ``behaviours``, one each, in order."""
         self._queue.extend(behaviours)
 
-    async def start(self) -> Self:
-        """Starts listening; ``port`` 0 picks a free one."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def add_routes(self, app: web.Application) -> None:
         for method, path in self.routes:
             app.router.add_route(method, path, self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def close(self) -> None:
-        """Releases hanging requests and stops the server."""
-        self._closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> Self:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def read_body(self, request: web.Request) -> Any:
         """Returns the request's body as the fake records it (JSON by default)."""
