@@ -445,11 +445,19 @@ def bench_voice_transport(as_json: bool, seconds: float, speakers: int) -> None:
     "--speculate/--no-speculate",
     default=True,
     show_default=True,
-    help="Generate from the transcript at the first short pause (VOICE_SPECULATE).",
+    help="Generate from the transcript at the first short pause (VOICE_SPECULATIVE_REPLY).",
 )
-def bench_voice(as_json: bool, turns: int, speculate: bool) -> None:
+@click.option(
+    "--sync/--no-sync",
+    default=True,
+    show_default=True,
+    help="nats.conf as shipped, syncing every write to disk (or not, to compare).",
+)
+def bench_voice(as_json: bool, turns: int, speculate: bool, sync: bool) -> None:
     """End of speech to the first synthesized audio, with simulated ASR, LLM and TTS vendors."""
     from .bench.voice import run_bench_voice
 
     settings = _settings()
-    asyncio.run(run_bench_voice(settings, turns=turns, speculate=speculate, as_json=as_json))
+    asyncio.run(
+        run_bench_voice(settings, turns=turns, speculate=speculate, sync=sync, as_json=as_json)
+    )

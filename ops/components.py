@@ -182,25 +182,33 @@ async def prompt_builder(r: Resources) -> PromptBuilder:
     )
 
 
-async def llm_processor(r: Resources) -> Processor:
-    """The llm processor as the settings configure it: providers, prompt, cache."""
+async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
+    """The llm processor as the settings configure it: providers, prompt, cache.
+
+    ``live``: the one that answers people, which follows speculative turns in the log and reads
+    voice turns' prompt context ahead (a replay answers recorded turns as they stand).
+    """
     from libra.processors.llm.cache import ResponseCache
+    from libra.processors.llm.prefetch import ContextPrefetch
     from libra.processors.llm.processor import LlmProcessor
 
     s = r.settings
     cache = ResponseCache(r.redis(), ttl_s=s.llm_cache_ttl) if s.llm_cache_enabled else None
+    prompts = await prompt_builder(r)
     return LlmProcessor(
         _chain(r),
-        await prompt_builder(r),
+        prompts,
         cache=cache,
         max_tokens=s.max_tokens,
         temperature=s.llm_temperature,
-        log=r.log,
+        log=r.log if live else None,
+        prefetch=ContextPrefetch(r.log, prompts) if live else None,
     )
 
 
 async def _llm(r: Resources) -> Component:
-    return ConsumerRunner(r.log, await llm_processor(r), concurrency=r.settings.llm_concurrency)
+    processor = await llm_processor(r, live=True)
+    return ConsumerRunner(r.log, processor, concurrency=r.settings.llm_concurrency)
 
 
 async def _memory(r: Resources) -> Component:

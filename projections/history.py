@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 import asyncpg
 
-from libra.contracts import CONSUMERS, LlmCompleted, TextReceived
+from libra.contracts import CONSUMERS, AnyEvent, LlmCompleted, TextReceived, id_time
 from libra.runtime.projection import Recorded
 
 __all__ = ["INSERT_MESSAGES", "HistoryProjection"]
@@ -18,8 +19,27 @@ INSERT_MESSAGES = (
 )
 
 
+def _messages(event: AnyEvent) -> list[tuple[str, str, str, str | None, str | None, datetime]]:
+    """The messages an event adds: (id, role, content, provider, model, time)."""
+    match event:
+        case TextReceived():
+            return [(event.id, "user", event.text, None, None, event.at)]
+        case LlmCompleted(modality="voice") if event.user_text:
+            # What was said aloud is in the reply's event (there is no text.received): its id and
+            # time are the turn's, which is the captured utterance's.
+            said = (event.turn, "user", event.user_text, None, None, id_time(event.turn))
+            return [
+                said,
+                (event.id, "assistant", event.text, event.provider, event.model, event.at),
+            ]
+        case LlmCompleted():
+            return [(event.id, "assistant", event.text, event.provider, event.model, event.at)]
+    return []
+
+
 class HistoryProjection:
-    """Folds ``text.received`` and ``llm.completed`` into ``conversations`` and ``messages``."""
+    """Folds ``text.received`` and ``llm.completed`` into ``conversations`` and ``messages``
+    (for a spoken turn, the completion brings the words that were said too)."""
 
     spec = CONSUMERS["history"]
     tables = ("messages", "conversations")
@@ -28,41 +48,30 @@ class HistoryProjection:
         messages = []
         conversations: dict[str, tuple[str, object, object]] = {}
         for seq, event in batch:
-            match event:
-                case TextReceived(text=text, origin=origin):
-                    role, content, provider, model, platform = (
-                        "user",
-                        text,
-                        None,
-                        None,
-                        origin.platform,
+            said = _messages(event)
+            if not said:
+                continue
+            for event_id, role, content, provider, model, at in said:
+                messages.append(
+                    (
+                        event_id,
+                        event.conversation,
+                        event.user,
+                        event.turn,
+                        role,
+                        content.replace("\x00", "\ufffd"),  # Postgres text cannot hold NUL
+                        "text" if isinstance(event, TextReceived) else event.modality,
+                        provider,
+                        model,
+                        at,
+                        seq,
                     )
-                    modality = "text"
-                case LlmCompleted(text=text, provider=provider, model=model, origin=origin):
-                    role, content, platform = "assistant", text, origin.platform
-                    modality = event.modality
-                case _:
-                    continue
-            content = content.replace("\x00", "\ufffd")  # Postgres text cannot hold NUL
-            messages.append(
-                (
-                    event.id,
-                    event.conversation,
-                    event.user,
-                    event.turn,
-                    role,
-                    content,
-                    modality,
-                    provider,
-                    model,
-                    event.at,
-                    seq,
                 )
-            )
-            _, first, last = conversations.get(event.conversation, (platform, event.at, event.at))
+            platform, earliest = event.origin.platform, min(m[5] for m in said)
+            _, first, last = conversations.get(event.conversation, (platform, earliest, event.at))
             conversations[event.conversation] = (
                 platform,
-                min(first, event.at),
+                min(first, earliest),
                 max(last, event.at),
             )
         if not messages:

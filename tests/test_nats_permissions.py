@@ -91,6 +91,7 @@ def test_every_component_has_a_user_with_a_password_from_the_environment() -> No
     [
         ("discord", "libra.llm.completed.x", "libra.text.received.x"),
         ("discord", "libra.llm.delta.x", "libra.voice.captured.x"),
+        ("discord", "libra.turn.confirmed.x", "libra.voice.resumed.x"),
         ("http", "libra.turn.accepted.x", "libra.text.received.x"),
         ("llm", "libra.text.received.x", "libra.llm.completed.x"),
         ("llm", "libra.turn.accepted.x", "libra.dead.llm.x"),
@@ -122,6 +123,22 @@ async def test_only_its_component_pulls_from_a_durable_consumer(
     async with login(nats_server, "llm") as llm:
         assert await llm.tries("$JS.API.CONSUMER.MSG.NEXT.LIBRA.llm")
         assert not await llm.tries("$JS.API.CONSUMER.MSG.NEXT.LIBRA.turns")
+
+
+async def test_the_llm_reads_transcripts_ahead_of_admission(
+    eventlog: EventLog, nats_server: EmbeddedNats
+) -> None:
+    async with login(nats_server, "llm") as llm:
+        seen: list[str] = []
+
+        async def note(msg) -> None:
+            seen.append(msg.subject)
+
+        await llm.nc.subscribe("libra.asr.transcribed.>", cb=note)
+        await llm.nc.flush()
+        await eventlog.nc.publish("libra.asr.transcribed.x", b"{}")
+        await eventually(lambda: _has(seen, "libra.asr.transcribed.x"))
+        assert not any(VIOLATION in r for r in llm.refused)
 
 
 async def test_anonymous_is_the_observer_who_sees_everything(

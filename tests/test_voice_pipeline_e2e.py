@@ -260,8 +260,9 @@ async def test_a_transcription_that_fails_everywhere_is_a_502(stack, whisper) ->
     assert await stream_events(log.js, "LIBRA", "libra.turn.>") == []
 
 
-async def test_history_holds_the_spoken_reply(stack, pool) -> None:
+async def test_history_holds_what_was_said_and_the_spoken_reply(stack, whisper, pool) -> None:
     http, _ = stack
+    whisper.transcript = "Good morning!"
     response = await http.post(
         "/voice/process", json={"userId": "vic", "audioData": _clip("Good morning!", "en-us")}
     )
@@ -273,8 +274,13 @@ async def test_history_holds_the_spoken_reply(stack, pool) -> None:
         return await pool.fetchval(sql, turn) is not None
 
     await eventually(recorded, timeout=10)
-    row = await pool.fetchrow("SELECT content, modality FROM messages WHERE turn = $1", turn)
-    assert (row["content"], row["modality"]) == (REPLY, "voice")
+    history = (await http.get("/api/chat/history/vic")).json()["messages"]
+    assert [(m["role"], m["content"]) for m in history] == [
+        ("user", "Good morning!"),
+        ("assistant", REPLY),
+    ]
+    rows = await pool.fetch("SELECT modality, event_id FROM messages WHERE turn = $1", turn)
+    assert {r["modality"] for r in rows} == {"voice"} and turn in {r["event_id"] for r in rows}
     completed = [
         e for e in await stream_events(stack[1].js, "LIBRA", "libra.llm.>") if e.turn == turn
     ]

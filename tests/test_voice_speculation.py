@@ -33,7 +33,8 @@ from libra.ops.embedded import free_port
 from libra.ops.fakes.groq_whisper import FakeGroqWhisper
 from libra.ops.fakes.llm_wire import OPENAI_CHAT, Behaviour, FakeLlmWire
 from libra.processors.llm.chain import ProviderChain
-from libra.processors.llm.context import PromptBuilder
+from libra.processors.llm.context import Context, PromptBuilder
+from libra.processors.llm.prefetch import ContextPrefetch
 from libra.processors.llm.processor import LlmProcessor
 from libra.processors.tts.chain import TtsChain
 from libra.processors.tts.espeak import EspeakEngine
@@ -309,6 +310,58 @@ async def test_a_confirmation_that_came_first_is_read_back_from_the_log(
         await eventually(completed, timeout=10)
 
 
+class _CountingPrompts(PromptBuilder):
+    """A prompt builder without a database that notes each turn whose context it reads."""
+
+    def __init__(self) -> None:
+        super().__init__(None, None)
+        self.read: list[str] = []
+
+    async def context(self, turn: TurnAccepted) -> Context:
+        self.read.append(turn.turn)
+        return await super().context(turn)
+
+
+async def test_a_voice_turns_context_is_read_while_admission_decides(eventlog: EventLog) -> None:
+    prompts = _CountingPrompts()
+    async with FakeLlmWire(reply=Behaviour.ok(REPLY)) as wire:
+        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": wire.env()["OPENAI_BASE_URL"]}
+        llm = LlmProcessor(
+            ProviderChain.from_settings(Settings.from_env(env)),
+            prompts,
+            log=eventlog,
+            prefetch=ContextPrefetch(eventlog, prompts),
+        )
+        async with _consuming(eventlog, llm):
+            turns = []
+            for text, said in [("first", "first"), ("second", "second"), ("heard", "said")]:
+                _, heard, _, _ = _utterance(text)
+                turn = derive(
+                    heard,
+                    TurnAccepted,
+                    key="turn",
+                    text=said,
+                    modality="voice",
+                    origin=ORIGIN,
+                )
+                await eventlog.publish(heard)  # what the llm hears ahead of admission
+                await asyncio.sleep(0.2)
+                await eventlog.publish(turn)
+
+                async def answered(turn: TurnAccepted = turn) -> bool:
+                    done = [e for e in await _of(eventlog, turn) if isinstance(e, LlmCompleted)]
+                    return bool(done)
+
+                await eventually(answered)
+                turns.append(turn.turn)
+    first, second, changed = turns
+    # the first voice turn starts the listening; the second's context was read once, ahead; a
+    # turn whose text is not what was heard (admission trimmed it, say) is read again
+    assert prompts.read.count(first) == 1
+    assert prompts.read.count(second) == 1 and prompts.read.index(second) == 1
+    assert prompts.read.count(changed) == 2
+
+
 def _tts(log: EventLog, audio: AudioStore) -> TtsProcessor:
     return TtsProcessor(log, audio, TtsChain([EspeakEngine({"en": "en-us"})], timeout_s=5))
 
@@ -472,8 +525,11 @@ async def test_a_pause_then_talking_on_leaves_one_turn_in_history(settings, pool
         assert spoken == {answer.turn}
         assert wire.count(OPENAI_CHAT) == len(abandoned) + 1  # each drafted, only one answered
         # history, memory and the turns table hold the one turn that happened
-        rows = await pool.fetch("SELECT turn, role FROM messages WHERE user_id = 'u1'")
-        assert [(r["turn"], r["role"]) for r in rows] == [(answer.turn, "assistant")]
+        rows = await pool.fetch("SELECT turn, role FROM messages WHERE user_id = 'u1' ORDER BY at")
+        assert [(r["turn"], r["role"]) for r in rows] == [
+            (answer.turn, "user"),
+            (answer.turn, "assistant"),
+        ]
         assert await pool.fetchval("SELECT count(*) FROM memories") == 1
 
         async def projected() -> bool:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import dataclasses
 import io
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import numpy as np
@@ -111,7 +110,7 @@ def _wav_pcm(data: bytes) -> tuple[bytes, int, int]:
 
 def _speech_in(pcm16k: bytes, config: SegmenterConfig) -> bool:
     """Whether the VAD finds an utterance in the clip, by the rules of a live capture."""
-    segmenter = Segmenter(SileroVad(), dataclasses.replace(config, speculative_ms=0))
+    segmenter = Segmenter(SileroVad(), replace(config, speculative_ms=0))
     samples = np.frombuffer(pcm16k, np.int16)
     samples = np.concatenate([samples, np.zeros(-len(samples) % FRAME_SAMPLES, np.int16)])
     for frame in samples.reshape(-1, FRAME_SAMPLES):
@@ -131,10 +130,10 @@ class VoiceOptions:
 
 
 class _Clips:
-    """Checks a clip, and stores and publishes the ones that hold speech."""
+    """Checks a clip, and stores the ones that hold speech."""
 
-    def __init__(self, log: EventLog, options: VoiceOptions) -> None:
-        self.log, self.options = log, options
+    def __init__(self, options: VoiceOptions) -> None:
+        self.options = options
 
     async def capture(
         self, pcm: bytes, *, user: str, sample_rate: int, channels: int = 1, reply: bool
@@ -307,7 +306,7 @@ def install_voice(
     app: FastAPI, log: EventLog, options: VoiceOptions, *, reply_idle_s: float
 ) -> dict[str, int]:
     """Adds the voice routes; returns the request body size each route needs."""
-    clips = _Clips(log, options)
+    clips = _Clips(options)
 
     @app.exception_handler(_BadAudio)
     async def bad_audio(_request: Request, exc: _BadAudio) -> JSONResponse:

@@ -22,11 +22,13 @@ no time at all would have. That ideal is the slower of the two paths to the firs
 run side by side: the *confirmation* (the 500 ms rule, then nothing) and the *generation* (the
 speculative pause, ``VAD_SPECULATIVE_MS`` in whole frames; then the ASR's answer, the LLM up to
 the token that completes the first sentence for the splitter, and the TTS's first audio, in
-series; with ``--no-speculate`` the LLM starts only after the 500 ms rule). The vendors' part is
-their time *as a bare HTTP client sees it* in the same run (``vendor_*_ms``: aiohttp against the
-same fakes, the fake's work and the loopback hops included, measured between the turns), so that
-``own`` is Libra's (its SDKs included). ``own_nominal`` charges the vendors their configured
-times only (250, 200 + tokens, 100 ms), as the peer's 56 ms was counted (1,126 - 1,070).
+series; with ``--no-speculate`` the LLM starts only after the 500 ms rule). The vendors' part
+is their time *as a bare HTTP client sees it* in the same run (``vendor_*_ms``: aiohttp against
+the same fakes, measured after the warm-up turns: the fake's own work and the loopback hops are
+the vendor's), so that ``own`` is Libra's, its SDKs included. ``own_nominal`` charges the vendors
+only their configured times (250, 200 + the tokens at 400/s, 100 ms), the way the peer's 56 ms
+was counted (1,126 - 1,070). ``--no-sync`` runs on nats.conf without ``sync_interval: always``,
+to show what syncing every write to disk costs.
 
 The event timestamps of each turn break the own share down along the generation path (ms, p50),
 each stage minus the vendor's part in it: ``vad`` (capture published minus the end of speech
@@ -35,9 +37,11 @@ transcript, or minus the end of turn when that came later), ``llm`` (the delta t
 the first sentence minus the turn), ``tts`` (the first clip minus that delta), ``delivery`` (the
 edge's receipt of the clip minus its timestamp); ``prompt`` and ``llm_sdk`` split ``llm``
 (``llm_sdk``: the provider call to its first token, as the llm measured it, minus the bare one).
-``end_of_turn`` and ``confirmation`` time the other path. faster-whisper's real-time factor is
-measured on this CPU with the tiny random model the tests use (1 layer, 64 wide, CTranslate2
-int8): not a real Whisper model, so it says what the pipeline around the model costs.
+With speculation they add up to ``own`` when the generation is the slower path, as it is here;
+``end_of_turn`` and ``confirmation`` time the other path; ``slowest_*`` break down the slowest
+turn the same way. faster-whisper's real-time factor is measured on this CPU with the tiny
+random model the tests use (1 layer, 64 wide, CTranslate2 int8): not a real Whisper model, so it
+says what the pipeline around the model costs.
 """
 
 from __future__ import annotations
@@ -384,6 +388,7 @@ class _Figures:
             self.stages.setdefault(name, []).append(seconds * 1000)
 
     def results(self) -> dict:
+        slowest = self.first_audio.index(max(self.first_audio))
         return {
             "first_audio_p50_ms": percentile(self.first_audio, 50),
             "first_audio_p99_ms": percentile(self.first_audio, 99),
@@ -396,6 +401,10 @@ class _Figures:
             "vendor_tts_ms": self.vendors.tts * 1000,
             "abandoned": self.abandoned,
             **{f"{k}_p50_ms": percentile(v, 50) for k, v in self.stages.items()},
+            # where the slowest turn lost its time
+            **{
+                f"slowest_{k}_ms": v[slowest] for k, v in self.stages.items() if k != "confirmation"
+            },
         }
 
 
@@ -445,10 +454,10 @@ async def _measure(
 
 
 async def run_bench_voice(
-    settings: Settings, *, turns: int, speculate: bool, as_json: bool
+    settings: Settings, *, turns: int, speculate: bool, sync: bool, as_json: bool
 ) -> dict:
     """Runs ``turns`` spoken turns one after another and prints the figures."""
-    results: dict = {"turns": turns, "speculate": speculate}
+    results: dict = {"turns": turns, "speculate": speculate, "sync": sync}
     results["whisper_rtf"] = await asyncio.to_thread(_whisper_rtf)
     results["whisper_model"] = "tiny random CTranslate2 Whisper (test model), CPU int8"
     async with servers(settings, postgres=True, redis=True) as urls:
@@ -459,7 +468,7 @@ async def run_bench_voice(
         ):
             env = {
                 **{k: v for k, v in os.environ.items() if not k.endswith(("_KEY", "_URL"))},
-                "NATS_URL": urls.nats_url,
+                "NATS_URL": urls.nats_url if sync else urls.nats_nosync_url,
                 "DATABASE_URL": urls.database_url,
                 "REDIS_URL": urls.redis_url,
                 "LOG_LEVEL": "WARNING",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import asyncpg
 
@@ -17,7 +18,7 @@ from libra.processors.memory.store import MemoryStore
 
 from .providers.base import ChatMessage
 
-__all__ = ["DEFAULT_PERSONA", "Prompt", "PromptBuilder", "estimate_tokens"]
+__all__ = ["DEFAULT_PERSONA", "Context", "Prompt", "PromptBuilder", "estimate_tokens"]
 
 log = logging.getLogger("libra.llm")
 
@@ -35,6 +36,14 @@ _VOICE_STYLE = (
 def estimate_tokens(text: str) -> int:
     """A cautious token count: about one per three UTF-8 bytes (right for Latin and Hangul)."""
     return len(text.encode("utf-8")) // 3 + 1
+
+
+class Context(NamedTuple):
+    """What a prompt is read from: the server's settings, the history, the recalled memories."""
+
+    settings: dict[str, str]
+    history: list[ChatMessage]
+    memories: list[str]
 
 
 @dataclass(frozen=True)
@@ -80,14 +89,20 @@ class PromptBuilder:
         name = model.split(":", 1)[-1].lower()
         return any(name.startswith(prefix.lower()) for prefix in self.vision_models)
 
-    async def build(self, turn: TurnAccepted, *, default_model: str, persona: str = "") -> Prompt:
+    async def build(
+        self,
+        turn: TurnAccepted,
+        *,
+        default_model: str,
+        persona: str = "",
+        context: Context | None = None,
+    ) -> Prompt:
         """Returns the turn's prompt as of the turn's time: the history and memories before it.
 
-        ``persona`` replaces the server's and the default one (an eval's candidate prompt).
+        ``persona`` replaces the server's and the default one (an eval's candidate prompt);
+        ``context`` is what :meth:`context` read for the turn already.
         """
-        (settings, history), memories = await asyncio.gather(
-            self._settings_and_history(turn), self._memories(turn)
-        )
+        settings, history, memories = context or await self.context(turn)
         model = settings.get("model") or None
         system = self._system(persona or settings.get("persona") or self.persona, turn, memories)
         current = self._current(turn, model or default_model)
@@ -100,6 +115,13 @@ class PromptBuilder:
                 break
             kept.append(message)
         return Prompt(messages=(system, *reversed(kept), current), model=model)
+
+    async def context(self, turn: TurnAccepted) -> Context:
+        """Reads what the turn's prompt is made of: settings, recent history and memories."""
+        (settings, history), memories = await asyncio.gather(
+            self._settings_and_history(turn), self._memories(turn)
+        )
+        return Context(settings, history, memories)
 
     def _system(self, persona: str, turn: TurnAccepted, memories: list[str]) -> ChatMessage:
         parts = [persona]

@@ -40,6 +40,7 @@ from .cache import CachedReply, ResponseCache
 from .chain import AllProvidersFailed, ChainResult, ProviderChain
 from .confirmation import CERTAIN, Confirmation
 from .context import Prompt, PromptBuilder
+from .prefetch import ContextPrefetch
 from .providers.base import ChatUsage
 
 __all__ = ["DELTA_EVERY_S", "LlmProcessor"]
@@ -126,7 +127,8 @@ class LlmProcessor:
     """Turns ``turn.accepted`` into ``llm.delta``s and ``llm.completed`` (or ``llm.failed``).
 
     ``log`` is where a speculative turn's confirmation is followed; without it (replaying
-    recorded turns) a speculative turn is answered as if it had been confirmed.
+    recorded turns) a speculative turn is answered as if it had been confirmed. ``prefetch``
+    reads a voice turn's prompt context while admission decides on its transcript.
     """
 
     spec = CONSUMERS["llm"]
@@ -140,10 +142,11 @@ class LlmProcessor:
         max_tokens: int = 512,
         temperature: float = 0.6,
         log: EventLog | None = None,
+        prefetch: ContextPrefetch | None = None,
     ) -> None:
         self.chain, self.prompts, self.cache = chain, prompts, cache
         self.max_tokens, self.temperature = max_tokens, temperature
-        self.log = log
+        self.log, self.prefetch = log, prefetch
         self._hits = self._lookups = 0
 
     async def handle(self, event: AnyEvent) -> AsyncIterator[Event]:
@@ -166,7 +169,12 @@ class LlmProcessor:
             yield self._failed(event, "no_provider", _say(_NO_PROVIDER, event.language), ())
             return
         started = time.perf_counter()
-        prompt = await self.prompts.build(event, default_model=self.chain.default_model)
+        context = None
+        if self.prefetch is not None and event.modality == "voice":
+            context = await self.prefetch.take(event)
+        prompt = await self.prompts.build(
+            event, default_model=self.chain.default_model, context=context
+        )
         key = None
         if self.cache is not None:
             key = self.cache.key(

@@ -56,11 +56,11 @@ class CartesiaEngine:
             output_format={"container": "raw", "encoding": "pcm_s16le", "sample_rate": 48_000},
         )
         async with stream:
+            # Read to the end, past the ``done`` event: a response left unread closes its
+            # connection, and the next sentence would pay for a new one (TLS included).
             async for event in stream:
                 if event.type == "chunk":
                     if event.audio:
                         yield event.audio
                 elif event.type == "error":
                     raise CartesiaError(f"{event.status_code} {event.title}: {event.message}")
-                elif event.type == "done":
-                    return

@@ -242,11 +242,17 @@ async def _once_confirmed(
             yield clip
         return
     made: asyncio.Queue[TtsSynthesized | None] = asyncio.Queue()
+    sent = asyncio.Event()
 
     async def make() -> None:
         try:
             async for clip in clips:
                 made.put_nowait(clip)
+                if confirmed.done():
+                    # Decided: one clip at a time, the next made once this one is published,
+                    # as without a buffer (the next clip's audio would be written first).
+                    sent.clear()
+                    await sent.wait()
         finally:
             made.put_nowait(None)
 
@@ -257,6 +263,7 @@ async def _once_confirmed(
         released = datetime.now(UTC)
         while (clip := await made.get()) is not None:
             yield msgspec.structs.replace(clip, at=max(clip.at, released))
+            sent.set()
         await maker  # raises what stopped the synthesis, if anything did
     finally:
         maker.cancel()

@@ -1,0 +1,91 @@
+"""Reading a voice turn's prompt context while admission decides on its transcript.
+
+A transcript becomes a turn a few milliseconds later (admission, and two hops through the log),
+and only then would the llm read the conversation's settings, history and memories. Instead it
+starts reading them when the transcript is published, heard on a core NATS subscription, and
+builds the turn's prompt from that when the turn arrives with the same text: the reads leave the
+clock of a spoken reply. Every llm instance reads for every transcript (none knows which one
+the turn will go to); what no turn claims within ``keep_s`` is dropped. The subscription starts
+with the first voice turn, so an instance that only ever answers text never holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from libra.contracts import (
+    PREFIX,
+    AsrTranscribed,
+    EventDecodeError,
+    TurnAccepted,
+    decode_event,
+    derive,
+)
+from libra.runtime.eventlog import EventLog
+
+from .context import Context, PromptBuilder
+
+__all__ = ["ContextPrefetch"]
+
+log = logging.getLogger("libra.llm")
+
+
+class ContextPrefetch:
+    """The prompt contexts being read for the transcripts heard in the last ``keep_s``."""
+
+    def __init__(self, log: EventLog, prompts: PromptBuilder, *, keep_s: float = 10.0) -> None:
+        self.log, self.prompts, self.keep_s = log, prompts, keep_s
+        self._reads: dict[str, tuple[str, asyncio.Task[Context]]] = {}
+        self._sub: Subscription | None = None
+        self._starting: asyncio.Lock | None = None
+
+    async def take(self, turn: TurnAccepted) -> Context | None:
+        """Returns the context read for ``turn``'s transcript, if it was and the read worked."""
+        if self._sub is None:
+            await self._start()
+        text, read = self._reads.pop(turn.turn, ("", None))
+        if read is None or text != turn.text:
+            return None
+        with contextlib.suppress(Exception):  # (it was logged; the turn reads it again)
+            return await read
+        return None
+
+    async def _start(self) -> None:
+        self._starting = self._starting or asyncio.Lock()
+        async with self._starting:
+            if self._sub is None:
+                heard = f"{PREFIX}.asr.transcribed.*"
+                self._sub = await self.log.nc.subscribe(heard, cb=self._on_msg)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        with contextlib.suppress(EventDecodeError):
+            heard = decode_event(msg.data)
+            if isinstance(heard, AsrTranscribed) and heard.reply and heard.text.strip():
+                self._read(heard)
+
+    def _read(self, heard: AsrTranscribed) -> None:
+        # The turn as admission will make it, for what the reads need: conversation, server,
+        # user, text and time.
+        draft = derive(
+            heard,
+            TurnAccepted,
+            key="turn",
+            text=heard.text.strip(),
+            modality="voice",
+            origin=heard.origin,
+        )
+        read = asyncio.create_task(self.prompts.context(draft))
+        read.add_done_callback(_quietly)
+        self._reads[draft.turn] = (draft.text, read)
+        asyncio.get_running_loop().call_later(self.keep_s, self._reads.pop, draft.turn, None)
+
+
+def _quietly(read: asyncio.Task[Context]) -> None:
+    """Logs a failed read once, claimed or not (a claimed one is read again by its turn)."""
+    if not read.cancelled() and (error := read.exception()) is not None:
+        log.warning("could not read a prompt's context ahead of its turn: %s", error)
