@@ -6,8 +6,7 @@ from collections.abc import AsyncIterator
 
 from libra.contracts import AnyEvent, Origin, TextReceived, conversation_id, make
 from libra.runtime.eventlog import EventLog
-
-from .replies import TurnFollower
+from libra.runtime.follow import TurnFollower
 
 __all__ = ["converse"]
 

@@ -8,9 +8,9 @@ from typing import TextIO
 
 from libra.contracts import LlmDelta, LlmFailed, TurnRejected
 from libra.runtime.eventlog import EventLog
+from libra.runtime.follow import ReplyTimeout
 
 from .chat import converse
-from .replies import ReplyTimeout
 
 __all__ = ["chat_loop"]
 

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from libra.contracts import LlmCompleted, LlmDelta, TurnAccepted, derive, encode_event
-from libra.gateway.replies import ReplyTimeout, TurnFollower
 from libra.runtime.eventlog import EventLog
+from libra.runtime.follow import ReplyTimeout, TurnFollower
 
 from .factories import ORIGIN, text
 

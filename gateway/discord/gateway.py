@@ -33,9 +33,9 @@ from libra.contracts import (
     derive,
     new_id,
 )
-from libra.gateway.replies import ReplyTimeout, TurnFollower
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.eventlog import EventLog
+from libra.runtime.follow import ReplyTimeout, TurnFollower
 from libra.runtime.logs import bind
 
 from .access import AccessPolicy, parse_ids

@@ -38,9 +38,9 @@ from libra.contracts import (
     derive,
 )
 from libra.runtime.eventlog import EventLog
+from libra.runtime.follow import ReplyTimeout
 
 from ..chat import converse
-from ..replies import ReplyTimeout
 from .auth import Authenticator, Principal
 from .metrics import BodyLimit, RequestMetrics
 

@@ -51,10 +51,10 @@ from libra.contracts import (
     make,
     new_id,
 )
-from libra.gateway.replies import ReplyTimeout, TurnFollower
 from libra.gateway.voice import FRAME_SAMPLES, SAMPLE_RATE, Segmenter, SegmenterConfig, SileroVad
 from libra.runtime.audio import AudioStore, resample_pcm, wav_bytes
 from libra.runtime.eventlog import EventLog
+from libra.runtime.follow import ReplyTimeout, TurnFollower
 
 from .app import Caller, _error, _rejection, _sse
 

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 
 from libra.contracts import TurnAbandoned, TurnAccepted, TurnConfirmed, TurnRejected
-from libra.gateway.replies import ReplyTimeout, TurnFollower
 from libra.runtime.eventlog import EventLog
+from libra.runtime.follow import ReplyTimeout, TurnFollower
 
 __all__ = ["CERTAIN", "Confirmation"]
 

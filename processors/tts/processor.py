@@ -3,7 +3,7 @@
 It consumes ``turn.accepted`` on its durable consumer, so one instance owns each turn (the
 reply's pieces are ordered, and a turn must not be split across instances), and ignores turns
 that are not voice. For a voice turn it follows the turn's ``llm.delta`` events as they come
-(:class:`~libra.gateway.replies.TurnFollower`), cuts them into sentences and synthesizes each one
+(:class:`~libra.runtime.follow.TurnFollower`), cuts them into sentences and synthesizes each one
 as soon as it is complete, while the rest of the reply is still being written.
 
 The audio goes out as ``tts.synthesized`` clips (``index`` 0, 1, ...), each stored as 48 kHz
@@ -48,10 +48,10 @@ from libra.contracts import (
     derive,
     derive_id,
 )
-from libra.gateway.replies import TurnFollower
 from libra.runtime.audio import AudioStore
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.eventlog import EventLog
+from libra.runtime.follow import TurnFollower
 
 from .base import TtsEngine, primary_language
 from .cartesia import CartesiaEngine
@@ -230,7 +230,7 @@ async def _catch_up(follower: TurnFollower) -> None:
     soon, rather than after the follower's idle time, but not at once, while the llm builds its
     prompt on the same cores; the follower drops what it has seen already."""
     await asyncio.sleep(_CATCH_UP_S)
-    await follower._recover()
+    await follower.catch_up()
 
 
 async def _once_confirmed(

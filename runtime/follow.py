@@ -1,9 +1,12 @@
-"""Following one turn's reply as it is produced, for the edges that show it to a person.
+"""Following one turn's events as they are produced.
 
-An edge subscribes before it publishes the person's input, so nothing of the reply can pass by
-unseen: core NATS subscriptions on the conversation's subjects, filtered by turn. They are the
-fastest path (no consumer to create), and at-most-once: if the connection drops mid-reply, the
-follower reads what it missed back from the log.
+The edges follow a reply to show it to a person; processors follow a reply they work on while
+it streams (tts) or a turn's fate (llm waiting for a spoken turn to be confirmed). A follower
+subscribes before the events it waits for can be published (an edge, before it publishes the
+person's input), or reads back what came before with :meth:`TurnFollower.catch_up`. Core NATS
+subscriptions on the conversation's subjects, filtered by turn, are the fastest path (no
+consumer to create), and at-most-once: if the connection drops mid-reply, the follower reads
+what it missed back from the log.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class TurnFollower:
             try:
                 event = await asyncio.wait_for(self._queue.get(), wait)
             except TimeoutError:
-                await self._recover()
+                await self.catch_up()
                 if self._queue.empty():
                     raise ReplyTimeout(f"turn {self.turn} went quiet for {idle_s:.0f}s") from None
                 continue
@@ -109,8 +112,9 @@ class TurnFollower:
             if isinstance(event, self.until):
                 return
 
-    async def _recover(self) -> None:
-        """Reads the turn's events back from the log (both streams) after a quiet spell."""
+    async def catch_up(self) -> None:
+        """Reads the turn's events back from the log (both streams): what was published before
+        the follower subscribed, or what a dropped connection missed."""
         start = id_time(self.turn) - timedelta(seconds=2)
         found = [
             event
