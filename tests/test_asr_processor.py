@@ -27,6 +27,7 @@ from libra.runtime.audio import AudioStore
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.eventlog import EventLog
+from libra.runtime.metrics import VOICE_PROCESSING_SECONDS
 
 from .helpers import eventually, stream_events
 from .stack import running
@@ -102,8 +103,10 @@ async def test_faster_whisper_transcribes_a_capture_with_the_language_hint(
     eventlog: EventLog, tiny_model: Path, korean: VoiceCaptured
 ) -> None:
     chain = AsrChain([_whisper(tiny_model)], timeout_s=30)
+    timed = VOICE_PROCESSING_SECONDS.labels("asr")._sum.get()
     async with _running(eventlog, chain, language="ko"):
         (heard,) = await _transcripts(eventlog)
+    assert VOICE_PROCESSING_SECONDS.labels("asr")._sum.get() > timed  # the seed's metric
     assert heard.causation == korean.id and heard.turn == korean.id
     assert heard.engine == "whisper" and heard.language == "ko"
     assert heard.speculative is True and heard.origin == korean.origin

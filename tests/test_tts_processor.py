@@ -30,6 +30,7 @@ from libra.runtime.audio import AudioStore
 from libra.runtime.config import Settings
 from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.eventlog import EventLog
+from libra.runtime.metrics import VOICE_PROCESSING_SECONDS
 
 from .helpers import eventually, stream_count, stream_events
 from .stack import running
@@ -110,6 +111,7 @@ def _check_order(clips: list[TtsSynthesized]) -> None:
 async def test_the_first_clip_is_ready_before_the_reply_is_complete(eventlog: EventLog) -> None:
     turn = _turn()
     pieces = ["Hello there. ", "This is ", "Libra speaking. ", "Goodbye for now", "."]
+    timed = VOICE_PROCESSING_SECONDS.labels("tts_first_audio")._sum.get()
     async with _tts(eventlog):
         await eventlog.publish(turn)
         for i, piece in enumerate(pieces):
@@ -119,6 +121,7 @@ async def test_the_first_clip_is_ready_before_the_reply_is_complete(eventlog: Ev
         await eventlog.publish(_completed(turn, "".join(pieces)))
         clips = await _spoken(eventlog, turn)
     assert spoken_before_the_end >= 1
+    assert VOICE_PROCESSING_SECONDS.labels("tts_first_audio")._sum.get() > timed
     _check_order(clips)
     said = ["Hello there.", "This is Libra speaking.", "Goodbye for now."]
     assert [c.text for c in clips if c.text] == said

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from libra.contracts import CONSUMERS, AnyEvent, AsrTranscribed, AudioRef, VoiceCaptured, derive
 from libra.runtime.audio import AudioStore, decode_audio, resample_pcm
 from libra.runtime.config import ConfigError, Settings
+from libra.runtime.metrics import VOICE_PROCESSING_SECONDS
 
 from .base import AsrEngine, Transcript
 from .chain import AsrChain
@@ -47,6 +48,8 @@ class AsrProcessor:
             engine_name = engine.name
         else:
             transcript, engine_name = Transcript(text=""), "none"
+        latency = time.perf_counter() - started
+        VOICE_PROCESSING_SECONDS.labels("asr").observe(latency)
         yield derive(
             event,
             AsrTranscribed,
@@ -56,7 +59,7 @@ class AsrProcessor:
             confidence=transcript.confidence if transcript.text else 0.0,
             engine=engine_name,
             audio_ms=event.audio.duration_ms,
-            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            latency_ms=round(latency * 1000, 2),
             speculative=event.speculative,
             reply=event.reply,
             origin=event.origin,

@@ -52,6 +52,7 @@ from libra.runtime.audio import AudioStore
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.eventlog import EventLog
 from libra.runtime.follow import TurnFollower
+from libra.runtime.metrics import VOICE_PROCESSING_SECONDS
 
 from .base import TtsEngine, primary_language
 from .cartesia import CartesiaEngine
@@ -201,6 +202,9 @@ class TtsProcessor:
         final: bool = False,
     ) -> TtsSynthesized:
         key = f"tts/{index}"
+        if audio is not None:
+            stage = "tts_first_audio" if index == 0 else "tts"
+            VOICE_PROCESSING_SECONDS.labels(stage).observe(time.perf_counter() - started)
         ref = await self.audio.put(
             f"tts/{turn.conversation}/{derive_id(turn.id, key)}",
             pcm,
