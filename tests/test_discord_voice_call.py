@@ -11,14 +11,10 @@ import contextlib
 import functools
 import itertools
 import os
-import shutil
 import struct
-import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,10 +33,12 @@ from libra.gateway.discord.voice import (
     VoiceServer,
     VoiceSession,
 )
-from libra.gateway.discord.voice.opus import OpusDecoder, decode_audio, encode_pcm
+from libra.gateway.discord.voice.opus import OpusDecoder, encode_pcm
 from libra.gateway.discord.voice.rtp import OPUS_SILENCE
 from libra.ops.fakes import discord_voice as fake
 from libra.ops.fakes.discord_voice import FakeMember, FakeVoiceServer
+from libra.processors.tts.espeak import SAMPLE_RATE, TRAILING_PAUSE, speak
+from libra.runtime.audio import resample_pcm
 
 GUILD, CHANNEL = 81_000_000_000_000_001, 82_000_000_000_000_002
 LIBRA, ALICE, BOB, CAROL = 7_000, 42_000, 43_000, 44_000
@@ -55,12 +53,8 @@ pytestmark = pytest.mark.timeout(60)
 @functools.cache
 def speech(text: str) -> bytes:
     """``text`` spoken by espeak-ng, as 48 kHz stereo s16le PCM."""
-    if shutil.which("espeak-ng") is None:  # a missing tool fails the test; it never skips it
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
-    with tempfile.TemporaryDirectory() as folder:
-        wav = Path(folder, "speech.wav")
-        subprocess.run(["espeak-ng", "-s", "170", "-w", str(wav), text], check=True)
-        return decode_audio(wav.read_bytes())
+    pcm = speak(text, "en", words_per_minute=170) + TRAILING_PAUSE
+    return resample_pcm(pcm, rate=SAMPLE_RATE, channels=1, to_rate=48_000, to_channels=2)
 
 
 def mono(pcm: bytes, channels: int = 2) -> np.ndarray:

@@ -6,8 +6,9 @@ import asyncio
 import shutil
 
 import asyncpg
+import msgspec
 
-from libra.contracts import LlmCompleted, TurnAccepted, derive
+from libra.contracts import CONSUMERS, LlmCompleted, TurnAccepted, derive
 from libra.ops.embedded import EmbeddedPostgres, free_port
 from libra.projections.history import HistoryProjection
 from libra.runtime.database import connect_pool, migrate
@@ -33,6 +34,12 @@ def _exchange(i: int, conversation: str = "discord-1-2"):
     return [said, turn, answer]
 
 
+class _QuickRedelivery(HistoryProjection):
+    """History whose unacked messages come back after 2 s rather than 30 s."""
+
+    spec = msgspec.structs.replace(CONSUMERS["history"], ack_wait_s=2.0)
+
+
 async def _rows(pool: asyncpg.Pool) -> list[tuple]:
     async with pool.acquire() as conn:
         messages = await conn.fetch("SELECT * FROM messages ORDER BY event_id")
@@ -44,8 +51,10 @@ async def _count(pool: asyncpg.Pool) -> int:
     return await pool.fetchval("SELECT count(*) FROM messages")
 
 
-async def _run(log: EventLog, pool: asyncpg.Pool, **kw) -> tuple[ProjectionRunner, asyncio.Task]:
-    runner = ProjectionRunner(log, pool, HistoryProjection(), **kw)
+async def _run(
+    log: EventLog, pool: asyncpg.Pool, projection: HistoryProjection | None = None, **kw
+) -> tuple[ProjectionRunner, asyncio.Task]:
+    runner = ProjectionRunner(log, pool, projection or HistoryProjection(), **kw)
     return runner, asyncio.create_task(runner.run())
 
 
@@ -92,13 +101,13 @@ async def test_killed_mid_batch_then_restarted_equals_rebuild(
 ) -> None:
     events = [e for i in range(400) for e in _exchange(i, f"discord-1-{i % 7}")]
     await eventlog.publish_many(events)
-    runner, task = await _run(eventlog, pool, batch_size=50)
+    runner, task = await _run(eventlog, pool, _QuickRedelivery(), batch_size=50)
     await eventually(lambda: _has(pool, 1), every=0.001)
     task.cancel()  # killed, in the middle of whatever batch it was in
     await asyncio.gather(task, return_exceptions=True)
     assert await _count(pool) < 800
-    await asyncio.sleep(2.5)  # unacked messages come back after ack_wait... or sooner on nak
-    runner, task = await _run(eventlog, pool, batch_size=50)
+    await asyncio.sleep(2.5)  # the unacked batch comes back after ack_wait
+    runner, task = await _run(eventlog, pool, _QuickRedelivery(), batch_size=50)
     await eventually(lambda: _has(pool, 800), timeout=40)
     await runner.stop()
     await task

@@ -1,23 +1,21 @@
-"""Speech, silence and noise made in the test, for the voice tests (espeak-ng must be installed)."""
+"""Speech, silence and noise made in the test, for the voice tests (speech by espeak-ng)."""
 
 from __future__ import annotations
 
 import functools
-import subprocess
 
 import numpy as np
 
-from libra.runtime.audio import decode_audio, resample_pcm
+from libra.processors.tts.espeak import SAMPLE_RATE, TRAILING_PAUSE, speak
+from libra.runtime.audio import resample_pcm
 
 RATE = 16_000
 
 
 @functools.cache
 def _espeak(text: str, voice: str) -> bytes:
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "--stdout"], input=text.encode(), capture_output=True, check=True
-    ).stdout
-    return decode_audio(wav, to_rate=RATE)
+    pcm = speak(text, voice) + TRAILING_PAUSE  # as the espeak-ng command says it
+    return resample_pcm(pcm, rate=SAMPLE_RATE, channels=1, to_rate=RATE, to_channels=1)
 
 
 def speech(text: str, voice: str) -> np.ndarray:

@@ -50,7 +50,6 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -79,7 +78,9 @@ from libra.contracts import (
     decode_event,
 )
 from libra.gateway.voice import VoiceCapture, segmenter_config
-from libra.runtime.audio import AudioStore, decode_audio, wav_bytes
+from libra.processors.tts.espeak import SAMPLE_RATE as ESPEAK_RATE
+from libra.processors.tts.espeak import speak
+from libra.runtime.audio import AudioStore, resample_pcm, wav_bytes
 from libra.runtime.config import Settings
 from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
@@ -118,13 +119,9 @@ def _sentence_token() -> int:
 
 
 def _espeak(text: str, rate: int) -> bytes:
-    wav = subprocess.run(
-        ["espeak-ng", "-v", "en-us", "--stdout"],
-        input=text.encode(),
-        capture_output=True,
-        check=True,
-    ).stdout
-    return decode_audio(wav, to_rate=rate)
+    return resample_pcm(
+        speak(text, "en-us"), rate=ESPEAK_RATE, channels=1, to_rate=rate, to_channels=1
+    )
 
 
 def _speech() -> tuple[list[bytes], int]:
