@@ -28,10 +28,27 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await register_vector(conn)
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    # asyncpg's default reset is a round trip per release (unlock all, close cursors, unlisten,
+    # reset settings) on the clock of every reply. Pooled connections hold no session state:
+    # locks are transaction-scoped, settings SET LOCAL, nothing listens; and asyncpg rolls back
+    # an interrupted transaction before it calls this.
+    return None
+
+
 async def connect_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """Returns a pool whose connections know pgvector's ``vector`` type."""
+    """Returns a pool whose connections know pgvector's ``vector`` type.
+
+    Work on a pooled connection must leave no session state behind (use transaction-scoped
+    locks and ``SET LOCAL``): a connection goes back to the pool without a full reset.
+    """
     return await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        reset=_keep_session,
+        command_timeout=60,
     )
 
 

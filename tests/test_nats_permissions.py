@@ -125,7 +125,7 @@ async def test_only_its_component_pulls_from_a_durable_consumer(
         assert not await llm.tries("$JS.API.CONSUMER.MSG.NEXT.LIBRA.turns")
 
 
-async def test_the_llm_reads_transcripts_ahead_of_admission(
+async def test_the_llm_reads_messages_and_transcripts_ahead_of_admission(
     eventlog: EventLog, nats_server: EmbeddedNats
 ) -> None:
     async with login(nats_server, "llm") as llm:
@@ -134,10 +134,11 @@ async def test_the_llm_reads_transcripts_ahead_of_admission(
         async def note(msg) -> None:
             seen.append(msg.subject)
 
-        await llm.nc.subscribe("libra.asr.transcribed.>", cb=note)
-        await llm.nc.flush()
-        await eventlog.nc.publish("libra.asr.transcribed.x", b"{}")
-        await eventually(lambda: _has(seen, "libra.asr.transcribed.x"))
+        for said in ("libra.text.received", "libra.asr.transcribed"):
+            await llm.nc.subscribe(f"{said}.*", cb=note)
+            await llm.nc.flush()
+            await eventlog.nc.publish(f"{said}.x", b"{}")
+            await eventually(lambda said=said: _has(seen, f"{said}.x"))
         assert not any(VIOLATION in r for r in llm.refused)
 
 

@@ -17,6 +17,7 @@ from libra.contracts import (
     LlmDelta,
     LlmFailed,
     Origin,
+    TextReceived,
     TtsSynthesized,
     TurnAbandoned,
     TurnAccepted,
@@ -322,7 +323,17 @@ class _CountingPrompts(PromptBuilder):
         return await super().context(turn)
 
 
-async def test_a_voice_turns_context_is_read_while_admission_decides(eventlog: EventLog) -> None:
+def _said(text: str, modality: str) -> AsrTranscribed | TextReceived:
+    """What admission will make a turn of: a transcript, or a written message."""
+    if modality == "voice":
+        return _utterance(text)[1]
+    return make(TextReceived, conversation="discord-1-2", user="u1", text=text, origin=ORIGIN)
+
+
+@pytest.mark.parametrize("modality", ["voice", "text"])
+async def test_a_turns_context_is_read_while_admission_decides(
+    eventlog: EventLog, modality: str
+) -> None:
     prompts = _CountingPrompts()
     async with FakeLlmWire(reply=Behaviour.ok(REPLY)) as wire:
         env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": wire.env()["OPENAI_BASE_URL"]}
@@ -334,17 +345,17 @@ async def test_a_voice_turns_context_is_read_while_admission_decides(eventlog: E
         )
         async with _consuming(eventlog, llm):
             turns = []
-            for text, said in [("first", "first"), ("second", "second"), ("heard", "said")]:
-                _, heard, _, _ = _utterance(text)
+            for text, kept in [("first", "first"), ("second", "second"), ("heard", "said")]:
+                said = _said(text, modality)
                 turn = derive(
-                    heard,
+                    said,
                     TurnAccepted,
                     key="turn",
-                    text=said,
-                    modality="voice",
+                    text=kept,
+                    modality=modality,
                     origin=ORIGIN,
                 )
-                await eventlog.publish(heard)  # what the llm hears ahead of admission
+                await eventlog.publish(said)  # what the llm hears ahead of admission
                 await asyncio.sleep(0.2)
                 await eventlog.publish(turn)
 
@@ -355,8 +366,8 @@ async def test_a_voice_turns_context_is_read_while_admission_decides(eventlog: E
                 await eventually(answered)
                 turns.append(turn.turn)
     first, second, changed = turns
-    # the first voice turn starts the listening; the second's context was read once, ahead; a
-    # turn whose text is not what was heard (admission trimmed it, say) is read again
+    # the first turn starts the listening; the second's context was read once, ahead; a turn
+    # whose text is not what was said (admission trimmed it, say) is read again
     assert prompts.read.count(first) == 1
     assert prompts.read.count(second) == 1 and prompts.read.index(second) == 1
     assert prompts.read.count(changed) == 2

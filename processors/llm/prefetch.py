@@ -1,12 +1,12 @@
-"""Reading a voice turn's prompt context while admission decides on its transcript.
+"""Reading a turn's prompt context while admission decides on its message or transcript.
 
-A transcript becomes a turn a few milliseconds later (admission, and two hops through the log),
-and only then would the llm read the conversation's settings, history and memories. Instead it
-starts reading them when the transcript is published, heard on a core NATS subscription, and
-builds the turn's prompt from that when the turn arrives with the same text: the reads leave the
-clock of a spoken reply. Every llm instance reads for every transcript (none knows which one
-the turn will go to); what no turn claims within ``keep_s`` is dropped. The subscription starts
-with the first voice turn, so an instance that only ever answers text never holds it.
+A message or transcript becomes a turn a few milliseconds later (admission, and two hops
+through the log), and only then would the llm read the conversation's settings, history and
+memories. Instead it starts reading them when the message or transcript is published, heard on
+core NATS subscriptions, and builds the turn's prompt from that when the turn arrives with the
+same text: the reads leave the clock of the reply. Every llm instance reads for every message
+(none knows which one the turn will go to); what no turn claims within ``keep_s`` is dropped.
+The subscriptions start with the first turn, so an instance that answers nothing holds none.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from libra.contracts import (
     PREFIX,
     AsrTranscribed,
     EventDecodeError,
+    TextReceived,
     TurnAccepted,
     decode_event,
     derive,
@@ -41,12 +42,12 @@ class ContextPrefetch:
     def __init__(self, log: EventLog, prompts: PromptBuilder, *, keep_s: float = 10.0) -> None:
         self.log, self.prompts, self.keep_s = log, prompts, keep_s
         self._reads: dict[str, tuple[str, asyncio.Task[Context]]] = {}
-        self._sub: Subscription | None = None
+        self._subs: list[Subscription] = []
         self._starting: asyncio.Lock | None = None
 
     async def take(self, turn: TurnAccepted) -> Context | None:
         """Returns the context read for ``turn``'s transcript, if it was and the read worked."""
-        if self._sub is None:
+        if not self._subs:
             await self._start()
         text, read = self._reads.pop(turn.turn, ("", None))
         if read is None or text != turn.text:
@@ -58,26 +59,29 @@ class ContextPrefetch:
     async def _start(self) -> None:
         self._starting = self._starting or asyncio.Lock()
         async with self._starting:
-            if self._sub is None:
-                heard = f"{PREFIX}.asr.transcribed.*"
-                self._sub = await self.log.nc.subscribe(heard, cb=self._on_msg)
+            if not self._subs:
+                for said in ("text.received", "asr.transcribed"):
+                    subject = f"{PREFIX}.{said}.*"
+                    self._subs.append(await self.log.nc.subscribe(subject, cb=self._on_msg))
 
     async def _on_msg(self, msg: Msg) -> None:
         with contextlib.suppress(EventDecodeError):
-            heard = decode_event(msg.data)
-            if isinstance(heard, AsrTranscribed) and heard.reply and heard.text.strip():
-                self._read(heard)
+            match decode_event(msg.data):
+                case TextReceived() as said if said.text.strip():
+                    self._read(said, "text")
+                case AsrTranscribed(reply=True) as heard if heard.text.strip():
+                    self._read(heard, "voice")
 
-    def _read(self, heard: AsrTranscribed) -> None:
+    def _read(self, said: TextReceived | AsrTranscribed, modality: str) -> None:
         # The turn as admission will make it, for what the reads need: conversation, server,
         # user, text and time.
         draft = derive(
-            heard,
+            said,
             TurnAccepted,
             key="turn",
-            text=heard.text.strip(),
-            modality="voice",
-            origin=heard.origin,
+            text=said.text.strip(),
+            modality=modality,
+            origin=said.origin,
         )
         read = asyncio.create_task(self.prompts.context(draft))
         read.add_done_callback(_quietly)

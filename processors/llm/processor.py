@@ -170,7 +170,7 @@ class LlmProcessor:
             return
         started = time.perf_counter()
         context = None
-        if self.prefetch is not None and event.modality == "voice":
+        if self.prefetch is not None:
             context = await self.prefetch.take(event)
         prompt = await self.prompts.build(
             event, default_model=self.chain.default_model, context=context
