@@ -443,3 +443,17 @@ async def test_base_urls_come_from_the_settings(wire: FakeLlmWire) -> None:
     for request in wire.calls():
         sent = {request.headers.get("authorization"), request.headers.get("x-api-key")}
         assert "***" in sent
+
+
+@pytest.mark.parametrize("name", PROVIDERS)
+async def test_replies_come_on_one_kept_alive_connection(wire: FakeLlmWire, name: str) -> None:
+    provider = _provider(wire, name)
+    try:
+        for _ in range(3):
+            wire.queue(PATHS[name], Behaviour.ok(TEXT))
+            pieces, _ = await _collect(provider)
+            assert "".join(pieces) == TEXT
+    finally:
+        await provider.close()
+    peers = {request.peer for request in wire.calls(PATHS[name])}
+    assert len(peers) == 1, peers  # no new connection (and TLS handshake) per reply

@@ -142,6 +142,7 @@ class ReceivedRequest(msgspec.Struct, frozen=True, kw_only=True):
     headers: dict[str, str]
     body: Any = None
     at: float = 0.0
+    peer: str = ""  # the client's address and port: which connection the request came on
 
     @property
     def model(self) -> str:
@@ -237,6 +238,7 @@ class FakeLlmWire(LoopbackServer):
                     headers=_visible(request.headers),
                     body=body,
                     at=time.monotonic(),
+                    peer=str(request.transport and request.transport.get_extra_info("peername")),
                 )
             )
         if request.method == "GET" and path.endswith("/models"):

@@ -9,6 +9,8 @@ difference between one core and a third of one.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -32,6 +34,7 @@ _SDK = SdkErrors(
     api=openai.OpenAIError,
 )
 _USAGE_OPTION = {"include_usage": True}
+_DRAIN_S = 1.0  # a server that holds the stream open after [DONE] loses its connection
 
 
 class _Delta(msgspec.Struct):
@@ -117,7 +120,8 @@ class OpenAICompatProvider:
                 stream_options=_USAGE_OPTION,  # type: ignore[arg-type]
                 **{self._max_tokens_field: request.max_tokens},
             ) as response:
-                async for chunk in self._chunks(response.iter_lines()):
+                lines = response.iter_lines()
+                async for chunk in self._chunks(lines):
                     if chunk.choices:
                         choice = chunk.choices[0]
                         if text := choice.delta.content:
@@ -126,6 +130,7 @@ class OpenAICompatProvider:
                             finish_reason = choice.finish_reason
                     if chunk.usage is not None:
                         usage = chunk.usage
+                await _drain(lines)
         except ProviderError:
             raise
         except Exception as exc:
@@ -155,3 +160,15 @@ class OpenAICompatProvider:
     async def close(self) -> None:
         """Closes the SDK client and its connections."""
         await self._client.close()
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Reads what follows ``[DONE]`` (the body's end), briefly.
+
+    A response closed before its end closes its connection too: every reply would open a new
+    one, and a new TLS handshake with a real provider costs more than the whole of Libra's part.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(_DRAIN_S):
+            async for _ in lines:
+                pass
