@@ -14,6 +14,10 @@ a think time (``--think`` seconds, ±50 %). Two overheads are reported per turn:
   as the llm processor's chain measured it): Libra's event plumbing alone;
 - ``overhead_with_sdk``: time to the first delta minus the fake's configured TTFT only, so the
   SDK's own cost of building and parsing the request counts too.
+
+And where the overhead goes, at p50: ``publish`` (``text.received`` written, synced, acked),
+``admission`` (from there to ``turn.accepted`` seen at the gateway) and ``llm`` (from there to
+the first delta, less the provider call).
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ import os
 import random
 import time
 
-from libra.contracts import LlmCompleted, LlmDelta, LlmFailed, TurnRejected
+from libra.contracts import (
+    LlmCompleted,
+    LlmDelta,
+    LlmFailed,
+    TextReceived,
+    TurnAccepted,
+    TurnRejected,
+)
 from libra.gateway.chat import converse
 from libra.runtime.config import Settings
 from libra.runtime.database import migrate
@@ -48,25 +59,34 @@ class _Tally:
     def __init__(self) -> None:
         self.overheads: list[float] = []
         self.with_sdk: list[float] = []
+        self.stages: dict[str, list[float]] = {"publish": [], "admission": [], "llm": []}
         self.completed = self.failed = 0
         self.in_flight = self.peak = 0
 
 
 async def _turn(log: EventLog, n: int, ttft: float, tally: _Tally) -> None:
     started = time.perf_counter()
-    first = None
+    first = published = accepted = None
     tally.in_flight += 1
     tally.peak = max(tally.peak, tally.in_flight)
     try:
         async for event in converse(
             log, platform="bench", user=f"person-{n}", text=f"Question {n}?"
         ):
-            if isinstance(event, LlmDelta) and first is None:
+            if isinstance(event, TextReceived):
+                published = (time.perf_counter() - started) * 1000
+            elif isinstance(event, TurnAccepted):
+                accepted = (time.perf_counter() - started) * 1000
+            elif isinstance(event, LlmDelta) and first is None:
                 first = (time.perf_counter() - started) * 1000
             elif isinstance(event, LlmCompleted) and first is not None:
                 tally.completed += 1
                 tally.overheads.append(max(0.0, first - event.ttft_ms))
                 tally.with_sdk.append(max(0.0, first - ttft * 1000))
+                if published is not None and accepted is not None:
+                    tally.stages["publish"].append(published)
+                    tally.stages["admission"].append(accepted - published)
+                    tally.stages["llm"].append(max(0.0, first - accepted - event.ttft_ms))
             elif isinstance(event, LlmFailed | TurnRejected):
                 tally.failed += 1
     finally:
@@ -122,6 +142,7 @@ def _figures(prefix: str, tally: _Tally, elapsed: float) -> dict:
         f"{prefix}turns": tally.completed,
         f"{prefix}failed": tally.failed,
         f"{prefix}peak_in_flight": tally.peak,
+        **{f"{prefix}{stage}_p50_ms": percentile(v, 50) for stage, v in tally.stages.items()},
     }
 
 
