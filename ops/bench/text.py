@@ -116,9 +116,14 @@ async def _scenario(
         async with libra_processes({**env, "LLM_BASE_URL": provider_url}, GROUPS):
             log = await EventLog.connect(env["NATS_URL"], name="bench-text-gateway")
             try:
+                # Warm, as a running Libra is: connections to Postgres, Redis and the provider
+                # open for as many turns at once as the measured run will have.
                 warm = _Tally()
                 for i in range(10):
                     await _turn(log, 10_000 + i, ttft, warm)
+                await asyncio.gather(
+                    *(_turn(log, 20_000 + i, ttft, warm) for i in range(min(conversations, 32)))
+                )
                 tally = _Tally()
                 began = time.monotonic()
                 await asyncio.gather(
