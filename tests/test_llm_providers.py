@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
 from libra.ops.fakes.llm_wire import (
     ANTHROPIC_MESSAGES,
@@ -17,6 +19,7 @@ from libra.ops.fakes.llm_wire import (
     FakeLlmWire,
     embedding,
 )
+from libra.ops.fakes.loopback import LoopbackServer
 from libra.processors.llm.providers import (
     DEFAULT_MODELS,
     NoProviderConfigured,
@@ -30,6 +33,7 @@ from libra.processors.llm.providers.base import (
     ChatUsage,
     ProviderError,
 )
+from libra.processors.llm.providers.openai_compat import OpenAICompatProvider
 from libra.runtime.config import ConfigError, Settings
 
 KEYS = {
@@ -457,3 +461,42 @@ async def test_replies_come_on_one_kept_alive_connection(wire: FakeLlmWire, name
         await provider.close()
     peers = {request.peer for request in wire.calls(PATHS[name])}
     assert len(peers) == 1, peers  # no new connection (and TLS handshake) per reply
+
+
+class _RawSse(LoopbackServer):
+    """Writes one OpenAI stream as servers may cut it: events split across writes and within
+    their JSON, CRLF line ends, comments and event names, several events in one write."""
+
+    WRITES = (
+        b': keep-alive\r\n\r\nevent: message\r\ndata: {"choices":[{"delta":{"content":"Hel',
+        b'lo"}}]}\r\n\r\ndata: {"choices":[{"delta":{"content":" wor"}}]}\n\ndata: {"choi',
+        b'ces":[{"delta":{"content":"ld"},"finish_reason":"stop"}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}\n\ndata: [DO',
+        b"NE]\n\n",
+    )
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in self.WRITES:
+            await response.write(piece)
+            await asyncio.sleep(0.005)  # each its own read at the client
+        await response.write_eof()
+        return response
+
+
+async def test_events_cut_anywhere_by_the_network_are_read_whole() -> None:
+    async with _RawSse() as server:
+        provider = OpenAICompatProvider(
+            "local", default_model="m", timeout=5.0, base_url=f"{server.url}/v1"
+        )
+        try:
+            pieces, usage = await _collect(provider)
+        finally:
+            await provider.close()
+    assert pieces == ["Hello", " wor", "ld"]
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.finish_reason) == (7, 3, "stop")
