@@ -37,8 +37,7 @@ from libra.gateway.discord.voice.opus import OpusDecoder, encode_pcm
 from libra.gateway.discord.voice.rtp import OPUS_SILENCE
 from libra.ops.fakes import discord_voice as fake
 from libra.ops.fakes.discord_voice import FakeMember, FakeVoiceServer
-from libra.processors.tts.espeak import SAMPLE_RATE, TRAILING_PAUSE, speak
-from libra.runtime.audio import resample_pcm
+from libra.processors.tts.espeak import utterance
 
 GUILD, CHANNEL = 81_000_000_000_000_001, 82_000_000_000_000_002
 LIBRA, ALICE, BOB, CAROL = 7_000, 42_000, 43_000, 44_000
@@ -53,8 +52,7 @@ pytestmark = pytest.mark.timeout(60)
 @functools.cache
 def speech(text: str) -> bytes:
     """``text`` spoken by espeak-ng, as 48 kHz stereo s16le PCM."""
-    pcm = speak(text, "en", words_per_minute=170) + TRAILING_PAUSE
-    return resample_pcm(pcm, rate=SAMPLE_RATE, channels=1, to_rate=48_000, to_channels=2)
+    return utterance(text, "en", rate=48_000, channels=2, words_per_minute=170)
 
 
 def mono(pcm: bytes, channels: int = 2) -> np.ndarray:

@@ -49,6 +49,7 @@ from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.eventlog import EventLog
 
 from .factories import AUDIO
+from .factories import text as written
 from .helpers import eventually, stream_events
 from .stack import TEXT_PIPELINE, running
 from .voice_samples import discord_pcm, silence, speech, speech_spans
@@ -327,7 +328,7 @@ def _said(text: str, modality: str) -> AsrTranscribed | TextReceived:
     """What admission will make a turn of: a transcript, or a written message."""
     if modality == "voice":
         return _utterance(text)[1]
-    return make(TextReceived, conversation="discord-1-2", user="u1", text=text, origin=ORIGIN)
+    return written(message=text)
 
 
 @pytest.mark.parametrize("modality", ["voice", "text"])

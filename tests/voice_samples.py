@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from libra.processors.tts.espeak import SAMPLE_RATE, TRAILING_PAUSE, speak
+from libra.processors.tts.espeak import utterance
 from libra.runtime.audio import resample_pcm
 
 RATE = 16_000
@@ -14,8 +14,7 @@ RATE = 16_000
 
 @functools.cache
 def _espeak(text: str, voice: str) -> bytes:
-    pcm = speak(text, voice) + TRAILING_PAUSE  # as the espeak-ng command says it
-    return resample_pcm(pcm, rate=SAMPLE_RATE, channels=1, to_rate=RATE, to_channels=1)
+    return utterance(text, voice, rate=RATE)
 
 
 def speech(text: str, voice: str) -> np.ndarray:

@@ -78,9 +78,8 @@ from libra.contracts import (
     decode_event,
 )
 from libra.gateway.voice import VoiceCapture, segmenter_config
-from libra.processors.tts.espeak import SAMPLE_RATE as ESPEAK_RATE
-from libra.processors.tts.espeak import speak
-from libra.runtime.audio import AudioStore, resample_pcm, wav_bytes
+from libra.processors.tts.espeak import utterance
+from libra.runtime.audio import AudioStore, wav_bytes
 from libra.runtime.config import Settings
 from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
@@ -118,15 +117,9 @@ def _sentence_token() -> int:
     return next(i for i, w in enumerate(words) if w.endswith((".", "!", "?"))) + 1
 
 
-def _espeak(text: str, rate: int) -> bytes:
-    return resample_pcm(
-        speak(text, "en-us"), rate=ESPEAK_RATE, channels=1, to_rate=rate, to_channels=1
-    )
-
-
 def _speech() -> tuple[list[bytes], int]:
     """The utterance as 20 ms packets of 48 kHz stereo, and the index of its last voiced one."""
-    said = np.frombuffer(_espeak(UTTERANCE, 48_000), np.int16)
+    said = np.frombuffer(utterance(UTTERANCE, "en-us", rate=48_000), np.int16)
     rng = np.random.default_rng(7)
     lead = rng.normal(0, 8, 48 * _LEAD_MS).astype(np.int16)  # a quiet room, not digital zero
     tail = rng.normal(0, 8, 48 * _TAIL_MS).astype(np.int16)
@@ -142,7 +135,7 @@ def _whisper_rtf() -> float:
     from libra.ops.fakes.tiny_whisper import build_tiny_whisper
     from libra.processors.asr.whisper import WhisperEngine
 
-    pcm = _espeak(UTTERANCE, 16_000)
+    pcm = utterance(UTTERANCE, "en-us", rate=16_000)
     with tempfile.TemporaryDirectory(prefix="libra-bench-whisper-") as tmp:
         model = build_tiny_whisper(Path(tmp) / "tiny")
         engine = WhisperEngine(str(model), device="cpu", beam_size=1)
@@ -430,7 +423,7 @@ async def _measure(
     env: dict[str, str], settings: Settings, urls: tuple[str, str, str], *, turns: int
 ) -> _Figures:
     packets, last_voiced = _speech()
-    wav = wav_bytes(_espeak(UTTERANCE, 16_000), sample_rate=16_000)
+    wav = wav_bytes(utterance(UTTERANCE, "en-us", rate=16_000), sample_rate=16_000)
     log = await EventLog.connect(env["NATS_URL"], name="bench-voice-edge")
     try:
         audio = await AudioStore.open(log, max_bytes=settings.max_audio_bytes)

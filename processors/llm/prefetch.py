@@ -46,7 +46,8 @@ class ContextPrefetch:
         self._starting: asyncio.Lock | None = None
 
     async def take(self, turn: TurnAccepted) -> Context | None:
-        """Returns the context read for ``turn``'s transcript, if it was and the read worked."""
+        """Returns the context read for ``turn``'s message or transcript, if it was and the read
+        worked."""
         if not self._subs:
             await self._start()
         text, read = self._reads.pop(turn.turn, ("", None))

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Mapping
 
 import espeakng_loader
 
+from libra.runtime.audio import resample_pcm
+
 from .base import primary_language
 
-__all__ = ["SAMPLE_RATE", "TRAILING_PAUSE", "EspeakEngine", "speak"]
+__all__ = ["SAMPLE_RATE", "TRAILING_PAUSE", "EspeakEngine", "speak", "utterance"]
 
 SAMPLE_RATE = 22_050
 # espeak-ng's command line ends each utterance with this pause; the library leaves it out, and
@@ -97,6 +99,15 @@ def speak(text: str, voice: str = "en", *, words_per_minute: int = 175) -> bytes
         if _library is None:
             _library = _Espeak()
     return _library.speak(text, voice, words_per_minute)
+
+
+def utterance(
+    text: str, voice: str = "en", *, rate: int, channels: int = 1, words_per_minute: int = 175
+) -> bytes:
+    """``text`` as the espeak-ng command says it (its trailing pause included), as s16le PCM at
+    ``rate`` Hz with ``channels``: speech made for tests and benchmarks."""
+    pcm = speak(text, voice, words_per_minute=words_per_minute) + TRAILING_PAUSE
+    return resample_pcm(pcm, rate=SAMPLE_RATE, channels=1, to_rate=rate, to_channels=channels)
 
 
 class EspeakEngine:
