@@ -67,7 +67,7 @@ class AnthropicProvider:
             base_url=base_url,
             timeout=timeout,
             max_retries=0,  # the chain retries, with its own budget and breaker
-            http_client=anthropic.DefaultAsyncHttpxClient(limits=CONNECTION_LIMITS),
+            http_client=anthropic.DefaultAioHttpClient(limits=CONNECTION_LIMITS),
         )
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[str | ChatUsage]:

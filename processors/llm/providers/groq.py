@@ -40,7 +40,7 @@ class GroqProvider:
             base_url=base_url,
             timeout=timeout,
             max_retries=0,  # the chain retries, with its own budget and breaker
-            http_client=groq.DefaultAsyncHttpxClient(limits=CONNECTION_LIMITS),
+            http_client=groq.DefaultAioHttpClient(limits=CONNECTION_LIMITS),
         )
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[str | ChatUsage]:
