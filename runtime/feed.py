@@ -78,6 +78,11 @@ class PullFeed:
         getter.cancel()
         return None
 
+    @property
+    def waiting(self) -> int:
+        """Messages here, not yet taken by the caller."""
+        return self._queue.qsize()
+
     def get_nowait(self, limit: int) -> list[Msg]:
         """Returns up to ``limit`` messages that are already here."""
         out: list[Msg] = []

@@ -57,6 +57,10 @@ class Projection(Protocol):
     async def apply(self, conn: asyncpg.Connection, batch: Sequence[Recorded]) -> None: ...
 
 
+# A live stream trickles in: a transaction per event costs a projection its CPU and steals it
+# from the turns in flight. Waiting this long for company makes batches of a few events, and a
+# reader of a projection (the next turn's history) is seconds away. A full batch goes at once.
+LINGER_S = 0.05
 _DATA_ERROR_ATTEMPTS = 3
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
@@ -86,11 +90,18 @@ class ProjectionRunner:
     """Runs a projection on its durable consumer, ``batch_size`` events per transaction."""
 
     def __init__(
-        self, log_: EventLog, pool: asyncpg.Pool, projection: Projection, *, batch_size: int = 500
+        self,
+        log_: EventLog,
+        pool: asyncpg.Pool,
+        projection: Projection,
+        *,
+        batch_size: int = 500,
+        linger_s: float = LINGER_S,
     ) -> None:
         self.log, self.pool, self.projection = log_, pool, projection
         self.spec = projection.spec
         self.batch_size = batch_size
+        self.linger_s = linger_s
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -108,6 +119,8 @@ class ProjectionRunner:
                 first = await feed.get_until(self._stopping)
                 if first is None:
                     break
+                if self.linger_s and feed.waiting < self.batch_size - 1:
+                    await asyncio.sleep(self.linger_s)
                 msgs = [first, *feed.get_nowait(self.batch_size - 1)]
                 try:
                     await self._settle(msgs)

@@ -78,6 +78,55 @@ async def test_messages_and_conversations(eventlog: EventLog, pool: asyncpg.Pool
     assert checkpoint == (await eventlog.js.stream_info("LIBRA")).state.last_seq
 
 
+class _CountedBatches(HistoryProjection):
+    """History that notes the size of every batch it is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    async def apply(self, conn: asyncpg.Connection, batch) -> None:
+        self.batches.append(len(batch))
+        await super().apply(conn, batch)
+
+
+async def test_a_trickle_of_events_is_committed_in_few_batches(
+    eventlog: EventLog, pool: asyncpg.Pool
+) -> None:
+    projection = _CountedBatches()
+    runner, task = await _run(eventlog, pool, projection, linger_s=0.3)
+    await eventually(lambda: _consumer_ready(eventlog))
+    for i in range(4):  # a live conversation: events a few milliseconds apart
+        for event in _exchange(i):
+            await eventlog.publish(event)
+            await asyncio.sleep(0.005)
+    await eventually(lambda: _has(pool, 8))
+    await runner.stop()
+    await task
+    assert sum(projection.batches) == 8  # history reads what was said and what was answered
+    assert len(projection.batches) <= 3, projection.batches
+
+
+async def test_a_backlog_does_not_wait_for_company(eventlog: EventLog, pool: asyncpg.Pool) -> None:
+    await eventlog.publish_many([e for i in range(300) for e in _exchange(i)])
+    projection = _CountedBatches()
+    # Full batches go at once: at most a partial one lingers, where six would take 12 s.
+    runner, task = await _run(eventlog, pool, projection, batch_size=100, linger_s=2.0)
+    started = asyncio.get_running_loop().time()
+    await eventually(lambda: _has(pool, 600), timeout=30)
+    elapsed = asyncio.get_running_loop().time() - started
+    await runner.stop()
+    await task
+    assert elapsed < 6.0 and projection.batches.count(100) >= 5, (elapsed, projection.batches)
+
+
+async def _consumer_ready(log: EventLog) -> bool:
+    try:
+        await log.js.consumer_info("LIBRA", CONSUMERS["history"].name)
+    except Exception:
+        return False
+    return True
+
+
 async def test_redelivery_after_crash_leaves_one_row(
     eventlog: EventLog, pool: asyncpg.Pool
 ) -> None:
