@@ -15,9 +15,9 @@ a think time (``--think`` seconds, ±50 %). Two overheads are reported per turn:
 - ``overhead_with_sdk``: time to the first delta minus the fake's configured TTFT only, so the
   SDK's own cost of building and parsing the request counts too.
 
-And where the overhead goes, at p50: ``publish`` (``text.received`` written, synced, acked),
-``admission`` (from there to ``turn.accepted`` seen at the gateway) and ``llm`` (from there to
-the first delta, less the provider call).
+And where the overhead goes, at p50 and p99: ``publish`` (``text.received`` written, synced,
+acked), ``admission`` (from there to ``turn.accepted`` seen at the gateway) and ``llm`` (from
+there to the first delta, less the provider call).
 """
 
 from __future__ import annotations
@@ -147,7 +147,11 @@ def _figures(prefix: str, tally: _Tally, elapsed: float) -> dict:
         f"{prefix}turns": tally.completed,
         f"{prefix}failed": tally.failed,
         f"{prefix}peak_in_flight": tally.peak,
-        **{f"{prefix}{stage}_p50_ms": percentile(v, 50) for stage, v in tally.stages.items()},
+        **{
+            f"{prefix}{stage}_p{q}_ms": percentile(v, q)
+            for stage, v in tally.stages.items()
+            for q in (50, 99)
+        },
     }
 
 
