@@ -186,7 +186,7 @@ async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
     """The llm processor as the settings configure it: providers, prompt, cache.
 
     ``live``: the one that answers people, which follows speculative turns in the log and reads
-    voice turns' prompt context ahead (a replay answers recorded turns as they stand).
+    turns' prompt context ahead (a replay answers recorded turns as they stand).
     """
     from libra.processors.llm.cache import ResponseCache
     from libra.processors.llm.prefetch import ContextPrefetch

@@ -19,7 +19,6 @@ from datetime import timedelta
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from libra.contracts import (
     LIVE_STREAM,
@@ -34,7 +33,7 @@ from libra.contracts import (
     id_time,
 )
 from libra.runtime.eventlog import EventLog
-from libra.runtime.feed import PullFeed
+from libra.runtime.projection import read_log
 
 __all__ = ["ReplyTimeout", "TurnFollower"]
 
@@ -119,41 +118,8 @@ class TurnFollower:
         found = [
             event
             for stream in (LOG_STREAM, LIVE_STREAM)
-            for event in await _read_since(self.log, stream, self.subjects, start)
+            async for _, event in read_log(self.log, self.subjects, stream=stream, start_time=start)
             if event.turn == self.turn and event.id not in self._seen
         ]
         for event in sorted(found, key=lambda e: e.at):  # two streams: put them back in order
             self._queue.put_nowait(event)
-
-
-async def _read_since(log: EventLog, stream: str, subjects: list[str], start) -> list[AnyEvent]:
-    info = await log.js.add_consumer(
-        stream,
-        ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_TIME,
-            opt_start_time=start.isoformat(),
-            ack_policy=AckPolicy.NONE,
-            filter_subjects=subjects,
-            inactive_threshold=10.0,
-            mem_storage=True,
-        ),
-    )
-    out: list[AnyEvent] = []
-    try:
-        if info.num_pending == 0:
-            return out
-        feed = PullFeed(log.nc, stream, info.name, capacity=512, expires_s=2.0)
-        await feed.start()
-        try:
-            while True:
-                msg = await asyncio.wait_for(feed.get(), 5.0)
-                feed.done()
-                with contextlib.suppress(EventDecodeError):
-                    out.append(decode_event(msg.data))
-                if msg.metadata.num_pending == 0:
-                    return out
-        finally:
-            await feed.stop()
-    finally:
-        with contextlib.suppress(Exception):
-            await log.js.delete_consumer(stream, info.name)

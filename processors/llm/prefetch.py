@@ -37,7 +37,7 @@ log = logging.getLogger("libra.llm")
 
 
 class ContextPrefetch:
-    """The prompt contexts being read for the transcripts heard in the last ``keep_s``."""
+    """The prompt contexts being read for the messages and transcripts of the last ``keep_s``."""
 
     def __init__(self, log: EventLog, prompts: PromptBuilder, *, keep_s: float = 10.0) -> None:
         self.log, self.prompts, self.keep_s = log, prompts, keep_s

@@ -128,7 +128,7 @@ class LlmProcessor:
 
     ``log`` is where a speculative turn's confirmation is followed; without it (replaying
     recorded turns) a speculative turn is answered as if it had been confirmed. ``prefetch``
-    reads a voice turn's prompt context while admission decides on its transcript.
+    reads a turn's prompt context while admission decides on its message or transcript.
     """
 
     spec = CONSUMERS["llm"]
