@@ -24,6 +24,7 @@ __all__ = [
     "AudioRef",
     "ContextMessage",
     "DeadLetter",
+    "DeadRetried",
     "Event",
     "EventDecodeError",
     "LlmCompleted",
@@ -32,6 +33,7 @@ __all__ = [
     "Modality",
     "Origin",
     "ProviderAttempt",
+    "ReplyClaimed",
     "ReplyDelivered",
     "SessionChat",
     "SessionMemoryReset",
@@ -211,6 +213,9 @@ class TurnAccepted(Event, frozen=True, kw_only=True, tag="turn.accepted"):
     the turn is certain, so that the reply is being written (and spoken into a buffer) while
     the silence is confirmed. Nothing of it is delivered or recorded as said until
     ``turn.confirmed``; ``turn.abandoned`` or ``turn.rejected`` for the turn drops it.
+
+    ``degraded``: the dependencies that were down when it was decided; ``("redis",)``: the
+    rate limit was counted in the admitting process only (and a voice turn's parts met there).
     """
 
     text: str
@@ -221,16 +226,19 @@ class TurnAccepted(Event, frozen=True, kw_only=True, tag="turn.accepted"):
     attachments: tuple[Attachment, ...] = ()
     context: tuple[ContextMessage, ...] = ()
     speculative: bool = False
+    degraded: tuple[str, ...] = ()
 
 
 class TurnConfirmed(Event, frozen=True, kw_only=True, tag="turn.confirmed"):
     """A speculative turn is a turn after all: the silence lasted and admission let it through.
 
-    ``received_at`` is the time its rate limit counted it at (its transcript's).
+    ``received_at`` is the time its rate limit counted it at (its transcript's); ``degraded``
+    as in ``turn.accepted``.
     """
 
     received_at: datetime | None = None
     origin: Origin
+    degraded: tuple[str, ...] = ()
 
 
 class TurnAbandoned(Event, frozen=True, kw_only=True, tag="turn.abandoned"):
@@ -240,7 +248,8 @@ class TurnAbandoned(Event, frozen=True, kw_only=True, tag="turn.abandoned"):
 
 
 class TurnRejected(Event, frozen=True, kw_only=True, tag="turn.rejected"):
-    """Admission refused an input; ``message`` is what the person reads."""
+    """Admission refused an input; ``message`` is what the person reads; ``degraded`` as in
+    ``turn.accepted``."""
 
     reason: Literal["rate_limited", "empty", "too_long", "invalid", "moderated", "blocked"]
     message: str
@@ -248,20 +257,31 @@ class TurnRejected(Event, frozen=True, kw_only=True, tag="turn.rejected"):
     language: str = "en"
     modality: Modality = "text"
     origin: Origin
+    degraded: tuple[str, ...] = ()
 
 
 class LlmDelta(Event, frozen=True, kw_only=True, tag="llm.delta"):
-    """A streamed piece of the reply; the completed event carries the whole of it."""
+    """A streamed piece of the reply; the completed event carries the whole of it.
+
+    ``attempt``: the id of the llm's attempt at the reply (time-ordered). A turn taken up again
+    after the processor stopped mid-reply is a new attempt whose pieces start again at index 0:
+    what the earlier attempt streamed is void.
+    """
 
     index: int
     text: str
+    attempt: str = ""
     modality: Modality = "text"
     language: str = "en"
     origin: Origin
 
 
 class LlmCompleted(Event, frozen=True, kw_only=True, tag="llm.completed"):
-    """The whole reply, with what it cost and how long it took, and what it answered."""
+    """The whole reply, with what it cost and how long it took, and what it answered.
+
+    ``degraded``: ``("postgres",)`` when the database was down and the reply was written
+    without the conversation's history, memories and server settings.
+    """
 
     text: str
     user_text: str = ""
@@ -279,6 +299,7 @@ class LlmCompleted(Event, frozen=True, kw_only=True, tag="llm.completed"):
     modality: Modality = "text"
     language: str = "en"
     origin: Origin
+    degraded: tuple[str, ...] = ()
 
 
 class LlmFailed(Event, frozen=True, kw_only=True, tag="llm.failed"):
@@ -314,6 +335,14 @@ class ReplyDelivered(Event, frozen=True, kw_only=True, tag="reply.delivered"):
     message_ids: tuple[str, ...] = ()
     clips: int = 0
     interrupted: bool = False
+    origin: Origin
+
+
+class ReplyClaimed(Event, frozen=True, kw_only=True, tag="reply.claimed"):
+    """A gateway that started takes over delivering a turn that its first gateway left
+    undelivered. Its id is derived from the turn's, so of gateways starting together the one
+    whose publish is not a duplicate delivers."""
+
     origin: Origin
 
 
@@ -360,6 +389,17 @@ class DeadLetter(Event, frozen=True, kw_only=True, tag="dead.letter"):
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
 
 
+class DeadRetried(Event, frozen=True, kw_only=True, tag="dead.retried"):
+    """A dead letter re-driven to the consumer that gave up on it, on
+    ``libra.retry.<consumer>.<c>``; that consumer handles the original message (at
+    ``stream_seq``) again, and the others never see it. Its id is derived from the letter's, so
+    retrying one letter twice is one retry."""
+
+    consumer: str
+    letter: str  # the dead letter's id
+    stream_seq: int
+
+
 AnyEvent = (
     TextReceived
     | VoiceCaptured
@@ -374,12 +414,14 @@ AnyEvent = (
     | LlmCompleted
     | LlmFailed
     | TtsSynthesized
+    | ReplyClaimed
     | ReplyDelivered
     | SessionChat
     | SessionVoice
     | SessionMemoryReset
     | SessionSettings
     | DeadLetter
+    | DeadRetried
 )
 
 
@@ -416,6 +458,8 @@ def subject_of(event: Event) -> str:
     cls = type(event)
     if cls is DeadLetter:
         return subject("dead", event.consumer, event.conversation)
+    if cls is DeadRetried:
+        return subject("retry", event.consumer, event.conversation)
     prefix = _PREFIXES.get(cls)
     if prefix is None:
         prefix = _PREFIXES[cls] = subject(*cls.__struct_config__.tag.split("."), "c")[:-1]

@@ -5,9 +5,17 @@ server's ``nats.conf``, duplicates dropped within the window by ``Nats-Msg-Id``.
 go to ``LIBRA_LIVE`` (memory storage, minutes of retention): the completed event carries the
 whole reply, so losing deltas to a power cut loses nothing a person or a projection needs.
 Streams may not overlap, so ``LIBRA`` lists the fact subjects one by one.
+
+A consumer never starts over from the beginning of the log by accident: ``consumer_config``
+takes where a consumer that must be (re)created starts (after its saved position in the
+``libra-positions`` bucket, or a recent window), and each processor's spec says which of its
+outputs settle an input, so a redelivered input already answered is not paid for twice.
+``libra.retry.<consumer>.<c>`` carries a dead letter re-driven to the one consumer that gave up.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 from msgspec import Struct
 from nats.js.api import (
@@ -27,7 +35,9 @@ __all__ = [
     "LIVE_SUBJECTS",
     "LOG_STREAM",
     "LOG_SUBJECTS",
+    "POSITIONS_BUCKET",
     "ConsumerSpec",
+    "ConsumerStart",
     "consumer_config",
     "live_stream_config",
     "log_stream_config",
@@ -36,6 +46,7 @@ __all__ = [
 LOG_STREAM = "LIBRA"
 LIVE_STREAM = "LIBRA_LIVE"
 AUDIO_BUCKET = "libra-audio"
+POSITIONS_BUCKET = "libra-positions"  # each consumer's ack floor, kept apart from the consumer
 
 LOG_SUBJECTS = (
     "libra.text.>",
@@ -48,6 +59,7 @@ LOG_SUBJECTS = (
     "libra.reply.>",
     "libra.session.>",
     "libra.dead.>",
+    "libra.retry.>",
 )
 LIVE_SUBJECTS = ("libra.llm.delta.>",)
 
@@ -91,25 +103,61 @@ def live_stream_config(*, max_age_s: float, replicas: int = 1) -> StreamConfig:
 
 
 class ConsumerSpec(Struct, frozen=True, kw_only=True):
-    """One durable pull consumer: what it reads, and how hard it tries before dead-lettering."""
+    """One durable pull consumer: what it reads, and how hard it tries before dead-lettering.
+
+    ``settled_by`` names the outputs (``domain.event``) that settle an input, and
+    ``settled_key`` the key their ids are derived with (``derive_id(input.id, key)``); with no
+    key, an output caused by the input that says it is ``final``. A suspect delivery (a
+    redelivery, or one older than the consumer) is looked up in the log before it is handled.
+    ``start_window_s``: how far back a consumer created with no saved position starts; 0 for
+    the whole log (a projection must fold everything). ``redrive``: it takes dead letters
+    re-driven to it on ``libra.retry.<name>.>``.
+    """
 
     name: str
     subjects: tuple[str, ...]
     stream: str = LOG_STREAM
     max_deliver: int = 5  # -1: for ever (projections wait out a database that is down)
     backoff_s: tuple[float, ...] = (0.5, 2.0, 5.0, 15.0)
-    ack_wait_s: float = 30.0
+    # Short, so an input held by a process that died comes back within seconds; the runtime
+    # sends in_progress every third of it while a handler works, so long work is kept.
+    ack_wait_s: float = 6.0
     max_ack_pending: int = 1024
     description: str = ""
+    settled_by: tuple[str, ...] = ()
+    settled_key: str = ""
+    start_window_s: float = 600.0
+    redrive: bool = True
+
+    @property
+    def filter_subjects(self) -> tuple[str, ...]:
+        """The subjects its consumer filters: its inputs, and its re-driven dead letters."""
+        if not self.redrive:
+            return self.subjects
+        return (*self.subjects, f"libra.retry.{self.name}.>")
 
 
-def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
-    """Returns the JetStream config for a consumer spec."""
-    subjects = list(spec.subjects)
+class ConsumerStart(Struct, frozen=True, kw_only=True):
+    """Where a consumer that is created starts: a stream sequence, a time, or the beginning."""
+
+    seq: int = 0
+    time: datetime | None = None
+
+
+def consumer_config(spec: ConsumerSpec, start: ConsumerStart | None = None) -> ConsumerConfig:
+    """Returns the JetStream config for a consumer spec, starting at ``start`` (default: all)."""
+    subjects = list(spec.filter_subjects)
+    policy, seq, at = DeliverPolicy.ALL, None, None
+    if start is not None and start.seq:
+        policy, seq = DeliverPolicy.BY_START_SEQUENCE, start.seq
+    elif start is not None and start.time is not None:
+        policy, at = DeliverPolicy.BY_START_TIME, start.time.isoformat()
     return ConsumerConfig(
         durable_name=spec.name,
         description=spec.description or None,
-        deliver_policy=DeliverPolicy.ALL,
+        deliver_policy=policy,
+        opt_start_seq=seq,
+        opt_start_time=at,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=spec.ack_wait_s,
         max_deliver=spec.max_deliver,
@@ -132,14 +180,16 @@ CONSUMERS: dict[str, ConsumerSpec] = {
                 "libra.voice.resumed.>",
             ),
             description="admission: rate limit, input checks, language",
-            ack_wait_s=10.0,
+            settled_by=("turn.accepted", "turn.rejected", "turn.confirmed", "turn.abandoned"),
+            settled_key="turn",
         ),
         ConsumerSpec(
             name="llm",
             subjects=("libra.turn.accepted.>",),
             description="answers accepted turns, streaming deltas",
-            ack_wait_s=30.0,
             max_deliver=3,
+            settled_by=("llm.completed", "llm.failed"),
+            settled_key="completed",
         ),
         ConsumerSpec(
             name="asr",
@@ -147,6 +197,8 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             description="speech-to-text of captured utterances",
             max_deliver=3,
             backoff_s=(0.5, 2.0),
+            settled_by=("asr.transcribed",),
+            settled_key="asr",
         ),
         ConsumerSpec(
             name="tts",
@@ -154,6 +206,7 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             description="speaks the replies to voice turns, sentence by sentence",
             max_deliver=3,
             backoff_s=(1.0, 5.0),
+            settled_by=("tts.synthesized",),  # the clip that says it is the last
         ),
         ConsumerSpec(
             name="memory",
@@ -175,6 +228,9 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             description="history projection: conversations and messages in Postgres",
             max_ack_pending=8192,
             max_deliver=-1,
+            ack_wait_s=30.0,  # a batch has no in_progress: a slow commit must not come back
+            start_window_s=0,
+            redrive=False,
         ),
         ConsumerSpec(
             name="sessions",
@@ -182,6 +238,9 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             description="sessions projection: chat mode, settings, voice sessions in Postgres",
             max_ack_pending=8192,
             max_deliver=-1,
+            ack_wait_s=30.0,  # a batch has no in_progress: a slow commit must not come back
+            start_window_s=0,
+            redrive=False,
         ),
         ConsumerSpec(
             name="turns-projection",
@@ -198,6 +257,9 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             description="turns projection: one row per turn with each stage's time",
             max_ack_pending=8192,
             max_deliver=-1,
+            ack_wait_s=30.0,  # a batch has no in_progress: a slow commit must not come back
+            start_window_s=0,
+            redrive=False,
         ),
     )
 }

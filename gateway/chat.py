@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+
+import nats.errors
 
 from libra.contracts import AnyEvent, Origin, TextReceived, conversation_id, make
 from libra.runtime.eventlog import EventLog
-from libra.runtime.follow import TurnFollower
+from libra.runtime.follow import ReplyTimeout, TurnFollower
 
-__all__ = ["converse"]
+__all__ = ["NoDecision", "converse"]
+
+
+class NoDecision(ReplyTimeout):
+    """The message was not admitted or refused in time: the log or admission is not working."""
 
 
 async def converse(
@@ -19,11 +26,14 @@ async def converse(
     text: str,
     conversation: str | None = None,
     idle_s: float = 60.0,
+    decide_s: float | None = None,
 ) -> AsyncIterator[AnyEvent]:
     """Publishes ``text`` as a ``text.received`` and yields the turn's events to its end.
 
     The first event yielded is the ``text.received`` itself (its id is the turn's id); then
     ``turn.accepted`` or ``turn.rejected``, the deltas, and ``llm.completed`` or ``llm.failed``.
+    With ``decide_s``, publishing and the decision together take at most that long, or
+    :class:`NoDecision` is raised before anything is yielded.
     """
     conversation = conversation or conversation_id(platform, user)
     said = make(
@@ -34,7 +44,15 @@ async def converse(
         origin=Origin(platform=platform, channel=conversation),
     )
     async with TurnFollower(log, conversation, said.id) as follower:
-        await log.publish(said)
+        events = follower.events(idle_s=idle_s)
+        try:
+            async with asyncio.timeout(decide_s):
+                await log.publish(said)
+                decision = await anext(events)
+        except (TimeoutError, nats.errors.Error) as exc:
+            await events.aclose()
+            raise NoDecision(f"turn {said.id} was neither admitted nor refused in time") from exc
         yield said
-        async for event in follower.events(idle_s=idle_s):
+        yield decision
+        async for event in events:
             yield event

@@ -31,10 +31,14 @@ async def chat_loop(log: EventLog, *, user: str, out: TextIO = sys.stdout) -> No
         if not line.strip():
             continue
         out.write("libra> ")
+        again = ""  # written before a delta at index 0 that starts the reply over
         try:
             async for event in converse(log, platform="console", user=user, text=line):
                 match event:
-                    case LlmDelta(text=text):
+                    case LlmDelta(text=text, index=index):
+                        if index == 0:  # a second time: the llm restarted mid-reply
+                            out.write(again)
+                            again = "\nlibra> "
                         out.write(text)
                     case TurnRejected(message=message) | LlmFailed(message=message):
                         out.write(f"[{message}]")

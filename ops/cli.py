@@ -327,6 +327,67 @@ def rebuild(name: str, data_dir: str | None) -> None:
 
 
 @main.group()
+def dead() -> None:
+    """Dead letters: what a consumer gave up on, and re-driving it once the cause is gone."""
+
+
+@dead.command(name="list")
+@click.option("--consumer", default="", help="One consumer's letters, e.g. turns.")
+@click.option("--since", default="", help="From: ISO 8601 time, or how long ago (30m, 2d).")
+@click.option("--data-dir", type=click.Path(file_okay=False))
+def dead_list(consumer: str, since: str, data_dir: str | None) -> None:
+    """Print the dead letters in the log, oldest first."""
+    from .dead import dead_letters
+
+    async def go(log) -> None:
+        for letter, retried in await dead_letters(log, consumer=consumer, since=_moment(since)):
+            mark = " (retried)" if retried else ""
+            click.echo(
+                f"{letter.id} {letter.at:%Y-%m-%d %H:%M:%S} {letter.consumer} seq"
+                f" {letter.stream_seq} {letter.subject}{mark}: {letter.error[:200]!r}"
+            )
+
+    _run(_with_log(data_dir, "libra-dead", go))
+
+
+@dead.command(name="retry")
+@click.argument("ids", nargs=-1)
+@click.option("--consumer", default="", help="One consumer's letters, e.g. turns.")
+@click.option("--since", default="", help="From: ISO 8601 time, or how long ago (30m, 2d).")
+@click.option("--data-dir", type=click.Path(file_okay=False))
+def dead_retry(ids: tuple[str, ...], consumer: str, since: str, data_dir: str | None) -> None:
+    """Re-drive dead letters (IDS, or every one selected) to the consumer that gave up, once."""
+    from .dead import retry_dead_letters
+
+    async def go(log) -> None:
+        done = await retry_dead_letters(log, consumer=consumer, since=_moment(since), ids=ids)
+        for letter, reason in done.skipped:
+            click.echo(f"skipped {letter.id} ({letter.consumer}): {reason}")
+        click.echo(f"re-driven {len(done.retried)} dead letter(s)")
+
+    _run(_with_log(data_dir, "libra-dead", go))
+
+
+def _moment(value: str):
+    from .replay import parse_moment
+
+    try:
+        return parse_moment(value) if value else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+async def _with_log(data_dir: str | None, name: str, work) -> None:
+    from libra.runtime.eventlog import EventLog
+
+    log = await EventLog.connect(resolve_urls(_settings(data_dir)).nats_url, name=name)
+    try:
+        await work(log)
+    finally:
+        await log.close()
+
+
+@main.group()
 def bench() -> None:
     """Benchmarks: each measures Libra beside the bare client in the same run."""
 
@@ -424,6 +485,49 @@ def bench_discord(as_json: bool, channels: int, rounds: int, interval: float) ->
             settings, channels=channels, rounds=rounds, interval=interval, as_json=as_json
         )
     )
+
+
+@bench.command(name="load")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--minutes", default=5.0, show_default=True, help="Length of the loaded run.")
+@click.option("--users", default=500, show_default=True, help="People talking.")
+@click.option("--conversations", default=100, show_default=True, help="HTTP users and channels.")
+@click.option(
+    "--think", default=20.0, show_default=True, help="Seconds a person thinks between turns (±50%)."
+)
+@click.option(
+    "--fault",
+    type=click.Choice(["redis", "postgres", "nats", "kill-llm"]),
+    help="Stop one server (or SIGKILL the llm process) a third of the way in, then restart it.",
+)
+@click.option(
+    "--fault-seconds",
+    default=30.0,
+    show_default=True,
+    help="How long the stopped server stays down (at most a quarter of the run).",
+)
+def bench_load(
+    as_json: bool,
+    minutes: float,
+    users: int,
+    conversations: int,
+    think: float,
+    fault: str | None,
+    fault_seconds: float,
+) -> None:
+    """Load and soak on both edges: turns/s, overhead, RSS, lag; lost and doubled turns."""
+    from .bench.load import LoadPlan, run_bench_load
+
+    seconds = minutes * 60
+    plan = LoadPlan(
+        users=users,
+        conversations=conversations,
+        seconds=seconds,
+        think=think,
+        fault=fault,
+        fault_seconds=min(fault_seconds, seconds / 4),
+    )
+    asyncio.run(run_bench_load(_settings(), plan=plan, as_json=as_json))
 
 
 @bench.command(name="voice-transport")

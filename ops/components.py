@@ -11,6 +11,16 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from libra.contracts import CONSUMERS
 from libra.projections.history import HistoryProjection
@@ -22,6 +32,7 @@ from libra.runtime.database import connect_pool
 from libra.runtime.eventlog import EventLog
 from libra.runtime.logs import log_context
 from libra.runtime.metrics import refresh_consumer_lag
+from libra.runtime.outage import Breaker
 from libra.runtime.projection import Projection, ProjectionRunner
 
 if TYPE_CHECKING:
@@ -42,6 +53,9 @@ __all__ = [
 
 log = logging.getLogger("libra.supervisor")
 T = TypeVar("T")
+# A component that ran this long before it crashed was healthy: its back-off starts over.
+_HEALTHY_RUN_S = 60.0
+_POOL_ATTEMPTS = 4
 
 
 class Component(Protocol):
@@ -64,10 +78,27 @@ class Resources:
     _redis: aioredis.Redis | None = field(default=None, repr=False)
     _audio: AudioStore | None = field(default=None, repr=False)
     _shared: dict[str, object] = field(default_factory=dict, repr=False)
+    _pool_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     async def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            self._pool = await connect_pool(self.database_url, max_size=20)
+        """The process's one pool. At start, while every component is being built (and heavy
+        imports hold the event loop), a connect that times out is tried again a few times
+        rather than crashing the components that wait for it."""
+        async with self._pool_lock:
+            if self._pool is None:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type((TimeoutError, OSError)),
+                    wait=wait_exponential(multiplier=0.5, max=4.0),
+                    stop=stop_after_attempt(_POOL_ATTEMPTS),
+                    before_sleep=before_sleep_log(log, logging.WARNING),
+                    reraise=True,
+                ):
+                    with attempt:
+                        self._pool = await connect_pool(
+                            self.database_url,
+                            max_size=20,
+                            connect_timeout=self.settings.database_timeout_sec,
+                        )
         return self._pool
 
     async def audio(self) -> AudioStore:
@@ -79,9 +110,28 @@ class Resources:
         return self._audio
 
     def redis(self) -> aioredis.Redis:
+        """The Redis client; a call to a Redis that is down fails within ``REDIS_TIMEOUT_SEC``
+        (no back-off retries: the callers have an outage policy), and a connection that a
+        restart of Redis closed is opened again once, at once."""
         if self._redis is None:
-            self._redis = aioredis.from_url(self.redis_url, max_connections=64)
+            timeout = self.settings.redis_timeout_sec
+            self._redis = aioredis.from_url(
+                self.redis_url,
+                max_connections=64,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
         return self._redis
+
+    def breaker(self, dependency: str) -> Breaker:
+        """The process's circuit breaker for ``redis`` or ``postgres`` (see ``runtime.outage``)."""
+        s = self.settings
+        timeout = s.database_timeout_sec if dependency == "postgres" else 0.0
+        return self.shared(
+            f"breaker-{dependency}",
+            lambda: Breaker(dependency, retry_s=s.outage_retry_sec, timeout_s=timeout),
+        )
 
     def shared(self, name: str, make: Callable[[], T]) -> T:
         """One instance of ``name`` per process (a provider chain, an embedder)."""
@@ -151,6 +201,7 @@ async def turns_processor(r: Resources) -> Processor:
         max_chars=s.max_input_chars,
         blocked_words=words,
         speculate=s.voice_speculative_reply,
+        breaker=r.breaker("redis"),
     )
 
 
@@ -179,6 +230,7 @@ async def prompt_builder(r: Resources) -> PromptBuilder:
         memory_k=s.memory_top_k,
         recall_budget_s=s.memory_recall_budget_ms / 1000,
         vision_models=tuple(m.strip() for m in s.vision_models.split(",") if m.strip()),
+        breaker=r.breaker("postgres"),
     )
 
 
@@ -193,7 +245,9 @@ async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
     from libra.processors.llm.processor import LlmProcessor
 
     s = r.settings
-    cache = ResponseCache(r.redis(), ttl_s=s.llm_cache_ttl) if s.llm_cache_enabled else None
+    cache = None
+    if s.llm_cache_enabled:
+        cache = ResponseCache(r.redis(), ttl_s=s.llm_cache_ttl, breaker=r.breaker("redis"))
     prompts = await prompt_builder(r)
     return LlmProcessor(
         _chain(r),
@@ -242,6 +296,8 @@ async def _http(r: Resources) -> Component:
         auth=auth,
         llm_status=llm_status,
         max_body_bytes=s.http_max_body_bytes,
+        database=r.breaker("postgres"),
+        decision_s=s.http_decision_timeout_sec,
         voice=VoiceOptions(
             audio=r.audio, max_audio_bytes=s.max_audio_bytes, segmentation=segmenter_config(s)
         ),
@@ -337,9 +393,12 @@ class Supervisor:
         await asyncio.wait_for(asyncio.gather(*(b.wait() for b in self._built)), timeout)
 
     async def _keep_running(self, name: str, built: asyncio.Event) -> None:
+        """Builds and runs one component, again after a crash, waiting longer each time in a
+        row; a component that ran a while before it crashed starts again at once."""
         delay = 1.0
         with log_context(name=name):
             while not self._stopping:
+                started = asyncio.get_running_loop().time()
                 try:
                     try:
                         component = await COMPONENTS[name](self.resources)
@@ -356,6 +415,8 @@ class Supervisor:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
+                    if asyncio.get_running_loop().time() - started > _HEALTHY_RUN_S:
+                        delay = 1.0
                     log.exception("component %s crashed; restarting in %.0fs", name, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)

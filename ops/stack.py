@@ -2,7 +2,8 @@
 
 ``libra up`` starts an embedded server for each of NATS, PostgreSQL and Redis whose URL is not
 set, all under one data directory, and writes ``stack.json`` there so that other commands
-(``libra env``, ``tail``, ``chat``...) find the running stack without flags.
+(``libra env``, ``tail``, ``chat``...) find the running stack without flags. While it runs, an
+embedded server that exits is started again (:meth:`Stack.supervise`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
+import logging
 import os
+import signal
+import time
 from pathlib import Path
 from typing import IO
 
@@ -18,11 +23,17 @@ import msgspec
 
 from libra.runtime.config import Settings
 
-from .embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis
+from .embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis, ServerStartError
 
 __all__ = ["DataDirBusyError", "Stack", "StackUrls", "resolve_urls"]
 
 STATE_FILE = "stack.json"
+WATCH_EVERY_S = 0.5
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+log = logging.getLogger("libra.stack")
+
+Server = EmbeddedNats | EmbeddedPostgres | EmbeddedRedis
 
 
 class DataDirBusyError(RuntimeError):
@@ -82,7 +93,7 @@ def resolve_urls(settings: Settings) -> StackUrls:
 
 
 class Stack:
-    """Starts the embedded servers that the settings do not point elsewhere, and stops them."""
+    """Starts, watches and stops the embedded servers that the settings do not point elsewhere."""
 
     def __init__(self, settings: Settings, data_dir: Path | None = None) -> None:
         self.settings = settings
@@ -104,9 +115,10 @@ class Stack:
             else EmbeddedRedis(self.data_dir, host=host, port=settings.libra_redis_port)
         )
         self._lock: IO[str] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
 
     @property
-    def embedded(self) -> list[EmbeddedNats | EmbeddedPostgres | EmbeddedRedis]:
+    def embedded(self) -> list[Server]:
         return [s for s in (self.nats, self.postgres, self.redis) if s is not None]
 
     @property
@@ -124,6 +136,8 @@ class Stack:
         """Starts the embedded servers at once; if one fails, stops the others and raises."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
+        # Left by a Libra that was killed: its URLs are no longer served until we start.
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
         results = await asyncio.gather(*(s.start() for s in self.embedded), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
@@ -137,7 +151,19 @@ class Stack:
             state.write(msgspec.json.encode(urls))
         return urls
 
+    def supervise(self, until: asyncio.Event) -> None:
+        """Starts again each embedded server that exits, until ``until`` is set or :meth:`stop`."""
+        self._watchers = [
+            asyncio.create_task(_keep_running(server, until), name=f"watch {server.title}")
+            for server in self.embedded
+        ]
+
     async def stop(self) -> None:
+        # First, so that a server stopping now is not started again.
+        for watcher in self._watchers:
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        self._watchers = []
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / STATE_FILE).unlink()
         await asyncio.gather(*(s.stop() for s in self.embedded), return_exceptions=True)
@@ -155,3 +181,48 @@ class Stack:
                 f"another `libra up` is running on {self.data_dir}; stop it or use --data-dir"
             ) from None
         self._lock = lock
+
+
+def _exit_text(status: int) -> str:
+    if status < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-status).name}"
+        return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+async def _keep_running(server: Server, until: asyncio.Event) -> None:
+    """Watches ``server`` and starts it again whenever it exits, until ``until`` is set."""
+    while not until.is_set():
+        status = server.exit_status()
+        if status is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(until.wait(), WATCH_EVERY_S)
+        elif not until.is_set():
+            await _restart(server, status, until)
+
+
+async def _restart(server: Server, status: int, until: asyncio.Event) -> None:
+    """Starts ``server`` again, backing off while it fails; one log line says how it went."""
+    what = f"embedded {server.title} {_exit_text(status)}"
+    began = time.monotonic()
+    for attempt in itertools.count(1):
+        try:
+            await server.start()
+        except Exception as exc:  # whatever failed, a supervisor keeps trying
+            delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S)) - 1]
+            detail = str(exc) if isinstance(exc, ServerStartError) else f"{exc!r}\n{server.tail()}"
+            log.error(
+                "%s and did not start again (try %d); next try in %.1f s: %s",
+                what,
+                attempt,
+                delay,
+                detail,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(until.wait(), delay)
+            if until.is_set():
+                return
+        else:
+            log.warning("%s; restarted in %.1f s", what, time.monotonic() - began)
+            return

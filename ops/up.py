@@ -55,7 +55,7 @@ def _announce(stack: Stack, urls: StackUrls) -> None:
 
 
 async def run_up(settings: Settings) -> None:
-    """Starts the embedded servers, provisions the log and schema, runs every component."""
+    """Starts and watches the embedded servers, provisions the log and schema, runs it all."""
     stop = _stop_signal()
     stack = Stack(settings)
     try:
@@ -63,6 +63,8 @@ async def run_up(settings: Settings) -> None:
     except (ServerStartError, DataDirBusyError) as exc:
         print(f"libra up: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+    # A stop signal ends the watch at once: servers that stop with Libra are not restarted.
+    stack.supervise(until=stop)
     try:
         _announce(stack, urls)
         await _serve(settings, urls, list(COMPONENTS), stop, provision=True)

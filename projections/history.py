@@ -10,12 +10,37 @@ import asyncpg
 from libra.contracts import CONSUMERS, AnyEvent, LlmCompleted, TextReceived, id_time
 from libra.runtime.projection import Recorded
 
-__all__ = ["INSERT_MESSAGES", "HistoryProjection"]
+__all__ = ["HistoryProjection"]
 
-INSERT_MESSAGES = (
-    "INSERT INTO messages (event_id, conversation, user_id, turn, role, content, modality,"
-    " provider, model, at, stream_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+_MESSAGE_COLUMNS = (
+    "event_id",
+    "conversation",
+    "user_id",
+    "turn",
+    "role",
+    "content",
+    "modality",
+    "provider",
+    "model",
+    "at",
+    "stream_seq",
+)
+# A batch's messages are new but for a redelivery: they are copied in (binary COPY costs
+# Postgres about half of an insert's per-row work), and only when one is there already does the
+# batch take the insert that skips what exists, the rows going as one array per column.
+_INSERT_MESSAGES = (
+    f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::text[], $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::bigint[])"
     " ON CONFLICT (event_id) DO NOTHING"
+)
+# Each conversation appears once per batch: ON CONFLICT DO UPDATE may touch a row only once.
+_UPSERT_CONVERSATIONS = (
+    "INSERT INTO conversations (id, platform, started_at, last_at)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])"
+    " ON CONFLICT (id) DO UPDATE SET"
+    " started_at = LEAST(conversations.started_at, EXCLUDED.started_at),"
+    " last_at = GREATEST(conversations.last_at, EXCLUDED.last_at)"
 )
 
 
@@ -45,12 +70,13 @@ class HistoryProjection:
     tables = ("messages", "conversations")
 
     async def apply(self, conn: asyncpg.Connection, batch: Sequence[Recorded]) -> None:
-        messages = []
-        conversations: dict[str, tuple[str, object, object]] = {}
+        messages: list[tuple] = []
+        conversations: dict[str, tuple[str, datetime, datetime]] = {}
         for seq, event in batch:
             said = _messages(event)
             if not said:
                 continue
+            modality = "text" if isinstance(event, TextReceived) else event.modality
             for event_id, role, content, provider, model, at in said:
                 messages.append(
                     (
@@ -60,30 +86,28 @@ class HistoryProjection:
                         event.turn,
                         role,
                         content.replace("\x00", "\ufffd"),  # Postgres text cannot hold NUL
-                        "text" if isinstance(event, TextReceived) else event.modality,
+                        modality,
                         provider,
                         model,
                         at,
                         seq,
                     )
                 )
-            platform, earliest = event.origin.platform, min(m[5] for m in said)
-            _, first, last = conversations.get(event.conversation, (platform, earliest, event.at))
-            conversations[event.conversation] = (
-                platform,
-                min(first, earliest),
-                max(last, event.at),
-            )
+            earliest = min(m[5] for m in said)
+            known = conversations.get(event.conversation)
+            if known is not None:
+                earliest, latest = min(known[1], earliest), max(known[2], event.at)
+            else:
+                latest = event.at
+            conversations[event.conversation] = (event.origin.platform, earliest, latest)
         if not messages:
             return
-        await conn.executemany(INSERT_MESSAGES, messages)
-        await conn.executemany(
-            "INSERT INTO conversations (id, platform, started_at, last_at) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (id) DO UPDATE SET"
-            " started_at = LEAST(conversations.started_at, EXCLUDED.started_at),"
-            " last_at = GREATEST(conversations.last_at, EXCLUDED.last_at)",
-            [
-                (cid, platform, first, last)
-                for cid, (platform, first, last) in sorted(conversations.items())
-            ],
-        )
+        try:
+            async with conn.transaction():  # a savepoint: a failed copy leaves the batch whole
+                await conn.copy_records_to_table(
+                    "messages", records=messages, columns=_MESSAGE_COLUMNS
+                )
+        except asyncpg.UniqueViolationError:
+            await conn.execute(_INSERT_MESSAGES, *zip(*messages, strict=True))
+        rows = [(cid, *row) for cid, row in sorted(conversations.items())]
+        await conn.execute(_UPSERT_CONVERSATIONS, *zip(*rows, strict=True))

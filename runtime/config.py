@@ -56,6 +56,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     libra_audio_ttl: float = 86400.0
     libra_replay_max_age: float = 86400.0
 
+    # Outages: how long a call to Redis or PostgreSQL on a person's clock may take, and how
+    # soon after one failed the next is tried (meanwhile, the outage policy at once).
+    redis_timeout_sec: float = 1.0
+    database_timeout_sec: float = 2.0
+    outage_retry_sec: float = 2.0
+
     # Logs and metrics.
     log_format: str = "json"
     log_level: str = "INFO"
@@ -105,6 +111,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     http_max_body_bytes: int = 1_048_576
+    http_decision_timeout_sec: float = 4.0
     bff_api_key: str = ""
     jwt_secret: str = ""
 
@@ -121,6 +128,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     discord_edit_interval_sec: float = 1.0
     discord_text_attachment_chars: int = 20000
     discord_reply_chain: int = 10
+    discord_recover_sec: float = 300.0
 
     # Voice pipeline: VAD, ASR, TTS.
     vad_threshold: float = 0.5

@@ -36,11 +36,17 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     return None
 
 
-async def connect_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def connect_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 5.0
+) -> asyncpg.Pool:
     """Returns a pool whose connections know pgvector's ``vector`` type.
 
     Work on a pooled connection must leave no session state behind (use transaction-scoped
     locks and ``SET LOCAL``): a connection goes back to the pool without a full reset.
+
+    A connection the server closed (it restarted) is opened again when next acquired, each
+    attempt bounded by ``connect_timeout`` (asyncpg's default is a minute), so that work on a
+    database that is down fails and is retried rather than hangs.
     """
     return await asyncpg.create_pool(
         url,
@@ -49,6 +55,7 @@ async def connect_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> as
         init=_init_connection,
         reset=_keep_session,
         command_timeout=60,
+        timeout=connect_timeout,
     )
 
 

@@ -1,15 +1,17 @@
 """The event log client: connect to NATS, provision the streams, publish events.
 
 Every event is published with its id as ``Nats-Msg-Id``, so JetStream drops a copy published
-again within the duplicate window (a redelivered input re-running its processor).
+again within the duplicate window (a redelivered input re-running its processor). Provisioning
+and consumer set-up are patient with a slow server (see ``runtime/positions.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import unquote, urlparse
 
 import nats
@@ -22,9 +24,9 @@ from prometheus_client import Counter
 from libra.contracts import (
     AUDIO_BUCKET,
     CONSUMERS,
+    POSITIONS_BUCKET,
     ConsumerSpec,
     Event,
-    consumer_config,
     encode_event,
     live_stream_config,
     log_stream_config,
@@ -33,19 +35,24 @@ from libra.contracts import (
 
 from .config import Settings
 from .metrics import EVENTS_PUBLISHED
+from .positions import ensure_consumer, patiently
 
 __all__ = ["EventLog", "connect_nats"]
 
 log = logging.getLogger("libra.eventlog")
 _STREAM_NAME_IN_USE = 10058
 _RETRY_EVERY_S = 0.25
+_running: set[asyncio.Task] = set()  # (a task that nothing holds may be collected mid-run)
 
 
-async def connect_nats(url: str, *, name: str) -> NATS:
+async def connect_nats(
+    url: str, *, name: str, reconnected: Callable[[], Awaitable[None]] | None = None
+) -> NATS:
     """Connects to NATS, reconnecting for ever: a restart of the server must not end Libra.
 
     ``url`` may list several servers of a cluster, comma-separated. The first credentials in it
-    log in to every server, those the cluster tells the client about included.
+    log in to every server, those the cluster tells the client about included. ``reconnected``
+    runs (as a task of its own) after each reconnection.
     """
     servers = [part.strip() for part in url.split(",") if part.strip()]
     login = next((u for u in map(urlparse, servers) if u.password is not None), None)
@@ -58,6 +65,10 @@ async def connect_nats(url: str, *, name: str) -> NATS:
 
     async def on_reconnect() -> None:
         log.info("nats reconnected")
+        if reconnected is not None:
+            task = asyncio.create_task(reconnected())
+            _running.add(task)
+            task.add_done_callback(_running.discard)
 
     return await nats.connect(
         servers,
@@ -94,10 +105,23 @@ class EventLog:
             timeout=publish_timeout, publish_async_max_pending=4000
         )
         self.retry_s = retry_s
+        self._memory_streams: dict[str, nats.js.api.StreamConfig] = {}
 
     @classmethod
     async def connect(cls, url: str, *, name: str) -> EventLog:
-        return cls(await connect_nats(url, name=name))
+        """Connects; after a reconnection, the memory streams a restarted server lost are made
+        again at once (a publish to one would wait out its timeout, as the followers of a
+        reply listen on its subjects and no "no stream" answer comes)."""
+        logs: list[EventLog] = []
+
+        async def restore() -> None:
+            for _ in range(20):  # JetStream may take a moment to answer after a restart
+                if not logs or await logs[0]._restore_memory_streams():
+                    return
+                await asyncio.sleep(_RETRY_EVERY_S)
+
+        logs.append(cls(await connect_nats(url, name=name, reconnected=restore)))
+        return logs[0]
 
     async def publish(self, event: Event) -> int:
         """Publishes one event and waits for the stream's ack; returns its stream sequence.
@@ -105,6 +129,7 @@ class EventLog:
         A stream whose leader died (a node of a cluster) answers no one until its replicas have
         elected another, a few seconds: the publish is tried again for up to ``retry_s``. The
         event's id makes a repeat of one that did get through a duplicate the stream drops.
+        A memory stream that a restarted server lost (``LIBRA_LIVE``) is created again first.
         """
         subject, data = subject_of(event), encode_event(event)
         deadline = time.monotonic() + self.retry_s
@@ -115,9 +140,24 @@ class EventLog:
             except (NoStreamResponseError, nats.errors.TimeoutError):
                 if time.monotonic() >= deadline:
                     raise
+                await self._restore_memory_streams()
                 await asyncio.sleep(_RETRY_EVERY_S)
         _published(event).inc()
         return ack.seq
+
+    async def _restore_memory_streams(self) -> bool:
+        """Creates again the memory streams this log provisioned, if the server lost them;
+        returns False if JetStream did not answer."""
+        for config in self._memory_streams.values():
+            try:
+                await self.js.stream_info(config.name)
+            except NotFoundError:
+                log.warning("stream %s was lost (a server restart); creating it again", config.name)
+                with contextlib.suppress(nats.errors.Error):
+                    await self.ensure_stream(config)
+            except nats.errors.Error:
+                return False
+        return True
 
     async def publish_many(self, events: Iterable[Event], *, window: int = 1000) -> int:
         """Publishes events with at most ``window`` acks outstanding; returns how many."""
@@ -143,7 +183,12 @@ class EventLog:
     async def provision(
         self, settings: Settings, consumers: Iterable[ConsumerSpec] | None = None
     ) -> None:
-        """Creates or updates the streams, the audio bucket and the consumers; safe to repeat."""
+        """Creates or updates the streams, the buckets and the consumers; safe to repeat."""
+        await patiently(lambda: self._provision(settings, consumers), what="provisioning the log")
+
+    async def _provision(
+        self, settings: Settings, consumers: Iterable[ConsumerSpec] | None
+    ) -> None:
         replicas = settings.libra_stream_replicas
         await self.ensure_stream(
             log_stream_config(
@@ -169,11 +214,23 @@ class EventLog:
                     replicas=replicas,
                 ),
             )
+        await self.js.create_key_value(
+            nats.js.api.KeyValueConfig(
+                bucket=POSITIONS_BUCKET,
+                description="Each durable consumer's ack floor: where a lost one starts again",
+                storage=nats.js.api.StorageType.FILE,
+                replicas=replicas,
+                direct=True,
+            )
+        )
         for spec in CONSUMERS.values() if consumers is None else consumers:
             await self.ensure_consumer(spec)
 
-    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
-        await self.js.add_consumer(spec.stream, consumer_config(spec))
+    async def ensure_consumer(self, spec: ConsumerSpec) -> nats.js.api.ConsumerInfo:
+        """Keeps the consumer as it is, or creates it after its saved position; patiently."""
+        return await patiently(
+            lambda: ensure_consumer(self.js, spec), what=f"setting up consumer {spec.name}"
+        )
 
     async def ensure_stream(self, config: nats.js.api.StreamConfig) -> None:
         """Creates the stream, or updates it to ``config``; safe to repeat."""
@@ -183,7 +240,22 @@ class EventLog:
             if exc.err_code != _STREAM_NAME_IN_USE:
                 raise
             await self.js.update_stream(config)
+        if config.storage == nats.js.api.StorageType.MEMORY:
+            self._memory_streams[config.name] = config
 
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
+
+    async def publish_first(self, event: Event) -> bool:
+        """Publishes one event once; returns False if the stream already held its id.
+
+        Of several publishers of one id (two gateways given the same message), the one that gets
+        True is the one to act on it. No retries: the caller bounds how long it waits.
+        """
+        ack = await self.js.publish(
+            subject_of(event), encode_event(event), headers={"Nats-Msg-Id": event.id}
+        )
+        if not ack.duplicate:
+            _published(event).inc()
+        return not ack.duplicate

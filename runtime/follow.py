@@ -7,6 +7,12 @@ person's input), or reads back what came before with :meth:`TurnFollower.catch_u
 subscriptions on the conversation's subjects, filtered by turn, are the fastest path (no
 consumer to create), and at-most-once: if the connection drops mid-reply, the follower reads
 what it missed back from the log.
+
+Deltas come out in order, once each, and of one attempt at a time: when the llm processor was
+restarted mid-reply, the new attempt's pieces start again at index 0 (an edge shows the reply
+from its start again) and the stopped attempt's late pieces are dropped. A follower that cannot
+take back what it passed on (speech) sets ``restarts=False`` and keeps to the first attempt;
+the completed event carries the whole reply.
 """
 
 from __future__ import annotations
@@ -55,10 +61,12 @@ class TurnFollower:
         *,
         domains: Iterable[str] = ("turn", "llm"),
         until: tuple[type, ...] = TERMINAL,
+        restarts: bool = True,
     ) -> None:
         self.log, self.conversation, self.turn = log, conversation, turn
         self.subjects = [f"libra.{d}.*.{conversation}" for d in domains]
         self.until = until
+        self.restarts = restarts
         self._queue: asyncio.Queue[AnyEvent] = asyncio.Queue()
         self._subs: list[Subscription] = []
         self._seen: set[str] = set()
@@ -85,8 +93,7 @@ class TurnFollower:
     ) -> AsyncIterator[AnyEvent]:
         """Yields the turn's events in order, ending with its terminal event."""
         deadline = time.monotonic() + total_s
-        next_delta = 0
-        pending: dict[int, LlmDelta] = {}
+        pieces = _Pieces(restarts=self.restarts)
         while True:
             wait = min(idle_s, deadline - time.monotonic())
             if wait <= 0:
@@ -102,10 +109,8 @@ class TurnFollower:
                 continue
             self._seen.add(event.id)
             if isinstance(event, LlmDelta):  # deltas and their order matter; duplicates do not
-                pending[event.index] = event
-                while next_delta in pending:
-                    yield pending.pop(next_delta)
-                    next_delta += 1
+                for delta in pieces.take(event):
+                    yield delta
                 continue
             yield event
             if isinstance(event, self.until):
@@ -123,3 +128,26 @@ class TurnFollower:
         ]
         for event in sorted(found, key=lambda e: e.at):  # two streams: put them back in order
             self._queue.put_nowait(event)
+
+
+class _Pieces:
+    """Puts the deltas of one attempt at the reply in order (see the module's docstring)."""
+
+    def __init__(self, *, restarts: bool) -> None:
+        self.restarts = restarts
+        self.attempt: str | None = None
+        self.next = 0
+        self.pending: dict[int, LlmDelta] = {}
+
+    def take(self, delta: LlmDelta) -> list[LlmDelta]:
+        """Returns the deltas that follow in order now that ``delta`` came (often none)."""
+        if self.attempt is None or (self.restarts and delta.attempt > self.attempt):
+            self.attempt, self.next, self.pending = delta.attempt, 0, {}  # attempt ids sort by time
+        elif delta.attempt != self.attempt:
+            return []
+        self.pending[delta.index] = delta
+        ready = []
+        while self.next in self.pending:
+            ready.append(self.pending.pop(self.next))
+            self.next += 1
+        return ready

@@ -5,6 +5,11 @@ a crash before the commit leaves the messages unacked and JetStream redelivers t
 projections upsert by event id a second application changes nothing. A batch that fails is
 retried one event at a time, so one bad event is dead-lettered alone and the rest go through.
 Rebuild = drop + replay from the start of the log.
+
+The consumer's position is its ack floor, saved like every consumer's (``runtime/positions.py``),
+rather than the checkpoint: a batch retried later leaves the checkpoint ahead of events not yet
+applied, and a lost consumer recreated after the checkpoint would skip them. With no saved
+position a lost consumer starts at the beginning: folding again by event id changes nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .metrics import (
     CONSUMER_PENDING,
     CONSUMER_REDELIVERED,
 )
+from .positions import PositionKeeper
 
 __all__ = ["Projection", "ProjectionRunner", "Recorded", "read_log", "rebuild"]
 
@@ -59,10 +65,39 @@ class Projection(Protocol):
 
 # A live stream trickles in: a transaction per event costs a projection its CPU and steals it
 # from the turns in flight. Waiting this long for company makes batches of a few events, and a
-# reader of a projection (the next turn's history) is seconds away. A full batch goes at once.
+# reader of a projection (the next turn's history) is seconds away. A full batch goes at once,
+# and so does a backlog's: its transactions are full enough, and the wait would only stall the
+# fold (a batch short by one, or the backlog's tail, waited the whole linger).
 LINGER_S = 0.05
 _DATA_ERROR_ATTEMPTS = 3
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+class _Delivery(NamedTuple):
+    count: int  # deliveries of this message so far, this one included
+    seq: int  # in the stream
+    pending: int  # messages left for the consumer
+
+
+def _delivery(reply: str) -> _Delivery:
+    """What a delivery's ack subject says of it.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the newer form
+    with domain and account hash in front and a random token behind. Reading the numbers
+    directly costs a fifth of nats-py's full metadata parse, which replay and every projection
+    pay per event.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return _Delivery(int(tokens[4]), int(tokens[5]), int(tokens[8]))
+    return _Delivery(int(tokens[6]), int(tokens[7]), int(tokens[10]))
+
+
+def _trickle(first: Msg) -> bool:
+    """Whether the log held nothing more for the consumer when ``first`` was delivered: a batch
+    that starts that way is a live trickle, one that starts in a backlog (its tail included) is
+    not."""
+    return _delivery(first.reply).pending == 0
 
 
 def _lock_key(name: str) -> int:
@@ -110,44 +145,78 @@ class ProjectionRunner:
             self.log.nc,
             self.spec.stream,
             self.spec.name,
-            capacity=self.batch_size * 2,
+            # room for the batch being settled and three more on their way: asked for only when
+            # half of it is free, two batches' room left the next one still arriving
+            capacity=self.batch_size * 4,
             on_lost=lambda _why: self.log.ensure_consumer(self.spec),
         )
         await feed.start()
+        positions = PositionKeeper(self.log.js, self.spec)
+        positions.start()
+        # A batch is read while the one before is in Postgres, so that decoding one and writing
+        # the other overlap; batches still commit and ack one at a time, in order.
+        settling: asyncio.Task[None] | None = None
         try:
-            while not self._stopping.is_set():
-                first = await feed.get_until(self._stopping)
-                if first is None:
-                    break
-                if self.linger_s and feed.waiting < self.batch_size - 1:
-                    await asyncio.sleep(self.linger_s)
-                msgs = [first, *feed.get_nowait(self.batch_size - 1)]
-                try:
-                    await self._settle(msgs)
-                finally:
-                    feed.done(len(msgs))
+            while (msgs := await self._next_batch(feed)) is not None:
+                good = await self._decode(msgs)
+                if settling is not None:
+                    await settling
+                settling = asyncio.create_task(self._settle(good, feed, len(msgs)))
+            if settling is not None:
+                await settling
+        except asyncio.CancelledError:
+            if settling is not None:  # killed: the batch in Postgres is rolled back, not acked
+                settling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await settling
+            raise
         finally:
             for msg in await feed.stop():
                 with contextlib.suppress(Exception):
                     await msg.nak()
+            await positions.stop()
 
     async def stop(self) -> None:
         self._stopping.set()
 
-    async def _settle(self, msgs: list[Msg]) -> None:
+    async def _next_batch(self, feed: PullFeed) -> list[Msg] | None:
+        """Up to a batch of messages, lingering for company in a trickle; None once stopping."""
+        first = await feed.get_until(self._stopping)
+        if first is None:
+            return None
+        msgs = [first, *feed.get_nowait(self.batch_size - 1)]
+        if self.linger_s and len(msgs) < self.batch_size and _trickle(first):
+            await asyncio.sleep(self.linger_s)
+            msgs += feed.get_nowait(self.batch_size - len(msgs))
+        return msgs
+
+    async def _decode(self, msgs: list[Msg]) -> list[tuple[Msg, Recorded]]:
+        """The batch's events with their messages; undecodable ones are dead-lettered."""
         name = self.spec.name
         good: list[tuple[Msg, Recorded]] = []
+        redelivered = 0
         for msg in msgs:
-            meta = msg.metadata
-            if meta.num_delivered > 1:
-                CONSUMER_REDELIVERED.labels(name).inc()
+            delivery = _delivery(msg.reply)
+            redelivered += delivery.count > 1
             try:
-                good.append((msg, Recorded(meta.sequence.stream, decode_event(msg.data))))
+                good.append((msg, Recorded(delivery.seq, decode_event(msg.data))))
             except EventDecodeError as exc:
                 await self._dead_letter(msg, str(exc), None)
-        CONSUMER_PENDING.labels(name).set(msgs[-1].metadata.num_pending)
-        if not good:
-            return
+        if redelivered:
+            CONSUMER_REDELIVERED.labels(name).inc(redelivered)
+        CONSUMER_PENDING.labels(name).set(_delivery(msgs[-1].reply).pending)
+        return good
+
+    async def _settle(self, good: list[tuple[Msg, Recorded]], feed: PullFeed, count: int) -> None:
+        """Applies a decoded batch and acks it, then makes room in the feed for ``count`` more."""
+        try:
+            if good:
+                await self._apply(good)
+        finally:
+            feed.done(count)
+
+    async def _apply(self, good: list[tuple[Msg, Recorded]]) -> None:
+        name = self.spec.name
         started = time.perf_counter()
         try:
             async with self.pool.acquire() as conn:
@@ -204,19 +273,6 @@ class ProjectionRunner:
         log.error("dead-lettered %s: %s", msg.subject, error)
 
 
-def _position(reply: str) -> tuple[int, int]:
-    """Stream sequence and messages left, from a delivery's ack subject.
-
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the newer form
-    with domain and account hash in front and a random token behind. Reading the two numbers
-    directly costs a fifth of nats-py's full metadata parse, which replay pays per event.
-    """
-    tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
-    return int(tokens[7]), int(tokens[10])
-
-
 async def read_log(
     log_: EventLog,
     subjects: Sequence[str],
@@ -260,7 +316,7 @@ async def read_log(
             msgs = [msg, *feed.get_nowait(batch)]
             feed.done(len(msgs))
             for m in msgs:
-                seq, pending = _position(m.reply)
+                _, seq, pending = _delivery(m.reply)
                 if seq > end_seq:
                     return
                 try:

@@ -11,11 +11,13 @@ from libra.contracts import (
     AudioRef,
     ContextMessage,
     DeadLetter,
+    DeadRetried,
     LlmCompleted,
     LlmDelta,
     LlmFailed,
     Origin,
     ProviderAttempt,
+    ReplyClaimed,
     ReplyDelivered,
     SessionChat,
     SessionMemoryReset,
@@ -128,6 +130,7 @@ def every_event() -> list[AnyEvent]:
             engine="espeak",
             origin=ORIGIN,
         ),
+        derive(start, ReplyClaimed, key="reply-claim", origin=ORIGIN),
         derive(accepted, ReplyDelivered, key="delivered", message_ids=("9",), origin=ORIGIN),
         make(SessionChat, conversation="discord-1-2", user="u1", enabled=True, origin=ORIGIN),
         make(
@@ -157,4 +160,5 @@ def every_event() -> list[AnyEvent]:
             error="boom",
             payload="{}",
         ),
+        derive(start, DeadRetried, key="retry", consumer="turns", letter=start.id, stream_seq=7),
     ]

@@ -1,8 +1,8 @@
 """The Discord gateway against a loopback Discord that hikari really talks to, on real servers.
 
 The turns and llm processors' part is played by :class:`Responder`: it answers each
-``text.received`` with ``turn.accepted``, deltas and ``llm.completed`` (or a rejection), derived
-from the input as the processors derive theirs.
+``text.received`` the log keeps with ``turn.accepted``, deltas and ``llm.completed`` (or a
+rejection), derived from the input as the processors derive theirs.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ import contextlib
 import itertools
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
 import msgspec
 import pytest
 import redis.asyncio as aioredis
+from nats.js.api import DeliverPolicy
 
 from libra.contracts import (
     LlmCompleted,
@@ -34,11 +36,13 @@ from libra.contracts import (
     decode_event,
     derive,
     make,
+    new_id,
     stable_id,
 )
 from libra.contracts.events import Origin
 from libra.gateway.discord.gateway import DiscordGateway, parse_shards
 from libra.ops.components import Resources, Supervisor
+from libra.ops.embedded import EmbeddedNats, free_port
 from libra.ops.fakes.discord import (
     MANAGE_CHANNELS,
     MANAGE_GUILD,
@@ -49,7 +53,7 @@ from libra.ops.fakes.discord import (
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.eventlog import EventLog
 
-from .helpers import stream_count, stream_events
+from .helpers import eventually, stream_count, stream_events
 from .stack import running
 
 EDIT = r"/channels/\d+/messages/\d+"
@@ -73,7 +77,11 @@ Reply = list[str] | Rejected | Failing | None
 
 
 class Responder:
-    """Plays the turns and llm processors: answers every ``text.received`` it sees."""
+    """Plays the turns and llm processors: answers every ``text.received`` the log keeps.
+
+    Like the processors it reads the stream, not the subject: two gateways publish one message's
+    event twice, and the stream keeps one.
+    """
 
     def __init__(
         self, log: EventLog, script: Callable[[TextReceived], Reply], gap: float, first: float
@@ -87,7 +95,13 @@ class Responder:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Responder:
-        self._sub = await self.log.nc.subscribe("libra.text.received.>", cb=self._on_msg)
+        self._sub = await self.log.js.subscribe(
+            "libra.text.received.>",
+            stream="LIBRA",
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+            cb=self._on_msg,
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -99,10 +113,10 @@ class Responder:
         said = decode_event(msg.data)
         assert isinstance(said, TextReceived)
         self.seen.append(said)
-        task = asyncio.create_task(self._answer(said))
+        task = asyncio.create_task(self.answer(said))
         self._tasks.add(task)
 
-    async def _answer(self, said: TextReceived) -> None:
+    async def answer(self, said: TextReceived) -> None:
         script = self.script(said)
         if script is None:
             return
@@ -186,12 +200,21 @@ class Gateways:
         self.database_url = database_url
         self._running: list[tuple[DiscordGateway, asyncio.Task, list]] = []
 
-    async def start(self, *, reply_idle_s: float = 60.0, **overrides: object) -> DiscordGateway:
+    async def start(
+        self, *, reply_idle_s: float = 60.0, recover_grace_s: float = 10.0, **overrides: object
+    ) -> DiscordGateway:
         settings = msgspec.structs.replace(self.settings, **overrides)
         log = await EventLog.connect(settings.nats_url, name="test-discord")
         pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=4)
         redis = aioredis.from_url(settings.redis_url)
-        gateway = DiscordGateway(settings, log, pool, redis, reply_idle_s=reply_idle_s)
+        gateway = DiscordGateway(
+            settings,
+            log,
+            pool,
+            redis,
+            reply_idle_s=reply_idle_s,
+            recover_grace_s=recover_grace_s,
+        )
         task = asyncio.create_task(gateway.run())
         self._running.append((gateway, task, [log, pool, redis]))
         async with asyncio.timeout(20):
@@ -203,6 +226,12 @@ class Gateways:
             if entry[0] is gateway:
                 self._running.remove(entry)
                 await _stop(*entry)
+
+    async def crash(self, gateway: DiscordGateway) -> None:
+        """Stops ``gateway`` as a killed process would: its replies under way end where they are."""
+        for task in list(gateway._answering):
+            task.cancel()
+        await self.stop(gateway)
 
     async def stop_all(self) -> None:
         while self._running:
@@ -402,13 +431,67 @@ async def test_a_reply_that_fails_midway_keeps_what_was_said_and_says_why(
     async with responder(eventlog, lambda _said: broken, gap=1.2):  # edited, then idle
         said = await fake.send_message(world.channel, "tell me", author=world.alice)
         await fake.wait_for(lambda: len(fake.bot_messages(world.channel)) == 2, timeout=15)
-        await asyncio.sleep(0.3)
 
     partial, notice = fake.bot_messages(world.channel)
     assert partial["content"] == "The answer is"
     assert partial["message_reference"]["message_id"] == said["id"]
     assert notice["content"] == "Sorry, the model stopped answering."
     assert await stream_count(eventlog.js, "LIBRA", "libra.reply.delivered.>") == 0
+
+
+async def _answer_twice(log: EventLog, said: TextReceived, first: list[str], second: list[str]):
+    """Plays an llm killed after streaming ``first`` whose restart streams ``second``: two
+    attempts at one turn, each from index 0, as the llm processor numbers them."""
+    accepted = derive(said, TurnAccepted, key="turn", text=said.text, origin=said.origin)
+    await log.publish(accepted)
+    now_ms = int(time.time() * 1000)
+    for attempt, pieces in ((new_id(at_ms=now_ms - 5000), first), (new_id(at_ms=now_ms), second)):
+        for index, piece in enumerate(pieces):
+            await log.publish(
+                derive(
+                    accepted,
+                    LlmDelta,
+                    key=f"delta/{attempt}/{index}",
+                    index=index,
+                    text=piece,
+                    attempt=attempt,
+                    origin=said.origin,
+                )
+            )
+            await asyncio.sleep(0.5)  # an edit is due between two pieces
+    await log.publish(
+        derive(
+            accepted,
+            LlmCompleted,
+            key="completed",
+            text="".join(second),
+            provider="f",
+            model="f",
+            origin=said.origin,
+        )
+    )
+
+
+async def test_a_reply_restarted_by_the_llm_starts_over_not_glued_to_the_first_try(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start(discord_edit_interval_sec=0.2)
+    message = await fake.send_message(world.channel, "hello?", author=world.alice)
+    [said] = await received(eventlog, 1)
+    await _answer_twice(eventlog, said, ["Hello", " w"], ["Hel", "lo wor", "ld!"])
+    await delivered(eventlog, 1)
+
+    [reply] = replies_to(fake, message)
+    assert reply["content"] == "Hello world!"
+    writes = [
+        c.body["content"]
+        for c in fake.calls_to("POST", POST) + fake.calls_to("PATCH", EDIT)
+        if c.status == 200
+    ]
+    assert "Hel" in writes, "the second attempt is shown from its start"
+    assert all("Hello world!".startswith(w) for w in writes), writes
 
 
 async def test_silence_from_the_processors_ends_in_an_apology(
@@ -473,7 +556,9 @@ async def test_attachments_are_seen_read_in_or_named(
 ) -> None:
     fake = world.fake
     await chat_mode_on(eventlog, world)
-    await gateways.start(primary_model="openai:gpt-4o-mini", discord_text_attachment_chars=12)
+    gateway = await gateways.start(
+        primary_model="openai:gpt-4o-mini", discord_text_attachment_chars=12
+    )
     files = (
         fake.attachment("cat.png", b"\x89PNG....", "image/png"),
         fake.attachment("notes.txt", "첫 줄\nsecond line\nthird".encode(), "text/plain"),
@@ -493,7 +578,11 @@ async def test_attachments_are_seen_read_in_or_named(
                 origin=Origin(platform="discord"),
             )
         )
-        await asyncio.sleep(0.3)  # the gateway follows the log
+
+        async def model_seen() -> bool:  # the gateway follows the log
+            return gateway.view.setting(f"guild:{world.guild}", "model") == "groq:llama-3.3-70b"
+
+        await eventually(model_seen)
         await fake.send_message(
             world.channel, "and now?", author=world.alice, attachments=files[:1]
         )
@@ -513,13 +602,17 @@ async def test_the_access_file_is_read_again_when_it_changes(
     rules = tmp_path / "access.toml"
     rules.write_text(f'[block]\nusers = ["{world.alice.id}"]\n')
     await chat_mode_on(eventlog, world)
-    await gateways.start(discord_access_file=str(rules))
+    gateway = await gateways.start(discord_access_file=str(rules))
     async with responder(eventlog, replies_with("hi")) as fake_llm:
         await fake.send_message(world.channel, "am I blocked?", author=world.alice)
         await fake.send_message(world.channel, "I am not", author=world.admin)
         await delivered(eventlog, 1)
         rules.write_text("[block]\nusers = []\n")
-        await asyncio.sleep(1.1)  # the file is looked at once a second
+
+        async def unblocked() -> bool:  # the file is looked at once a second
+            return str(world.alice.id) not in gateway.access.rules().block.users
+
+        await eventually(unblocked)
         await fake.send_message(world.channel, "and now?", author=world.alice)
         await delivered(eventlog, 2)
 
@@ -674,14 +767,17 @@ async def test_a_dropped_websocket_is_resumed_and_no_message_is_answered_twice(
         second = await fake.send_message(world.channel, "ping 2", author=world.alice)
         await fake.wait_for(lambda: fake.sessions[0].resumes == 1, timeout=20)
         await delivered(eventlog, 2)
-        await asyncio.sleep(0.5)  # room for a second answer to "ping 1", if there were one
+        # A later message's reply comes after a second answer to "ping 1" would have.
+        third = await fake.send_message(world.channel, "ping 3", author=world.alice)
+        await delivered(eventlog, 3)
 
     assert fake.identifies == 1, "the session was resumed, not identified again"
     replayed = [f["d"].get("id") for f in fake.sessions[0].replayed if f["t"] == "MESSAGE_CREATE"]
     assert first["id"] in replayed and second["id"] in replayed
     assert len(replies_to(fake, first)) == 1
     assert len(replies_to(fake, second)) == 1
-    assert [e.text for e in fake_llm.seen] == ["ping 1", "ping 2"]
+    assert len(replies_to(fake, third)) == 1
+    assert [e.text for e in fake_llm.seen] == ["ping 1", "ping 2", "ping 3"]
 
 
 async def test_heartbeats_are_acknowledged(
@@ -699,13 +795,14 @@ async def test_heartbeats_are_acknowledged(
     assert len(fake.sessions) == 1 and fake.sessions[0].resumes == 0, "no zombie reconnects"
 
 
-async def test_two_gateway_instances_on_one_fake_answer_once(
+async def test_two_gateway_instances_on_one_fake_answer_once_without_redis(
     eventlog: EventLog, world: World, gateways: Gateways
 ) -> None:
     fake = world.fake
     await chat_mode_on(eventlog, world)
-    await gateways.start()
-    await gateways.start()
+    nowhere = f"redis://127.0.0.1:{free_port()}"  # the log alone says who answers
+    await gateways.start(redis_url=nowhere)
+    await gateways.start(redis_url=nowhere)
     assert len(fake.sessions) == 2
     async with responder(eventlog, replies_with("only ", "once")) as fake_llm:
         sent = [
@@ -713,13 +810,16 @@ async def test_two_gateway_instances_on_one_fake_answer_once(
             for i in range(6)
         ]
         await delivered(eventlog, 6)
-        await asyncio.sleep(0.5)
+        # A later message's reply comes after a second answer to the six would have.
+        sent.append(await fake.send_message(world.channel, "and one more", author=world.alice))
+        await delivered(eventlog, 7)
 
-    assert [len(replies_to(fake, m)) for m in sent] == [1] * 6
-    assert await stream_count(eventlog.js, "LIBRA", "libra.text.received.>") == 6
-    assert len(fake_llm.seen) == 6
+    assert [len(replies_to(fake, m)) for m in sent] == [1] * 7
+    assert len(fake.bot_messages(world.channel)) == 7
+    assert await stream_count(eventlog.js, "LIBRA", "libra.text.received.>") == 7
+    assert len(fake_llm.seen) == 7
     creates = {s.id: sum(1 for _, f in s.sent if f["t"] == "MESSAGE_CREATE") for s in fake.sessions}
-    assert all(count >= 6 for count in creates.values()), "both instances got every message"
+    assert all(count >= 7 for count in creates.values()), "both instances got every message"
 
 
 async def test_each_sharded_gateway_answers_the_servers_of_its_shard(
@@ -756,6 +856,163 @@ async def test_each_sharded_gateway_answers_the_servers_of_its_shard(
         [session] = [s for s in fake.sessions if s.shard[0] == shard]
         got = {f["d"].get("id") for _, f in session.sent if f["t"] == "MESSAGE_CREATE"}
         assert message["id"] in got and sent[1 - shard]["id"] not in got
+
+
+# --- crashes, restarts and outages ------------------------------------------------------
+# A gateway is "killed" by Gateways.crash: its replies under way end where they are. The
+# processors' part is played by publishing the turn's events when each case needs them.
+
+
+def turn_of(said: TextReceived, pieces: list[str]) -> list:
+    """The events the turns and llm processors make for ``said``: accepted, deltas, completed."""
+    accepted = derive(said, TurnAccepted, key="turn", text=said.text, origin=said.origin)
+    deltas = [
+        derive(accepted, LlmDelta, key=f"delta/{i}", index=i, text=piece, origin=said.origin)
+        for i, piece in enumerate(pieces)
+    ]
+    done = derive(
+        accepted,
+        LlmCompleted,
+        key="completed",
+        text="".join(pieces),
+        provider="fake",
+        model="fake",
+        deltas=len(pieces),
+        origin=said.origin,
+    )
+    return [accepted, *deltas, done]
+
+
+async def received(log: EventLog, count: int) -> list[TextReceived]:
+    """Waits until the log holds ``count`` messages; returns them."""
+
+    async def logged() -> bool:
+        return await stream_count(log.js, "LIBRA", "libra.text.received.>") >= count
+
+    await eventually(logged, timeout=15)
+    return await stream_events(log.js, "LIBRA", "libra.text.received.>")
+
+
+async def test_a_gateway_killed_before_it_replied_is_answered_once_by_the_next(
+    eventlog: EventLog, world: World, gateways: Gateways, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="libra.discord.recovery")
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    first = await gateways.start()
+    message = await fake.send_message(world.channel, "are you there?", author=world.alice)
+    [said] = await received(eventlog, 1)  # logged, and no one has answered it yet
+    await gateways.crash(first)
+    await eventlog.publish_many(turn_of(said, ["Yes, ", "still here."]))
+
+    # Two gateways start together: one of them recovers the turn, the other leaves it.
+    await asyncio.gather(*(gateways.start(recover_grace_s=2.0) for _ in range(2)))
+    [receipt] = await delivered(eventlog, 1)
+    await eventually(_logged(caplog, "another gateway recovers the reply"))
+
+    [reply] = replies_to(fake, message)
+    assert reply["content"] == "Yes, still here."
+    assert fake.bot_messages(world.channel) == [reply]
+    assert receipt.message_ids == (reply["id"],) and receipt.turn == said.id
+    [claim] = await stream_events(eventlog.js, "LIBRA", "libra.reply.claimed.>")
+    assert claim.turn == said.id
+    assert _count(caplog, "recovering the reply") == 1
+    assert _count(caplog, "another gateway recovers the reply") == 1
+
+
+async def test_a_gateway_killed_after_posting_has_its_reply_edited_not_posted_again(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    first = await gateways.start()
+    message = await fake.send_message(world.channel, "tell me a story", author=world.alice)
+    [said] = await received(eventlog, 1)
+    accepted, opening, rest, done = turn_of(said, ["Once upon a time", ", a log."])
+    await eventlog.publish_many([accepted, opening])
+    await fake.wait_for(lambda: bool(replies_to(fake, message)), timeout=15)
+    await gateways.crash(first)  # posted, never delivered
+    [posted] = replies_to(fake, message)
+    assert posted["content"] == "Once upon a time"
+
+    await gateways.start(recover_grace_s=0.3)
+    await eventlog.publish_many([rest, done])  # the reply completes after the restart
+    [receipt] = await delivered(eventlog, 1)
+
+    assert fake.bot_messages(world.channel) == [posted], "one message, the one posted first"
+    assert posted["content"] == "Once upon a time, a log."
+    assert receipt.message_ids == (posted["id"],)
+    edits = [c for c in fake.calls_to("PATCH", EDIT) if c.path.endswith(posted["id"])]
+    assert edits and edits[-1].body["content"] == "Once upon a time, a log."
+
+
+async def test_a_reply_delivered_while_a_gateway_starts_is_not_recovered(
+    eventlog: EventLog, world: World, gateways: Gateways, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="libra.discord.recovery")
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start()
+    message = await fake.send_message(world.channel, "quick one", author=world.alice)
+    [said] = await received(eventlog, 1)
+    # A second gateway starts while the first still answers: it waits its grace period, sees the
+    # first one deliver, and leaves the turn.
+    await gateways.start(recover_grace_s=5.0)
+    await eventually(_logged(caplog, "recovering the reply"))
+    await eventlog.publish_many(turn_of(said, ["Done."]))
+    await delivered(eventlog, 1)
+    await eventually(_logged(caplog, "was delivered meanwhile"), timeout=15)
+
+    assert [m["content"] for m in replies_to(fake, message)] == ["Done."]
+    assert len(fake.bot_messages(world.channel)) == 1
+    assert await stream_count(eventlog.js, "LIBRA", "libra.reply.claimed.>") == 1
+    assert await stream_count(eventlog.js, "LIBRA", "libra.reply.delivered.>") == 1
+
+
+def _count(caplog: pytest.LogCaptureFixture, words: str) -> int:
+    return sum(words in r.getMessage() for r in caplog.records)
+
+
+def _logged(caplog: pytest.LogCaptureFixture, words: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return _count(caplog, words) > 0
+
+    return check
+
+
+async def test_with_nats_down_a_message_gets_a_readable_reply_within_5_s(
+    settings: Settings,
+    eventlog: EventLog,
+    world: World,
+    gateways: Gateways,
+    nats_server: EmbeddedNats,
+) -> None:
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    gateway = await gateways.start()
+    await nats_server.stop()
+    try:
+        sent_at = time.monotonic()
+        message = await fake.send_message(world.channel, "hello?", author=world.alice)
+        await fake.wait_for(lambda: bool(replies_to(fake, message)), timeout=5)
+        took = time.monotonic() - sent_at
+    finally:
+        await nats_server.start()
+    [notice] = replies_to(fake, message)
+    assert notice["content"] == "I can't answer right now, try again in a minute."
+    assert took < 5
+
+    async def reconnected() -> bool:
+        return gateway.log.nc.is_connected
+
+    await eventually(reconnected, timeout=15)
+    await eventlog.provision(settings)  # LIBRA_LIVE is in memory: a restart of NATS loses it
+    async with responder(eventlog, replies_with("I'm back.")):
+        again = await fake.send_message(world.channel, "and now?", author=world.alice)
+        await delivered(eventlog, 1)
+    assert [m["content"] for m in replies_to(fake, again)] == ["I'm back."]
+    logged = await stream_events(eventlog.js, "LIBRA", "libra.text.received.>")
+    assert [e.text for e in logged] == ["and now?"], "what was refused is not answered later"
 
 
 def test_shards_are_read_from_the_settings() -> None:

@@ -353,7 +353,9 @@ async def test_record_and_stop_in_manual_mode_give_one_manual_capture(
         mode = await r.command("voice", r.alice, options=[{"type": 1, "name": "manual"}])
         assert mode.content.startswith("Voice mode: manual")
         await logged(eventlog, "libra.session.voice.>", SessionVoice, 2)
-        await asyncio.sleep(0.2)  # the call applies the mode as it comes back from the log
+        call = r.gateway.voice.call(r.guild)
+        # The call applies the mode as it comes back from the log.
+        await until(lambda: call is not None and not call.automatic, "manual mode")
         await alice.speak(frames_of("Nobody asked me anything yet"), interval=0.005)
         await asyncio.sleep(1.0)
         assert await read(eventlog, "libra.voice.>") == []

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import struct
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -176,13 +177,20 @@ class _Wire:
         self.speaking.append((speaking, len(self.frames)))
 
 
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 async def test_player_paces_frames_on_the_20ms_grid_and_ends_with_silence() -> None:
     wire = _Wire()
     player = Player(send=wire.send, speaking=wire.set_speaking)
     clips = [Clip.from_opus("a", [b"a%d" % i for i in range(10)]), Clip.from_opus("b", [b"b"] * 5)]
     done = [player.play(clip) for clip in clips]
     results = await asyncio.gather(*done)
-    await asyncio.sleep(0.15)
+    await _until(lambda: wire.speaking[-1][0] is False)  # the silence after the clips went out
     assert [r.frames_sent for r in results] == [10, 5] and not any(r.interrupted for r in results)
     frames = [frame for frame, _, _ in wire.frames]
     assert frames == [*clips[0].frames, *clips[1].frames] + [OPUS_SILENCE] * SILENCE_FRAMES
@@ -198,12 +206,12 @@ async def test_player_stop_cuts_the_clip_drops_the_queue_and_says_what_was_heard
     player = Player(send=wire.send, speaking=wire.set_speaking)
     long, queued = Clip.from_opus("long", [b"x"] * 100), Clip.from_opus("next", [b"y"] * 10)
     first, second = player.play(long), player.play(queued)
-    await asyncio.sleep(0.2)
+    await _until(lambda: len(wire.frames) >= 10)
     cut = player.stop()
     assert cut.clip == long and cut.dropped == (queued,)
-    assert 140 <= cut.played_ms <= 260
+    assert 200 <= cut.played_ms < 2000  # cut short of the clip's 100 frames
     assert (await first).interrupted and (await second).frames_sent == 0
-    await asyncio.sleep(0.2)
+    await _until(lambda: wire.speaking[-1][0] is False)  # its silence went out
     spoken = [frame for frame, _, _ in wire.frames if frame != OPUS_SILENCE]
     assert len(spoken) * 20 == cut.played_ms
     assert [frame for frame, _, _ in wire.frames[len(spoken) :]] == [OPUS_SILENCE] * 5

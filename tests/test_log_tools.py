@@ -7,10 +7,14 @@ import os
 import subprocess
 import sys
 
+import aiohttp
+
 from libra.contracts import LlmCompleted, LlmDelta, ReplyDelivered, TurnAccepted, derive
+from libra.ops.embedded import EmbeddedNats
 from libra.runtime.eventlog import EventLog
 
 from .factories import ORIGIN, text
+from .helpers import eventually
 
 
 def _env(nats_url: str) -> dict[str, str]:
@@ -37,7 +41,24 @@ def _turn_chain():
     return [said, turn, *deltas, done, delivered]
 
 
-async def test_tail_prints_live_events_from_both_streams(eventlog: EventLog, nats_server) -> None:
+def _subscribed(server: EmbeddedNats, name: str, subject: str):
+    """A check that the server's monitor lists a connection ``name`` subscribed to ``subject``."""
+
+    async def check() -> bool:
+        url = f"{server.monitor_url}/connz?subs=1"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            connections = (await response.json()).get("connections") or []
+        return any(
+            c.get("name") == name and subject in (c.get("subscriptions_list") or [])
+            for c in connections
+        )
+
+    return check
+
+
+async def test_tail_prints_live_events_from_both_streams(
+    eventlog: EventLog, nats_server: EmbeddedNats
+) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -49,7 +70,8 @@ async def test_tail_prints_live_events_from_both_streams(eventlog: EventLog, nat
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    await asyncio.sleep(1.0)  # the subscription is a core one: it sees what comes after it
+    # The subscription is a core one: it sees what comes after it.
+    await eventually(_subscribed(nats_server, "libra-tail", "libra.>"), timeout=20)
     chain = _turn_chain()
     await eventlog.publish_many(chain)
     out, err = await asyncio.wait_for(proc.communicate(), 20)

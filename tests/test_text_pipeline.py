@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import jwt
@@ -11,12 +12,16 @@ import pytest
 
 from libra.contracts import (
     LlmCompleted,
+    LlmDelta,
     Origin,
     TextReceived,
     TurnAccepted,
     TurnRejected,
     conversation_id,
+    decode_event,
+    derive,
     make,
+    new_id,
 )
 from libra.ops.embedded import free_port
 from libra.ops.fakes.llm_wire import GROQ_CHAT, OPENAI_CHAT, Behaviour, FakeLlmWire
@@ -124,6 +129,61 @@ async def test_http_stream_to_history_and_turns(settings, wire, pool) -> None:
                 in metrics
             )
             assert "llm_tokens_used_total" in metrics
+
+
+async def _llm_restarted_mid_reply(log: EventLog, turn: TurnAccepted) -> None:
+    """Plays an llm killed after two pieces whose restart answers from the start again."""
+    now_ms = int(time.time() * 1000)
+    tries = (
+        (new_id(at_ms=now_ms - 5000), ["Hello! I", " am Lib"]),
+        (new_id(at_ms=now_ms), [REPLY]),
+    )
+    for attempt, pieces in tries:
+        for index, piece in enumerate(pieces):
+            await log.publish(
+                derive(
+                    turn,
+                    LlmDelta,
+                    key=f"delta/{attempt}/{index}",
+                    index=index,
+                    text=piece,
+                    attempt=attempt,
+                    origin=turn.origin,
+                )
+            )
+    done = derive(
+        turn, LlmCompleted, key="completed", text=REPLY, provider="f", model="f", origin=turn.origin
+    )
+    await log.publish(done)
+
+
+async def test_a_reply_restarted_by_the_llm_is_streamed_from_its_start_again(
+    settings, wire, eventlog: EventLog
+) -> None:
+    s = _settings(settings, wire)
+    tasks: set[asyncio.Task] = set()
+
+    async def on_accepted(msg) -> None:
+        tasks.add(asyncio.create_task(_llm_restarted_mid_reply(eventlog, decode_event(msg.data))))
+
+    sub = await eventlog.nc.subscribe("libra.turn.accepted.>", cb=on_accepted)
+    without_llm = [name for name in TEXT_PIPELINE if name != "llm"]
+    async with running(s, [*without_llm, "http"]):
+        await _wait_http(s)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{s.http_port}", timeout=20
+        ) as http:
+            response = await http.post(
+                "/api/chat/completions",
+                json={"userId": "erin", "message": "Hi there!", "stream": True},
+            )
+    await sub.unsubscribe()
+    chunks = _sse(response.text)
+    assert [c.get("restart", False) for c in chunks] == [False, False, True, False]
+    shown = ""
+    for chunk in chunks:  # what a client shows: a restart drops what came before it
+        shown = chunk["content"] if chunk.get("restart") else shown + chunk["content"]
+    assert shown == REPLY
 
 
 async def test_second_message_recalls_the_first(settings, wire, pool) -> None:

@@ -58,34 +58,42 @@ def _libra(*args: str) -> list[str]:
 
 
 class Up:
-    """A `libra up` subprocess; killed at the end of the test whatever happened."""
+    """A `libra up` subprocess; killed at the end of the test whatever happened.
+
+    Its output and its log go to files beside the data directory (a pipe nobody reads would
+    stall it once full).
+    """
 
     running: ClassVar[list[Up]] = []
 
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
         Up.running.append(self)
         self.env = env
-        self.proc = subprocess.Popen(
-            _libra("up"),
-            env=env,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        folder = Path(env["LIBRA_DATA_DIR"]).parent
+        n = sum(1 for up in Up.running if up.env["LIBRA_DATA_DIR"] == env["LIBRA_DATA_DIR"])
+        self.output_path, self.log_path = folder / f"up-{n}.out", folder / f"up-{n}.log"
+        with open(self.output_path, "w") as out, open(self.log_path, "w") as err:
+            self.proc = subprocess.Popen(_libra("up"), env=env, cwd=cwd, stdout=out, stderr=err)
         self.started = time.monotonic()
 
+    @property
+    def output(self) -> str:
+        """What it printed for people."""
+        return self.output_path.read_text()
+
+    @property
+    def log(self) -> str:
+        """Its log lines (JSON)."""
+        return self.log_path.read_text()
+
     def wait_ready(self, timeout: float = 15.0) -> list[str]:
-        lines = []
-        while time.monotonic() - self.started < timeout:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Libra is ready" in line:
+        while time.monotonic() - self.started < timeout and self.proc.poll() is None:
+            lines = self.output.splitlines(keepends=True)
+            if any("Libra is ready" in line for line in lines):
                 return lines
+            time.sleep(0.05)  # polls the output file for the readiness line
         self.proc.kill()
-        raise AssertionError(f"not ready in {timeout}s: {lines}\n{self.proc.stderr.read()[-3000:]}")
+        raise AssertionError(f"not ready in {timeout}s: {self.output}\n{self.log[-3000:]}")
 
     def terminate(self, timeout: float = 10.0) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -448,9 +448,12 @@ async def test_speech_for_an_abandoned_turn_is_never_published(eventlog: EventLo
 
         await eventually(synthesized)
         await eventlog.publish(_decision(turn, TurnAbandoned))
-        await asyncio.sleep(1.0)
-        info = await eventlog.js.consumer_info("LIBRA", "tts")
-        assert info.num_ack_pending == 0  # the turn is settled, not left waiting
+
+        async def settled() -> bool:  # the turn is settled, not left waiting
+            info = await eventlog.js.consumer_info("LIBRA", "tts")
+            return info.num_ack_pending == 0 and info.num_pending == 0
+
+        await eventually(settled)
     assert not [e for e in await _of(eventlog, turn) if isinstance(e, TtsSynthesized)]
 
 

@@ -1,12 +1,16 @@
 """Libra's Discord text gateway: messages in as events, replies out as streamed messages.
 
 For each message addressed to Libra the gateway makes a ``text.received`` (see
-:mod:`.messages`), claims its turn in Redis (two gateways on one shard answer once), subscribes
-to the turn's events, then publishes the input. While the turns and llm processors work, it
-shows the typing indicator (unless the reply starts at once), posts the reply on the first
-delta and edits it as more arrive (:class:`.LiveReply`), and when the reply is complete it
-publishes ``reply.delivered`` with the message ids. A rejected or failed turn gets the short
-message the event carries. Voice channels (/join) are :mod:`.voice_calls`' part.
+:mod:`.messages`), subscribes to the turn's events, then publishes the input with its id (made
+from the Discord message) as ``Nats-Msg-Id``: claiming the turn and logging it are one step.
+Two gateways on one shard publish the same event; the one whose publish is not a duplicate
+answers. While the turns and llm processors work, it shows the typing indicator (unless the
+reply starts at once), posts the reply on the first delta and edits it as more arrive
+(:class:`.LiveReply`), and when the reply is complete it publishes ``reply.delivered`` with the
+message ids. A rejected or failed turn gets the short message the event carries. If the log
+cannot be written within a few seconds, the person is told at once to try again in a minute.
+A gateway that starts delivers what one that stopped left undelivered (:mod:`.recovery`).
+Voice channels (/join) are :mod:`.voice_calls`' part.
 """
 
 from __future__ import annotations
@@ -21,18 +25,12 @@ import ssl
 import asyncpg
 import hikari
 import lightbulb
+import nats.errors
 import redis.asyncio as aioredis
+from nats.js.errors import NoStreamResponseError
+from redis.exceptions import RedisError
 
-from libra.contracts import (
-    LlmCompleted,
-    LlmDelta,
-    LlmFailed,
-    ReplyDelivered,
-    TextReceived,
-    TurnRejected,
-    derive,
-    new_id,
-)
+from libra.contracts import LlmCompleted, LlmDelta, LlmFailed, TextReceived, TurnRejected, new_id
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.eventlog import EventLog
 from libra.runtime.follow import ReplyTimeout, TurnFollower
@@ -42,7 +40,9 @@ from .access import AccessPolicy, parse_ids
 from .claims import TurnClaims
 from .commands import SlashCommands, register_commands
 from .live_reply import LiveReply
-from .messages import MessageReader, event_id_of
+from .messages import MessageReader
+from .outcome import deliver, notice
+from .recovery import Recovery
 from .sessions import SessionView
 from .strings import localization, say
 from .voice_calls import VoiceCalls
@@ -72,6 +72,10 @@ _CACHE = hikari.impl.CacheSettings(
 _TYPING_EVERY_S = 8.0  # Discord shows the indicator for 10 s
 _TYPING_AFTER_S = 0.25  # a reply that starts sooner needs no indicator (nor its REST call)
 _DRAIN_S = 20.0
+# The log is written within this, or the person hears it is down: an answer within 5 s.
+_PUBLISH_WITHIN_S = 3.0
+_PUBLISH_RETRY_S = 0.25
+_REFUSAL_CLAIM_S = 1.0
 _INVITE_PERMISSIONS = (
     hikari.Permissions.VIEW_CHANNEL
     | hikari.Permissions.SEND_MESSAGES
@@ -113,6 +117,7 @@ class DiscordGateway:
         redis: aioredis.Redis,
         *,
         reply_idle_s: float = 60.0,
+        recover_grace_s: float = 10.0,
         voice_ssl: ssl.SSLContext | None = None,
     ) -> None:
         if not settings.discord_token:
@@ -128,7 +133,7 @@ class DiscordGateway:
             file=settings.discord_access_file,
         )
         owner = f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:]}"  # who claimed, for people
-        self.claims = TurnClaims(redis, owner=owner)
+        self.claims = TurnClaims(redis, owner=owner)  # for refusals and voice commands
         self.bot = hikari.GatewayBot(
             settings.discord_token,
             intents=INTENTS,
@@ -165,6 +170,15 @@ class DiscordGateway:
             default_persona=settings.libra_persona,
         )
         register_commands(self.commands, slash)
+        self.recovery = Recovery(
+            self.bot,
+            log_,
+            window_s=settings.discord_recover_sec,
+            grace_s=recover_grace_s,
+            idle_s=reply_idle_s,
+            edit_interval=settings.discord_edit_interval_sec,
+            mine=self._on_my_shards,
+        )
         self.voice = VoiceCalls(self.bot, log_, settings, self.access, ssl=voice_ssl)
         register_voice_commands(self.commands, VoiceCommands(log_, self.voice, self.claims, slash))
         self.bot.subscribe(hikari.StartedEvent, self._on_started)
@@ -182,6 +196,7 @@ class DiscordGateway:
             await self.bot.start(
                 check_for_updates=False, shard_ids=shard_ids, shard_count=shard_count
             )
+            self._track(asyncio.create_task(self.recovery.run(), name="recover-replies"))
             closed = asyncio.ensure_future(self.bot.join())
             stopping = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -224,18 +239,70 @@ class DiscordGateway:
         message = event.message
         try:
             place = self.reader.addressed(message)
-            if place is None or not await self.claims.claim(event_id_of(message)):
+            if place is None:
                 return
             said = await self.reader.read(message, place)
         except Exception:
             log.exception("could not read message %s", message.id)
             return
-        task = asyncio.create_task(self._answer(message, said), name=f"answer-{message.id}")
+        self._track(asyncio.create_task(self._answer(message, said), name=f"answer-{message.id}"))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
+    def _on_my_shards(self, said: TextReceived) -> bool:
+        """Whether Discord sends this gateway the messages of ``said``'s server (or DM)."""
+        shard_ids, shard_count = self.shards
+        if shard_ids is None or not shard_count:
+            return True
+        return (int(said.origin.guild or 0) >> 22) % shard_count in shard_ids
+
     async def _answer(self, message: hikari.Message, said: TextReceived) -> None:
         bind(conversation=said.conversation, turn=said.id)
+        try:
+            async with TurnFollower(self.log, said.conversation, said.id) as follower:
+                first = await self._publish_input(said)
+                if first is None:
+                    await self._refuse(message, said)
+                elif first:
+                    await self._reply(message, said, follower)
+        except Exception:
+            log.exception("could not answer message %s", message.id)
+
+    async def _publish_input(self, said: TextReceived) -> bool | None:
+        """True: this gateway answers; False: another one does; None: the log is out of reach."""
+        try:
+            async with asyncio.timeout(_PUBLISH_WITHIN_S):
+                while True:
+                    # Published while disconnected, the input would wait in the client's buffer
+                    # and reach the log after the person was told it is down.
+                    if self.log.nc.is_connected:
+                        with contextlib.suppress(NoStreamResponseError):  # a leader election
+                            return await self.log.publish_first(said)
+                    await asyncio.sleep(_PUBLISH_RETRY_S)
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("could not log message %s: %r", said.origin.message, exc)
+            return None
+
+    async def _refuse(self, message: hikari.Message, said: TextReceived) -> None:
+        """Tells the person the bot cannot answer now, rather than leave them waiting.
+
+        Without the log, Redis says which gateway tells them; with Redis down as well, each one
+        does (twice beats silence).
+        """
+        try:
+            async with asyncio.timeout(_REFUSAL_CLAIM_S):
+                if not await self.claims.claim(f"refusal:{said.id}"):
+                    return
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.warning("no claim on the refusal of message %s: %r", message.id, exc)
+        reply = LiveReply(self.bot.rest, message.channel_id, reply_to=message.id)
+        await reply.say(say("unavailable", said.origin.locale))
+
+    async def _reply(
+        self, message: hikari.Message, said: TextReceived, follower: TurnFollower
+    ) -> None:
         reply = LiveReply(
             self.bot.rest,
             message.channel_id,
@@ -244,13 +311,9 @@ class DiscordGateway:
         )
         typing = asyncio.create_task(self._typing(message.channel_id, reply.first_posted))
         try:
-            async with TurnFollower(self.log, said.conversation, said.id) as follower:
-                await self.log.publish(said)
-                await self._follow(follower, reply, said.origin.locale)
+            await self._follow(follower, reply, said.origin.locale)
         except ReplyTimeout:
-            await reply.say(say("timeout", said.origin.locale))
-        except Exception:
-            log.exception("could not answer message %s", message.id)
+            await reply.say(notice(None, said.origin.locale))
         finally:
             typing.cancel()
             await reply.close()
@@ -260,23 +323,14 @@ class DiscordGateway:
         async for event in follower.events(idle_s=self.reply_idle_s):
             match event:
                 case LlmDelta():
-                    text += event.text
+                    # index 0 again: the llm restarted mid-reply, and its new attempt replaces
+                    # what the stopped one wrote
+                    text = event.text if event.index == 0 else text + event.text
                     reply.update(text)
                 case LlmCompleted():
-                    ids = await reply.finish(event.text) or [await reply.say(say("empty", locale))]
-                    await self.log.publish(
-                        derive(
-                            event,
-                            ReplyDelivered,
-                            key="delivered",
-                            message_ids=tuple(str(i) for i in ids),
-                            origin=event.origin,
-                        )
-                    )
-                case TurnRejected():
-                    await reply.say(event.message or say("rejected", locale))
-                case LlmFailed():
-                    await reply.say(event.message or say("failed", locale))
+                    await deliver(self.log, reply, event, locale)
+                case TurnRejected() | LlmFailed():
+                    await reply.say(notice(event, locale))
 
     async def _typing(self, channel: int, posted: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):

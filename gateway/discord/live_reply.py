@@ -91,6 +91,11 @@ class LiveReply:
         message = await self._post(text, reply=not self.posted)
         return message.id
 
+    def adopt(self, message_id: int, content: str) -> None:
+        """Takes a message posted earlier (by a gateway that stopped) as the reply's first."""
+        self.posted.append(_Posted(message_id, content, written_at=0.0))  # editable at once
+        self.first_posted.set()
+
     async def close(self) -> None:
         """Stops writing (the turn ended without a reply, or the gateway is stopping)."""
         if self._writer is not None and not self._writer.done():

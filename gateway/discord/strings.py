@@ -174,6 +174,10 @@ _REPLIES: dict[str, tuple[str, str]] = {
         "죄송해요, 답을 만들지 못했어요. 다시 시도해 주세요.",
     ),
     "empty": ("(no answer)", "(답 없음)"),
+    "unavailable": (
+        "I can't answer right now, try again in a minute.",
+        "지금은 답할 수 없어요. 1분 뒤에 다시 시도해 주세요.",
+    ),
     "voice.not_in_channel": (
         "Join a voice channel first, then use /join there.",
         "먼저 음성 채널에 들어간 다음 /join을 써 주세요.",

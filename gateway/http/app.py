@@ -6,6 +6,12 @@
 - ``GET /api/health``: llm, database, redis and nats
 - ``GET /metrics``: Prometheus
 - ``POST /api/stt/transcribe`` and ``POST /voice/process``: speech in (:mod:`.voice`)
+
+While a dependency is down the routes answer within seconds (README, "When a dependency is
+down"): without NATS, or when a message is neither admitted nor refused within
+``decision_s``, a chat answers 503 ``unavailable`` with ``Retry-After``; so does the history
+without PostgreSQL. A streamed chat opens its stream once the turn is admitted, so these come
+as the same plain 503 (a reply that stalls later ends its stream with an error event).
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ from libra.contracts import (
 )
 from libra.runtime.eventlog import EventLog
 from libra.runtime.follow import ReplyTimeout
+from libra.runtime.outage import Breaker, Unavailable
 
-from ..chat import converse
+from ..chat import NoDecision, converse
 from .auth import Authenticator, Principal
 from .metrics import BodyLimit, RequestMetrics
 
@@ -59,6 +66,7 @@ _ERROR_NAMES = {
     413: "too_large",
 }
 _encode = msgspec.json.Encoder().encode
+RETRY_AFTER_S = 5  # what a 503 asks the client to wait: about a breaker's retry, and margin
 
 
 class ChatRequest(BaseModel):
@@ -91,6 +99,17 @@ def _error(
     return JSONResponse({"error": error, "message": message}, status_code=status, headers=headers)
 
 
+def _unavailable(message: str) -> JSONResponse:
+    return _error(503, "unavailable", message, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+def log_down(log: EventLog) -> JSONResponse | None:
+    """The 503 for a request that needs the log while NATS is unreachable, else None."""
+    if log.nc.is_connected:
+        return None
+    return _unavailable("Libra's event log is unreachable; try again in a few seconds")
+
+
 def _rejection(event: TurnRejected) -> JSONResponse:
     headers = None
     if event.retry_after_s is not None:
@@ -110,11 +129,18 @@ async def _delivered(log: EventLog, completed: LlmCompleted) -> None:
 
 
 async def _reply_stream(log: EventLog, events: AsyncIterator[AnyEvent]) -> AsyncIterator[bytes]:
+    """The reply as server-sent events; ``restart`` says the content so far is void (the llm
+    restarted mid-reply and writes it again from its start)."""
+    streamed = False
     try:
         async for event in events:
             match event:
-                case LlmDelta(text=text):
-                    yield _sse({"content": text, "done": False})
+                case LlmDelta(text=text, index=index):
+                    restart = streamed and index == 0
+                    yield _sse(
+                        {"content": text, "done": False} | ({"restart": True} if restart else {})
+                    )
+                    streamed = True
                 case LlmCompleted():
                     yield _sse(
                         {
@@ -151,9 +177,15 @@ def create_app(
     llm_status: Callable[[], str],
     max_body_bytes: int,
     reply_idle_s: float = 90.0,
+    decision_s: float = 4.0,
+    database: Breaker | None = None,
     voice: VoiceOptions | None = None,
 ) -> FastAPI:
-    """Returns the API wired to the log and the read models; with ``voice``, speech too."""
+    """Returns the API wired to the log and the read models; with ``voice``, speech too.
+
+    ``decision_s`` bounds the wait for a message's admission; ``database`` is the breaker that
+    the history's reads go through.
+    """
     app = FastAPI(
         title="Libra",
         version="0.1.0",
@@ -162,8 +194,9 @@ def create_app(
     )
     app.state.auth = auth
     _install_error_handlers(app)
-    _install_chat(app, log, reply_idle_s)
-    _install_reads(app, log, pool=pool, redis=redis, llm_status=llm_status)
+    _install_chat(app, log, reply_idle_s, decision_s)
+    database = database or Breaker("postgres", timeout_s=2.0)
+    _install_reads(app, log, pool=pool, redis=redis, llm_status=llm_status, database=database)
     body_limits: dict[str, int] = {}
     if voice is not None:
         from .voice import install_voice  # (it builds on this module's helpers)
@@ -201,21 +234,27 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(detail, status_code=exc.status_code, headers=exc.headers)
 
 
-def _install_chat(app: FastAPI, log: EventLog, reply_idle_s: float) -> None:
+def _install_chat(app: FastAPI, log: EventLog, reply_idle_s: float, decision_s: float) -> None:
     @app.post("/api/chat/completions", summary="Talk to Libra")
     async def chat(body: ChatRequest, principal: Caller) -> Response:
         if not principal.may_act_as(body.userId):
             return _error(403, "forbidden", "this token may only chat as its own user")
+        if (down := log_down(log)) is not None:
+            return down
         events = converse(
-            log, platform="http", user=body.userId, text=body.message, idle_s=reply_idle_s
+            log,
+            platform="http",
+            user=body.userId,
+            text=body.message,
+            idle_s=reply_idle_s,
+            decide_s=decision_s,
         )
-        said = await anext(events)
-        assert isinstance(said, TextReceived)
         try:
+            said = await anext(events)
             decision = await anext(events)
-        except ReplyTimeout as exc:
-            await events.aclose()
-            return _error(504, "timeout", str(exc))
+        except NoDecision:
+            return _unavailable("Libra could not take the message just now; try again shortly")
+        assert isinstance(said, TextReceived)
         if isinstance(decision, TurnRejected):
             await events.aclose()
             return _rejection(decision)
@@ -237,23 +276,36 @@ def _install_reads(
     pool: Callable[[], Awaitable[asyncpg.Pool]],
     redis: aioredis.Redis,
     llm_status: Callable[[], str],
+    database: Breaker,
 ) -> None:
-    @app.get("/api/chat/history/{userId}", summary="A user's messages, oldest first")
+    @app.get(
+        "/api/chat/history/{userId}",
+        response_model=History,
+        summary="A user's messages, oldest first",
+        responses={503: {"description": "the database is unreachable"}},
+    )
     async def history(
         userId: str,
         principal: Caller,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    ) -> History:
+    ) -> History | JSONResponse:
         if not principal.may_act_as(userId):
             raise HTTPException(
                 403, {"error": "forbidden", "message": "this token may only read its own history"}
             )
-        rows = await (await pool()).fetch(
-            "SELECT role, content, conversation, at FROM messages WHERE user_id = $1"
-            " ORDER BY at DESC LIMIT $2",
-            userId,
-            limit,
-        )
+
+        async def read() -> list[asyncpg.Record]:
+            return await (await pool()).fetch(
+                "SELECT role, content, conversation, at FROM messages WHERE user_id = $1"
+                " ORDER BY at DESC LIMIT $2",
+                userId,
+                limit,
+            )
+
+        try:
+            rows = await database.call(read)
+        except Unavailable:
+            return _unavailable("the history is unreachable just now; try again shortly")
         return History(
             messages=[
                 HistoryMessage(

@@ -5,7 +5,8 @@
   ``{"text", "language", "confidence"}``; no turn is made of it.
 - ``POST /voice/process`` (JSON): ``{"userId", "audioData" (base64 PCM s16le mono),
   "sampleRate"}``. Answers server-sent events: ``{"type": "transcript", "text", ...}``, then
-  ``{"type": "llm", "content"}`` as the reply streams and ``{"type": "audio", "data"}`` (a base64
+  ``{"type": "llm", "content"}`` as the reply streams (``"restart": true`` on the first piece
+  of a reply the llm started over) and ``{"type": "audio", "data"}`` (a base64
   WAV, 48 kHz stereo) per synthesized clip, in order, ending with ``{"type": "done"}``.
 
 Like every edge these routes call no engine. A clip is checked (base64, whole samples, a
@@ -14,7 +15,8 @@ rules of a live capture; a clip without speech is refused (422 ``no_speech``) be
 is stored. A clip with speech goes to the audio bucket and becomes one ``voice.captured``, not
 speculative (the clip is complete) and, for the transcription route, with ``reply`` False. The
 route then follows the turn's events; once the last clip has been sent it publishes
-``reply.delivered``, as the chat route does for text.
+``reply.delivered``, as the chat route does for text. Without NATS both routes answer 503
+``unavailable`` with ``Retry-After`` at once, as the chat route does.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from libra.runtime.audio import AudioStore, resample_pcm, wav_bytes
 from libra.runtime.eventlog import EventLog
 from libra.runtime.follow import ReplyTimeout, TurnFollower
 
-from .app import Caller, _error, _rejection, _sse
+from .app import Caller, _error, _rejection, _sse, log_down
 
 __all__ = ["SAMPLE_RATES", "VoiceOptions", "VoiceRequest", "install_voice"]
 
@@ -225,7 +227,7 @@ class _Reply:
         self._clips: dict[int, TtsSynthesized] = {}
         self._next_clip = 0
         self.sent = 0
-        self.replied = self.spoken = False
+        self.replied = self.spoken = self.streamed = False
 
     async def stream(self, events: AsyncIterator[AnyEvent]) -> AsyncIterator[bytes]:
         heard = self.heard
@@ -252,8 +254,11 @@ class _Reply:
 
     async def _write(self, event: AnyEvent) -> AsyncIterator[bytes]:
         match event:
-            case LlmDelta(text=text):
-                yield _sse({"type": "llm", "content": text})
+            case LlmDelta(text=text, index=index):
+                # The llm restarted mid-reply: its text starts over (the audio keeps to one try).
+                restart = {"restart": True} if self.streamed and index == 0 else {}
+                self.streamed = True
+                yield _sse({"type": "llm", "content": text} | restart)
             case LlmCompleted():
                 self.replied = True
             case LlmFailed():  # its message is spoken too: the clips still follow
@@ -336,6 +341,8 @@ def _install_transcribe(app: FastAPI, log: EventLog, clips: _Clips, idle_s: floa
         user = userId or principal.user or "anonymous"
         if not principal.may_act_as(user):
             return _error(403, "forbidden", "this token may only transcribe as its own user")
+        if (down := log_down(log)) is not None:  # (the clip goes to the log's object store)
+            return down
         data = await file.read()
         channels = 1
         if data[:4] == b"RIFF":
@@ -366,6 +373,8 @@ def _install_process(app: FastAPI, log: EventLog, clips: _Clips, idle_s: float) 
     async def process(body: VoiceRequest, principal: Caller) -> Response:
         if not principal.may_act_as(body.userId):
             return _error(403, "forbidden", "this token may only talk as its own user")
+        if (down := log_down(log)) is not None:
+            return down
         pcm = _base64_pcm(body.audioData, clips.options.max_audio_bytes)
         captured = await clips.capture(
             pcm, user=body.userId, sample_rate=body.sampleRate, reply=True

@@ -11,20 +11,36 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from libra.contracts import (
+    LIVE_STREAM,
+    LOG_STREAM,
+    LlmCompleted,
+    LlmDelta,
+    TextReceived,
+    TurnAccepted,
+    encode_event,
+)
 from libra.runtime.config import Settings
+from libra.runtime.eventlog import EventLog
+from libra.runtime.projection import read_log
 
 from ..embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis, free_port, nats_conf_path
+from .bare import Shape
 
 __all__ = [
     "BenchServers",
+    "LibraProcess",
+    "bare_shape",
     "fake_llm_provider",
     "libra_processes",
     "percentile",
     "report",
+    "rss_mb",
     "servers",
+    "stream_seqs",
 ]
 
 
@@ -47,6 +63,11 @@ class BenchServers:
     nats_nosync_url: str
     database_url: str
     redis_url: str
+    folder: Path | None = None
+    # the embedded servers by name (nats, postgres, redis), for benchmarks that stop one
+    embedded: dict[str, EmbeddedNats | EmbeddedPostgres | EmbeddedRedis] = field(
+        default_factory=dict
+    )
 
 
 def _nosync_conf(folder: Path) -> Path:
@@ -84,6 +105,12 @@ async def servers(
                 nats_nosync_url=nosync.url,
                 database_url=settings.database_url or (pg.url if pg else ""),
                 redis_url=settings.redis_url or (rd.url if rd else ""),
+                folder=folder,
+                embedded={
+                    name: server
+                    for name, server in (("nats", nats), ("postgres", pg), ("redis", rd))
+                    if server is not None
+                },
             )
         finally:
             for server in reversed(started):
@@ -168,3 +195,98 @@ async def libra_processes(
         for proc in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(30)
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory in MiB (Linux; NaN where /proc is not there)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class LibraProcess:
+    """One ``libra run NAMES`` process, its output in a file: started, killed, started again."""
+
+    def __init__(self, names: Sequence[str], env: dict[str, str], folder: Path) -> None:
+        self.names = list(names)
+        self.env = env
+        self.output = folder / f"{'+'.join(self.names)}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self, timeout: float = 120.0) -> None:
+        """Starts it and returns once it says it is ready."""
+        with self.output.open("ab") as out:
+            start_at = out.tell()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "libra.ops", "run", *self.names],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while b"Libra is ready" not in self.output.read_bytes()[start_at:]:
+            if self.proc.poll() is not None or loop.time() > deadline:
+                tail = self.output.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"`libra run {' '.join(self.names)}` did not start:\n{tail}")
+            await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    async def stop(self) -> None:
+        """SIGTERM (it drains its in-flight work), then SIGKILL after 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.to_thread(self.proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+async def stream_seqs(log: EventLog) -> dict[str, int]:
+    """The last sequence of the log and of the live stream: where a calibration starts."""
+    return {s: (await log.js.stream_info(s)).state.last_seq for s in (LOG_STREAM, LIVE_STREAM)}
+
+
+async def bare_shape(log: EventLog, since: dict[str, int], *, ttft_s: float) -> Shape:
+    """The bare chain's payload sizes, deltas and pacing, as Libra's turns had them after
+    ``since`` (from :func:`stream_seqs`)."""
+    sizes: dict[type, list[int]] = {}
+    completed: list[LlmCompleted] = []
+    for stream, subjects in (
+        (LOG_STREAM, ["libra.text.received.>", "libra.turn.accepted.>", "libra.llm.completed.>"]),
+        (LIVE_STREAM, ["libra.llm.delta.>"]),
+    ):
+        async for _, event in read_log(log, subjects, stream=stream, start_seq=since[stream] + 1):
+            sizes.setdefault(type(event), []).append(len(encode_event(event)))
+            if isinstance(event, LlmCompleted) and event.first_delta_at is not None:
+                completed.append(event)
+
+    def size(kind: type) -> int:
+        return int(median(sizes.get(kind, [400])))
+
+    return Shape(
+        received_bytes=size(TextReceived),
+        accepted_bytes=size(TurnAccepted),
+        delta_bytes=size(LlmDelta),
+        completed_bytes=size(LlmCompleted),
+        deltas=int(median([c.deltas for c in completed] or [1])),
+        ttft_s=ttft_s,
+        stream_s=median([(c.at - c.first_delta_at).total_seconds() for c in completed] or [0.0]),
+    )

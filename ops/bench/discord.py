@@ -8,12 +8,17 @@ through the official SDK. This process plays Discord. Every channel is in chat m
 message every ``interval`` seconds (open loop, phases spread), within Discord's five messages per
 five seconds per channel. The latency of a message is measured by the fake alone: from the
 moment it sends the MESSAGE_CREATE frame to the arrival of the POST that replies to it.
+
+Right after, the same channels on the same schedule drive the bare chain (:mod:`.bare`) with its
+gateway worker: each message goes to it on a core subject, and the latency runs to the arrival of
+its POST at the same fake: ``first_post_bare_*`` and the ratios.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import signal
@@ -28,13 +33,23 @@ from libra.contracts import (
     SessionChat,
     conversation_id,
     make,
+    new_id,
 )
 from libra.runtime.config import Settings
 from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
 
 from ..fakes.discord import FakeDiscord
-from .common import fake_llm_provider, libra_processes, percentile, report, servers
+from . import bare
+from .common import (
+    bare_shape,
+    fake_llm_provider,
+    libra_processes,
+    percentile,
+    report,
+    servers,
+    stream_seqs,
+)
 
 __all__ = ["run_bench_discord"]
 
@@ -94,8 +109,8 @@ async def _gateway_process(
                 await process.wait()
 
 
-async def _first_posts(fake: FakeDiscord, sent: list[int], *, timeout: float) -> list[float]:
-    """Milliseconds from each message's MESSAGE_CREATE to the first POST replying to it."""
+async def _first_posts(fake: FakeDiscord, sent: dict[int, float], *, timeout: float) -> list[float]:
+    """Milliseconds from each message's sending (perf_counter) to the first POST replying to it."""
     wanted = {str(m) for m in sent}
     deadline = time.monotonic() + timeout
     first: dict[str, float] = {}
@@ -112,27 +127,59 @@ async def _first_posts(fake: FakeDiscord, sent: list[int], *, timeout: float) ->
         if len(first) == len(wanted) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.05)
-    return [(first[str(m)] - fake.dispatched_at[m]) * 1000 for m in sent if str(m) in first]
+    return [(first[str(m)] - at) * 1000 for m, at in sent.items() if str(m) in first]
 
 
-async def _send_all(
-    fake: FakeDiscord, channels: list[int], rounds: int, interval: float
-) -> list[int]:
-    """Sends ``rounds`` messages in each channel, one every ``interval`` s, phases spread."""
-    person = fake.user("bench")
+def _schedule(channels: list[int], rounds: int, interval: float) -> list[tuple[float, int]]:
+    """``rounds`` messages in each channel, one every ``interval`` s, phases spread."""
     start = time.perf_counter() + 0.2
-    schedule = sorted(
+    return sorted(
         (start + phase + k * interval, channel)
         for channel, phase in ((c, random.uniform(0, interval)) for c in channels)
         for k in range(rounds)
     )
-    sent: list[int] = []
-    for at, channel in schedule:
+
+
+async def _send_bare(
+    nc, fake: FakeDiscord, channels: list[int], rounds: int, interval: float
+) -> dict[int, float]:
+    """As :func:`_send_all`, to the bare gateway worker; returns when each message was sent."""
+    sent: dict[int, float] = {}
+    for at, channel in _schedule(channels, rounds, interval):
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        message = fake.snowflake()
+        said = {"turn": new_id(), "channel": str(channel), "message": str(message)}
+        sent[message] = time.perf_counter()
+        await nc.publish(f"bare.discord.in.bare-{channel}", json.dumps(said).encode())
+    return sent
+
+
+async def _bare_latencies(
+    url: str, shape: bare.Shape, fake: FakeDiscord, chat: list[int], rounds: int, interval: float
+) -> list[float]:
+    async with bare.chain(url, shape, discord=(fake.rest_url, fake.token)) as nc:
+        warm = await _send_bare(nc, fake, chat, 1, interval)
+        await _first_posts(fake, warm, timeout=30)
+        await asyncio.sleep(max(0.0, 5.0 - interval))  # let the rate windows pass
+        sent = await _send_bare(nc, fake, chat, rounds, interval)
+        return await _first_posts(fake, sent, timeout=30)
+
+
+async def _send_all(
+    fake: FakeDiscord, channels: list[int], rounds: int, interval: float
+) -> dict[int, float]:
+    """Sends ``rounds`` messages in each channel, one every ``interval`` s, phases spread;
+    returns when the fake sent each one's MESSAGE_CREATE."""
+    person = fake.user("bench")
+    sent: dict[int, float] = {}
+    for at, channel in _schedule(channels, rounds, interval):
         delay = at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         message = await fake.send_message(channel, "How are you today?", author=person)
-        sent.append(int(message["id"]))
+        sent[int(message["id"])] = fake.dispatched_at[int(message["id"])]
     return sent
 
 
@@ -180,18 +227,28 @@ async def run_bench_discord(
                     libra_processes(env, PROCESSORS),
                     _gateway_process(srv, fake, Path(folder), env),
                 ):
+                    before = await stream_seqs(log)
                     warm = await _send_all(fake, chat, 1, interval)
                     await _first_posts(fake, warm, timeout=30)
+                    shape = await bare_shape(log, before, ttft_s=0.0)
                     await asyncio.sleep(max(0.0, 5.0 - interval))  # let the rate windows pass
                     started = time.perf_counter()
                     sent = await _send_all(fake, chat, rounds, interval)
                     latencies = await _first_posts(fake, sent, timeout=30)
                     elapsed = time.perf_counter() - started
+            plain = await _bare_latencies(srv.nats_url, shape, fake, chat, rounds, interval)
         finally:
             await log.close()
+    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+    bare50, bare99 = percentile(plain, 50), percentile(plain, 99)
     results: dict = {
-        "first_post_p50_ms": percentile(latencies, 50),
-        "first_post_p99_ms": percentile(latencies, 99),
+        "first_post_p50_ms": p50,
+        "first_post_p99_ms": p99,
+        "first_post_bare_p50_ms": bare50,
+        "first_post_bare_p99_ms": bare99,
+        "first_post_ratio_p50": p50 / bare50,
+        "first_post_ratio_p99": p99 / bare99,
+        "bare_answered": len(plain),
         "first_post_max_ms": max(latencies, default=float("nan")),
         "channels": channels,
         "messages": len(sent),

@@ -15,6 +15,10 @@ a think time (``--think`` seconds, ±50 %). Two overheads are reported per turn:
 - ``overhead_with_sdk``: time to the first delta minus the fake's configured TTFT only, so the
   SDK's own cost of building and parsing the request counts too.
 
+Beside each scenario, the same conversations at the same pace drive the bare chain (:mod:`.bare`:
+the same synced publishes and pulls in bare nats-py, payloads of the sizes Libra's had) for as
+long, right after it: ``overhead_bare_*`` and the ratios ``overhead_ratio_p50``/``_p99``.
+
 And where the overhead goes, at p50 and p99: ``publish`` (``text.received`` written, synced,
 acked), ``admission`` (from there to ``turn.accepted`` seen at the gateway) and ``llm`` (from
 there to the first delta, less the provider call).
@@ -34,13 +38,23 @@ from libra.contracts import (
     TextReceived,
     TurnAccepted,
     TurnRejected,
+    new_id,
 )
 from libra.gateway.chat import converse
 from libra.runtime.config import Settings
 from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
 
-from .common import fake_llm_provider, libra_processes, percentile, report, servers
+from . import bare
+from .common import (
+    bare_shape,
+    fake_llm_provider,
+    libra_processes,
+    percentile,
+    report,
+    servers,
+    stream_seqs,
+)
 
 __all__ = ["run_bench_text"]
 
@@ -111,19 +125,21 @@ async def _scenario(
     conversations: int,
     think: float,
     seconds: float,
-) -> tuple[_Tally, float]:
+) -> tuple[_Tally, float, bare.Shape]:
     with fake_llm_provider(REPLY, ttft=ttft, tokens_per_sec=tokens_per_sec) as provider_url:
         async with libra_processes({**env, "LLM_BASE_URL": provider_url}, GROUPS):
             log = await EventLog.connect(env["NATS_URL"], name="bench-text-gateway")
             try:
                 # Warm, as a running Libra is: connections to Postgres, Redis and the provider
                 # open for as many turns at once as the measured run will have.
+                before = await stream_seqs(log)
                 warm = _Tally()
                 for i in range(10):
                     await _turn(log, 10_000 + i, ttft, warm)
                 await asyncio.gather(
                     *(_turn(log, 20_000 + i, ttft, warm) for i in range(min(conversations, 32)))
                 )
+                shape = await bare_shape(log, before, ttft_s=ttft)
                 tally = _Tally()
                 began = time.monotonic()
                 await asyncio.gather(
@@ -132,15 +148,42 @@ async def _scenario(
                         for i in range(conversations)
                     )
                 )
-                return tally, time.monotonic() - began
+                return tally, time.monotonic() - began, shape
             finally:
                 await log.close()
 
 
-def _figures(prefix: str, tally: _Tally, elapsed: float) -> dict:
+async def _bare_scenario(
+    url: str, shape: bare.Shape, *, conversations: int, think: float, seconds: float
+) -> list[float]:
+    """The bare chain's overheads, with the scenario's people and pace."""
+    overheads: list[float] = []
+    async with bare.chain(url, shape) as nc:
+        js = nc.jetstream()
+        until = time.monotonic() + seconds
+
+        async def conversation(n: int) -> None:
+            rng = random.Random(n)
+            await asyncio.sleep(rng.uniform(0, think))
+            while time.monotonic() < until:
+                first, ttft_ms = await bare.bare_converse(nc, js, f"bare-{n}", new_id(), shape)
+                overheads.append(max(0.0, first - ttft_ms))
+                await asyncio.sleep(rng.uniform(0.5 * think, 1.5 * think))
+
+        await asyncio.gather(*(conversation(n) for n in range(conversations)))
+    return overheads
+
+
+def _figures(prefix: str, tally: _Tally, elapsed: float, plain: list[float]) -> dict:
+    p50, p99 = percentile(tally.overheads, 50), percentile(tally.overheads, 99)
+    bare50, bare99 = percentile(plain, 50), percentile(plain, 99)
     return {
-        f"{prefix}overhead_p50_ms": percentile(tally.overheads, 50),
-        f"{prefix}overhead_p99_ms": percentile(tally.overheads, 99),
+        f"{prefix}overhead_p50_ms": p50,
+        f"{prefix}overhead_p99_ms": p99,
+        f"{prefix}overhead_bare_p50_ms": bare50,
+        f"{prefix}overhead_bare_p99_ms": bare99,
+        f"{prefix}overhead_ratio_p50": p50 / bare50,
+        f"{prefix}overhead_ratio_p99": p99 / bare99,
         f"{prefix}overhead_with_sdk_p50_ms": percentile(tally.with_sdk, 50),
         f"{prefix}overhead_with_sdk_p99_ms": percentile(tally.with_sdk, 99),
         f"{prefix}turns_per_s": tally.completed / elapsed,
@@ -182,16 +225,11 @@ async def run_bench_text(
         ):
             env.pop(key, None)
         for prefix, ttft, tps in (("", 0.0, 0.0), ("slow_", 0.2, 400.0)):
-            tally, elapsed = await _scenario(
-                env,
-                ttft=ttft,
-                tokens_per_sec=tps,
-                conversations=conversations,
-                think=think,
-                seconds=seconds,
-            )
-            results.update(_figures(prefix, tally, elapsed))
-        tally, elapsed = await _scenario(
+            people = {"conversations": conversations, "think": think, "seconds": seconds}
+            tally, elapsed, shape = await _scenario(env, ttft=ttft, tokens_per_sec=tps, **people)
+            plain = await _bare_scenario(urls.nats_url, shape, **people)
+            results.update(_figures(prefix, tally, elapsed, plain))
+        tally, elapsed, _ = await _scenario(
             env,
             ttft=0.0,
             tokens_per_sec=0.0,
@@ -204,6 +242,7 @@ async def run_bench_text(
         results,
         as_json=as_json,
         title="libra bench text (overhead: first delta at the gateway minus the provider call; "
-        "slow_: provider with 200 ms TTFT then 400 tokens/s; max: 64 conversations, no think time)",
+        "slow_: provider with 200 ms TTFT then 400 tokens/s; max: 64 conversations, no think time; "
+        "bare: the same chain in bare nats-py, right after each scenario)",
     )
     return results

@@ -231,6 +231,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str, bool]] = [
             True,
         ),
         ("POST", r"/channels/(?P<channel>\d+)/messages", "_create_message", "msg-create", True),
+        ("GET", r"/channels/(?P<channel>\d+)/messages", "_list_messages", "msg-list", True),
         ("PATCH", rf"/channels/(?P<channel>\d+)/messages/{_M}", "_edit_message", "msg-edit", True),
         ("GET", rf"/channels/(?P<channel>\d+)/messages/{_M}", "_get_message", "msg-get", True),
         (
@@ -746,7 +747,8 @@ class FakeDiscord:
             if not found.take(time.time()):
                 return self._too_many(bucket, found.limit, found.retry_after(), False)
             headers = self._limit_headers(bucket, found)
-        response = await getattr(self, handler)(body, **match.groupdict())
+        given = dict(request.query) if request.method == "GET" else body  # a GET's input: its query
+        response = await getattr(self, handler)(given, **match.groupdict())
         response.headers.update(headers)
         return response
 
@@ -894,6 +896,23 @@ class FakeDiscord:
             "MESSAGE_UPDATE", stored, guild_id=self.channels[int(channel)]["guild_id"]
         )
         return web.json_response(stored)
+
+    async def _list_messages(self, query: dict[str, str], channel: str) -> web.Response:
+        """A channel's history as Discord pages it: up to ``limit`` (at most 100) messages just
+        after ``after``, or just before ``before``, or the newest; newest first."""
+        if int(channel) not in self.channels:
+            return web.json_response({"message": "Unknown Channel", "code": 10003}, status=404)
+        limit = max(1, min(int(query.get("limit", 50)), 100))
+        found = sorted(
+            (m for m in self.messages.values() if m["channel_id"] == channel),
+            key=lambda m: int(m["id"]),
+        )
+        if "after" in query:
+            found = [m for m in found if int(m["id"]) > int(query["after"])][:limit]
+        else:
+            before = int(query.get("before", 1 << 63))
+            found = [m for m in found if int(m["id"]) < before][-limit:]
+        return web.json_response(found[::-1])
 
     async def _get_message(self, _body: Any, channel: str, message: str) -> web.Response:
         stored = self.messages.get(int(message))

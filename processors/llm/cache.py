@@ -1,11 +1,18 @@
-"""The response cache: an identical prompt to the same models within the TTL gets the same reply."""
+"""The response cache: an identical prompt to the same models within the TTL gets the same reply.
+
+It fails open: while Redis is down every lookup misses and nothing is stored, at once (the
+breaker), so an outage costs the cache's savings, never a reply.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import msgspec
 import redis.asyncio as aioredis
+
+from libra.runtime.outage import Breaker, Unavailable
 
 from .providers.base import ChatMessage
 
@@ -23,8 +30,11 @@ class CachedReply(msgspec.Struct, frozen=True):
 class ResponseCache:
     """Replies in Redis under a hash of everything that shapes them."""
 
-    def __init__(self, redis: aioredis.Redis, *, ttl_s: float) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, ttl_s: float, breaker: Breaker | None = None
+    ) -> None:
         self.redis, self.ttl_ms = redis, int(ttl_s * 1000)
+        self.breaker = breaker or Breaker("redis")
 
     @staticmethod
     def key(
@@ -34,7 +44,10 @@ class ResponseCache:
         return "libra:llm-cache:" + hashlib.sha256(shape).hexdigest()
 
     async def get(self, key: str) -> CachedReply | None:
-        raw = await self.redis.get(key)
+        try:
+            raw = await self.breaker.call(lambda: self.redis.get(key))
+        except Unavailable:
+            return None
         if raw is None:
             return None
         try:
@@ -43,4 +56,6 @@ class ResponseCache:
             return None
 
     async def put(self, key: str, reply: CachedReply) -> None:
-        await self.redis.set(key, msgspec.json.encode(reply), px=self.ttl_ms)
+        data = msgspec.json.encode(reply)
+        with contextlib.suppress(Unavailable):
+            await self.breaker.call(lambda: self.redis.set(key, data, px=self.ttl_ms))

@@ -2,6 +2,10 @@
 
 History and memories are trimmed to the model's window, newest history first; the system prompt
 and the person's message always fit (the person's message was bounded by admission).
+
+While the database is down (a read failed within ``OUTAGE_RETRY_SEC``, or takes over
+``DATABASE_TIMEOUT_SEC``) the prompt is the persona and the turn alone, and says so
+(``degraded``), for the reply's ``llm.completed`` to record.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncpg
 
 from libra.contracts import Attachment, TurnAccepted
 from libra.processors.memory.store import MemoryStore
+from libra.runtime.outage import Breaker, Unavailable
 
 from .providers.base import ChatMessage
 
@@ -39,17 +44,20 @@ def estimate_tokens(text: str) -> int:
 
 
 class Context(NamedTuple):
-    """What a prompt is read from: the server's settings, the history, the recalled memories."""
+    """What a prompt is read from: the server's settings, the history, the recalled memories;
+    ``degraded`` names the dependencies that were down (and it was read without)."""
 
     settings: dict[str, str]
     history: list[ChatMessage]
     memories: list[str]
+    degraded: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Prompt:
     messages: tuple[ChatMessage, ...]
     model: str | None  # a server's /model choice, "provider:model" or "model"; None: default
+    degraded: tuple[str, ...] = ()
 
 
 def _attachment_note(attachment: Attachment, can_see: bool) -> str:
@@ -77,8 +85,10 @@ class PromptBuilder:
         memory_k: int = 4,
         recall_budget_s: float = 0.3,
         vision_models: tuple[str, ...] = (),
+        breaker: Breaker | None = None,
     ) -> None:
         self.pool, self.memory = pool, memory
+        self.breaker = breaker or Breaker("postgres", timeout_s=2.0)
         self.persona = persona or DEFAULT_PERSONA
         self.context_tokens, self.max_tokens = context_tokens, max_tokens
         self.history_turns, self.memory_k = history_turns, memory_k
@@ -102,7 +112,7 @@ class PromptBuilder:
         ``persona`` replaces the server's and the default one (an eval's candidate prompt);
         ``context`` is what :meth:`context` read for the turn already.
         """
-        settings, history, memories = context or await self.context(turn)
+        settings, history, memories, degraded = context or await self.context(turn)
         model = settings.get("model") or None
         system = self._system(persona or settings.get("persona") or self.persona, turn, memories)
         current = self._current(turn, model or default_model)
@@ -114,10 +124,18 @@ class PromptBuilder:
             if budget < 0:
                 break
             kept.append(message)
-        return Prompt(messages=(system, *reversed(kept), current), model=model)
+        return Prompt(messages=(system, *reversed(kept), current), model=model, degraded=degraded)
 
     async def context(self, turn: TurnAccepted) -> Context:
-        """Reads what the turn's prompt is made of: settings, recent history and memories."""
+        """Reads what the turn's prompt is made of: settings, recent history and memories;
+        none of them while the database is down."""
+        try:
+            return await self.breaker.call(lambda: self._read(turn))
+        except Unavailable as exc:
+            log.warning("answering turn %s without its history and memories: %s", turn.turn, exc)
+            return Context({}, [], [], degraded=("postgres",))
+
+    async def _read(self, turn: TurnAccepted) -> Context:
         (settings, history), memories = await asyncio.gather(
             self._settings_and_history(turn), self._memories(turn)
         )

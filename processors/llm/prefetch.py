@@ -7,6 +7,8 @@ core NATS subscriptions, and builds the turn's prompt from that when the turn ar
 same text: the reads leave the clock of the reply. Every llm instance reads for every message
 (none knows which one the turn will go to); what no turn claims within ``keep_s`` is dropped.
 The subscriptions start with the first turn, so an instance that answers nothing holds none.
+A read while the database is down comes back at once without history or memories, marked
+``degraded`` (see :mod:`.context`), and the turn uses it as it is.
 """
 
 from __future__ import annotations

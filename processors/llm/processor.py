@@ -4,7 +4,9 @@ The first piece of a reply is published at once (time to first token is what peo
 later pieces are gathered for up to ``DELTA_EVERY_S`` so a fast model does not turn into
 hundreds of events a second, except that a spoken reply's piece that completes a sentence goes
 at once (the tts starts on the first sentence). The completed event carries the whole reply; a
-failure is an ``llm.failed`` event with a message the person can read, never silence.
+failure is an ``llm.failed`` event with a message the person can read, never silence. A turn
+handled again (the process stopped mid-reply) is a new ``attempt``: its deltas start again at
+index 0, with ids of their own, and the edges show the reply from its start again.
 
 A speculative turn (answered before the end of the turn is certain) is answered at once too,
 its deltas streamed as usual, but its ``llm.completed`` or ``llm.failed`` waits until admission
@@ -33,6 +35,7 @@ from libra.contracts import (
     ProviderAttempt,
     TurnAccepted,
     derive,
+    new_id,
 )
 from libra.runtime.eventlog import EventLog
 
@@ -77,6 +80,9 @@ class _Deltas:
 
     def __init__(self, turn: TurnAccepted) -> None:
         self.turn = turn
+        # Each handling of the turn is an attempt of its own: a restarted processor's pieces
+        # are not dropped as duplicates of the stopped one's, and the edges start over.
+        self.attempt = new_id()
         self.index = 0
         self.buffer: list[str] = []
         self.buffered = 0
@@ -110,9 +116,10 @@ class _Deltas:
         delta = derive(
             self.turn,
             LlmDelta,
-            key=f"delta/{self.index}",
+            key=f"delta/{self.attempt}/{self.index}",
             index=self.index,
             text=text,
+            attempt=self.attempt,
             modality=self.turn.modality,
             language=self.turn.language,
             origin=self.turn.origin,
@@ -198,7 +205,9 @@ class LlmProcessor:
                         finish_reason="cached",
                     ),
                 )
-                yield self._completed(event, cached.text, result, deltas, started, cached=True)
+                yield self._completed(
+                    event, cached.text, result, deltas, started, prompt, cached=True
+                )
                 return
         async for out in self._generate(event, prompt, key, started, confirmation):
             yield out
@@ -243,7 +252,7 @@ class LlmProcessor:
             return
         reply = "".join(text)
         await self._remember(key, reply, result)
-        yield self._completed(turn, reply, result, deltas, started)
+        yield self._completed(turn, reply, result, deltas, started, prompt)
 
     async def _remember(self, key: str | None, reply: str, result: ChainResult) -> None:
         """Caches a whole reply under its prompt's key (with the cache on, and words to keep)."""
@@ -267,6 +276,7 @@ class LlmProcessor:
         result: ChainResult,
         deltas: _Deltas,
         started: float,
+        prompt: Prompt,
         *,
         cached: bool = False,
     ) -> LlmCompleted:
@@ -291,6 +301,7 @@ class LlmProcessor:
             modality=turn.modality,
             language=turn.language,
             origin=turn.origin,
+            degraded=prompt.degraded,  # a reply written without what the database holds
         )
 
     def gave_up(self, event: AnyEvent, error: str) -> list[Event]:

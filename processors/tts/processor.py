@@ -147,6 +147,7 @@ class TtsProcessor:
             # a speculative turn's confirmation comes as a turn event
             domains=("llm", "turn") if event.speculative else ("llm",),
             until=(LlmCompleted, LlmFailed, TurnAbandoned, TurnRejected),
+            restarts=False,  # what was said stays said: a restarted llm's rest is in its completed
         )
         async with follower:
             reader = asyncio.create_task(_read_reply(follower, script, confirmed))

@@ -11,7 +11,12 @@ starts writing and the tts starts speaking into a buffer. ``voice.ended`` then m
 ``turn.confirmed``, or ``turn.rejected`` when the rate limit refuses it (the limit counts a turn
 only now, so a speculation that never became a turn costs the person nothing);
 ``voice.resumed`` makes it ``turn.abandoned``. In whatever order the three come, one Lua script
-decides each turn's course once, for every instance of the processor.
+decides each turn's course once, for every instance of the processor (:mod:`.join`).
+
+While Redis is down (a call failed within ``OUTAGE_RETRY_SEC``, or takes over
+``REDIS_TIMEOUT_SEC``), admission goes on without it rather than leave people waiting: the rate
+limit is counted in this process (:class:`.ratelimit.LocalRateLimiter`), a voice turn's parts
+meet here, and the decision says so (``degraded``: ``redis``), for replay to see.
 """
 
 from __future__ import annotations
@@ -37,37 +42,14 @@ from libra.contracts import (
     VoiceResumed,
     derive,
 )
+from libra.runtime.outage import Breaker, Unavailable
 
+from .join import Join
 from .language import detect_language
 from .messages import refusal
-from .ratelimit import RateLimiter
+from .ratelimit import Decision, LocalRateLimiter, RateLimiter
 
 __all__ = ["TurnsProcessor"]
-
-# KEYS[1] the turn's join hash; ARGV: field (transcript|ended|resumed), value, ttl (s) and, for
-# a transcript, whether it may be answered before the end of the turn (1|0). Returns what to do
-# with the transcript (start, admit, confirm, abandon) and the transcript, or nothing.
-_JOIN = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-local transcript, ended, resumed, started = unpack(
-  redis.call('HMGET', KEYS[1], 'transcript', 'ended', 'resumed', 'started'))
-if ARGV[1] == 'transcript' then
-  if started then return {'start', transcript} end
-  if ended then return {'admit', transcript} end
-  if not resumed and ARGV[4] == '1' then
-    redis.call('HSET', KEYS[1], 'started', '1')
-    return {'start', transcript}
-  end
-elseif ARGV[1] == 'ended' and transcript then
-  if started then return {'confirm', transcript} end
-  return {'admit', transcript}
-elseif ARGV[1] == 'resumed' and started then
-  return {'abandon', transcript}
-end
-return false
-"""
-_JOIN_TTL_S = 300
 
 
 def _ms(at: datetime) -> int:
@@ -87,12 +69,15 @@ class TurnsProcessor:
         max_chars: int = 4000,
         blocked_words: frozenset[str] = frozenset(),
         speculate: bool = False,
+        breaker: Breaker | None = None,
     ) -> None:
         self.limiter = limiter
+        self.local = LocalRateLimiter(limit=limiter.limit, window_s=limiter.window_ms / 1000)
         self.max_chars = max_chars
         self.blocked_words = blocked_words
         self.speculate = speculate
-        self._join = redis.register_script(_JOIN)
+        self.breaker = breaker or Breaker("redis")
+        self._join = Join(redis, self.breaker)
 
     async def handle(self, event: AnyEvent) -> AsyncIterator[Event]:
         match event:
@@ -129,16 +114,16 @@ class TurnsProcessor:
     async def _meet(self, event: AnyEvent, field: str, early: bool = False) -> Event | None:
         """Notes one part of a speculative voice turn; returns what the parts so far decide."""
         value = msgspec.json.encode(event) if field == "transcript" else event.id.encode()
-        decided = await self._join(
-            keys=[f"libra:turn-join:{event.turn}"], args=[field, value, _JOIN_TTL_S, int(early)]
-        )
-        if not decided:
+        met = await self._join.meet(event.turn, field, value, early)
+        if met is None:
             return None
-        transcript = msgspec.json.decode(decided[1], type=AsrTranscribed)
+        transcript = msgspec.json.decode(met.transcript, type=AsrTranscribed)
         language = transcript.language or detect_language(transcript.text)
-        match decided[0].decode():
+        match met.action:
             case "start":
-                return self._accepted(transcript, "voice", language, speculative=True)
+                return self._accepted(
+                    transcript, "voice", language, speculative=True, degraded=met.degraded
+                )
             case "admit":
                 return await self._admit(
                     transcript,
@@ -153,7 +138,7 @@ class TurnsProcessor:
 
     async def _confirm(self, ended: AnyEvent, transcript: AsrTranscribed, language: str) -> Event:
         """The end of a turn answered early: only the rate limit is left to decide."""
-        decision = await self.limiter.admit(transcript.user, transcript.turn, _ms(transcript.at))
+        decision, degraded = await self._limit(transcript.user, transcript.turn, transcript.at)
         if not decision.admitted:
             return self._rejected(
                 ended,
@@ -162,10 +147,27 @@ class TurnsProcessor:
                 "voice",
                 transcript.origin,
                 retry_after_s=decision.retry_after_s,
+                degraded=degraded,
             )
         return derive(
-            ended, TurnConfirmed, key="turn", received_at=transcript.at, origin=transcript.origin
+            ended,
+            TurnConfirmed,
+            key="turn",
+            received_at=transcript.at,
+            origin=transcript.origin,
+            degraded=degraded,
         )
+
+    async def _limit(self, user: str, turn: str, at: datetime) -> tuple[Decision, tuple[str, ...]]:
+        """The rate limit's decision, by Redis or, while it is down, by this process."""
+        at_ms = _ms(at)
+        try:
+            decision = await self.breaker.call(lambda: self.limiter.admit(user, turn, at_ms))
+        except Unavailable:
+            return self.local.admit(user, turn, at_ms), ("redis",)
+        if decision.admitted:
+            self.local.note(user, turn, at_ms)
+        return decision, ()
 
     def _refusal(self, text: str, *, has_files: bool = False) -> tuple[str, dict] | None:
         """The input checks: the reason to refuse ``text`` and its details, or None."""
@@ -195,7 +197,7 @@ class TurnsProcessor:
         if refused is not None:
             reason, detail = refused
             return self._rejected(event, reason, language, modality, origin, **detail)
-        decision = await self.limiter.admit(event.user, event.turn or event.id, _ms(event.at))
+        decision, degraded = await self._limit(event.user, event.turn or event.id, event.at)
         if not decision.admitted:
             return self._rejected(
                 event,
@@ -204,8 +206,11 @@ class TurnsProcessor:
                 modality,
                 origin,
                 retry_after_s=decision.retry_after_s,
+                degraded=degraded,
             )
-        return self._accepted(event, modality, language, text=text, origin=origin)
+        return self._accepted(
+            event, modality, language, text=text, origin=origin, degraded=degraded
+        )
 
     def _accepted(
         self,
@@ -216,6 +221,7 @@ class TurnsProcessor:
         text: str | None = None,
         origin: Origin | None = None,
         speculative: bool = False,
+        degraded: tuple[str, ...] = (),
     ) -> TurnAccepted:
         return derive(
             event,
@@ -229,6 +235,7 @@ class TurnsProcessor:
             attachments=getattr(event, "attachments", ()),
             context=getattr(event, "context", ()),
             speculative=speculative,
+            degraded=degraded,
         )
 
     @staticmethod
@@ -238,6 +245,8 @@ class TurnsProcessor:
         language: str,
         modality: str,
         origin: Origin,
+        *,
+        degraded: tuple[str, ...] = (),
         **detail: float,
     ) -> TurnRejected:
         return derive(
@@ -250,4 +259,5 @@ class TurnsProcessor:
             origin=origin,
             retry_after_s=detail.get("retry_after_s"),
             message=refusal(reason, language, **detail),
+            degraded=degraded,
         )

@@ -5,6 +5,9 @@ Deciding and recording happen in one script, so any number of turns instances ag
 already in the set is admitted again (a redelivered input gets the same answer). Times come
 from the events, not the clock, so replaying ``turn.accepted`` rebuilds the same sets; turns
 handled out of order still count each other (later ones are in the window too).
+
+While Redis is down, :class:`LocalRateLimiter` decides with the same window, counted in the
+admitting process (see ``admission``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
-__all__ = ["Decision", "RateLimiter", "key_for"]
+__all__ = ["Decision", "LocalRateLimiter", "RateLimiter", "key_for"]
 
 # KEYS[1] the user's set; ARGV: turn id, time (ms), window (ms), limit
 _ADMIT = """
@@ -69,3 +72,43 @@ class RateLimiter:
     async def record(self, user: str, turn: str, at_ms: int) -> None:
         """Records an admitted turn without deciding (rebuilding the view from the log)."""
         await self._record(keys=[key_for(user)], args=[turn, at_ms, self.window_ms])
+
+
+class LocalRateLimiter:
+    """The same window counted in this process: the stand-in while Redis is down.
+
+    It notes every turn this process admits, through Redis too, so that an outage starts from
+    the person's recent turns rather than from none; turns that other instances admitted are
+    not counted, so with several instances a person may get more than ``limit`` in a window.
+    """
+
+    def __init__(self, *, limit: int, window_s: float, max_users: int = 10_000) -> None:
+        self.limit, self.window_ms = limit, int(window_s * 1000)
+        self.max_users = max_users
+        self._turns: dict[str, dict[str, int]] = {}  # user -> turn -> time (ms)
+
+    def admit(self, user: str, turn: str, at_ms: int) -> Decision:
+        """Admits the turn if the user has room here; says how long to wait if not."""
+        turns = self._turns.get(user, {})
+        if turn in turns:
+            return Decision(True, 0)
+        recent = sorted(t for t in turns.values() if t > at_ms - self.window_ms)
+        if len(recent) >= self.limit:
+            return Decision(False, max(0, recent[0] + self.window_ms - at_ms) / 1000)
+        self.note(user, turn, at_ms)
+        return Decision(True, 0)
+
+    def note(self, user: str, turn: str, at_ms: int) -> None:
+        """Counts a turn admitted elsewhere (by Redis) in the user's window here."""
+        turns = self._turns.setdefault(user, {})
+        turns[turn] = at_ms
+        for old in [t for t, ms in turns.items() if ms <= at_ms - self.window_ms * 10]:
+            del turns[old]  # long out of every window, as the Lua script drops them
+        if len(self._turns) > self.max_users:
+            self._forget_idle(at_ms)
+
+    def _forget_idle(self, now_ms: int) -> None:
+        """Drops the people with no turn in the window (the oldest first, if all have one)."""
+        idle = [u for u, t in self._turns.items() if max(t.values()) <= now_ms - self.window_ms]
+        for user in idle or list(self._turns)[: len(self._turns) // 2]:
+            del self._turns[user]
