@@ -51,7 +51,7 @@ from .common import (
     stream_seqs,
 )
 
-__all__ = ["run_bench_discord"]
+__all__ = ["chat_channels", "run_bench_discord"]
 
 ANSWER = "An instant answer from a loopback fake of the OpenAI wire."
 PROCESSORS = (["turns"], ["llm"])
@@ -183,9 +183,11 @@ async def _send_all(
     return sent
 
 
-async def _prepare(log: EventLog, fake: FakeDiscord, count: int) -> list[int]:
+async def chat_channels(
+    log: EventLog, fake: FakeDiscord, count: int, *, guild_name: str = "bench"
+) -> list[int]:
     """A server with ``count`` channels, every one in chat mode (in the log, as /chat on does)."""
-    guild = fake.add_guild("bench")
+    guild = fake.add_guild(guild_name)
     channels = [fake.add_channel(guild, f"chat-{i}") for i in range(count)]
     await log.publish_many(
         make(
@@ -217,7 +219,7 @@ async def run_bench_discord(
         for key in ("OPENAI_API_KEY", "GROQ_API_KEY", "ANTHROPIC_API_KEY", "OLLAMA_URL"):
             env.pop(key, None)
         try:
-            chat = await _prepare(log, fake, channels)
+            chat = await chat_channels(log, fake, channels)
             with (
                 fake_llm_provider(ANSWER) as provider_url,
                 tempfile.TemporaryDirectory(prefix="libra-bench-discord-") as folder,

@@ -39,11 +39,7 @@ import aiohttp
 from libra.contracts import (
     LIVE_STREAM,
     LOG_STREAM,
-    Origin,
-    SessionChat,
     TextReceived,
-    conversation_id,
-    make,
     new_id,
 )
 from libra.runtime.config import Settings
@@ -65,6 +61,7 @@ from .common import (
     servers,
     stream_seqs,
 )
+from .discord import chat_channels
 from .people import DiscordReplies, Turn, discord_turn, http_turn, person
 
 __all__ = ["FAULTS", "run_bench_load"]
@@ -139,23 +136,6 @@ def _env(srv: BenchServers, fake: FakeDiscord, provider_url: str, http_port: int
         env.pop(key, None)
     env.pop("LLM_PROVIDERS", None)
     return env
-
-
-async def _chat_channels(log: EventLog, fake: FakeDiscord, count: int) -> list[int]:
-    """A server with ``count`` channels in chat mode (in the log, as /chat on does)."""
-    guild = fake.add_guild("load")
-    channels = [fake.add_channel(guild, f"chat-{i}") for i in range(count)]
-    await log.publish_many(
-        make(
-            SessionChat,
-            conversation=conversation_id("discord", guild, channel),
-            user="bench",
-            enabled=True,
-            origin=Origin(platform="discord", guild=str(guild), channel=str(channel)),
-        )
-        for channel in channels
-    )
-    return channels
 
 
 @contextlib.asynccontextmanager
@@ -451,7 +431,7 @@ async def run_bench_load(settings: Settings, *, plan: LoadPlan, as_json: bool) -
         log = await EventLog.connect(srv.nats_url, name="bench-load")
         try:
             await log.provision(Settings())
-            channels = await _chat_channels(log, fake, plan.channels)
+            channels = await chat_channels(log, fake, plan.channels, guild_name="load")
             with fake_llm_provider(REPLY, ttft=TTFT_S, tokens_per_sec=TOKENS_PER_S) as provider:
                 http_port = free_port()
                 run = Run(
