@@ -128,6 +128,12 @@ class ConsumerSpec(Struct, frozen=True, kw_only=True):
     settled_key: str = ""
     start_window_s: float = 600.0
     redrive: bool = True
+    # Its ack state kept in the server's memory: with sync_interval always, a file consumer's
+    # state is an O_SYNC write and a directory fsync up to ten times a second while it moves,
+    # beside the log's own writes, and on the same disk as every reply's publishes. Only for a
+    # fold that is idempotent by event id: a server restart loses such a consumer, and it is
+    # recreated after its saved position (runtime/positions.py) like any lost one.
+    memory_state: bool = False
 
     @property
     def filter_subjects(self) -> tuple[str, ...]:
@@ -165,6 +171,7 @@ def consumer_config(spec: ConsumerSpec, start: ConsumerStart | None = None) -> C
         filter_subjects=subjects if len(subjects) > 1 else None,
         max_ack_pending=spec.max_ack_pending,
         max_waiting=512,
+        mem_storage=spec.memory_state or None,
     )
 
 
@@ -221,6 +228,7 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             description="the Redis rate-limit view, rebuildable from the log",
             max_ack_pending=8192,
             max_deliver=-1,
+            memory_state=True,
         ),
         ConsumerSpec(
             name="history",
@@ -231,6 +239,7 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             ack_wait_s=30.0,  # a batch has no in_progress: a slow commit must not come back
             start_window_s=0,
             redrive=False,
+            memory_state=True,
         ),
         ConsumerSpec(
             name="sessions",
@@ -241,6 +250,7 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             ack_wait_s=30.0,  # a batch has no in_progress: a slow commit must not come back
             start_window_s=0,
             redrive=False,
+            memory_state=True,
         ),
         ConsumerSpec(
             name="turns-projection",
@@ -260,6 +270,7 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             ack_wait_s=30.0,  # a batch has no in_progress: a slow commit must not come back
             start_window_s=0,
             redrive=False,
+            memory_state=True,
         ),
     )
 }

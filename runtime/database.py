@@ -20,6 +20,10 @@ __all__ = ["MIGRATION_LOCK", "connect_pool", "migrate", "migrations"]
 log = logging.getLogger("libra.database")
 
 MIGRATION_LOCK = 7_411_001
+# HNSW post-filters: with a per-person filter, a memory search looks wider than its k so that
+# the person's rows are found. A session setting (a placeholder until pgvector loads), so that a
+# recall, read against the clock of a reply, is one round trip and no transaction.
+_SESSION_SETTINGS = {"hnsw.ef_search": "200"}
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -54,6 +58,7 @@ async def connect_pool(
         max_size=max_size,
         init=_init_connection,
         reset=_keep_session,
+        server_settings=_SESSION_SETTINGS,
         command_timeout=60,
         timeout=connect_timeout,
     )

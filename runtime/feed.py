@@ -49,7 +49,7 @@ class PullFeed:
         self.expires_s = expires_s
         self.heartbeat_s = min(heartbeat_s, expires_s / 3)  # the server refuses longer ones
         self.on_lost = on_lost
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queue: asyncio.Queue[Msg | None] = asyncio.Queue()  # None: stopping, see get_until
         self._outstanding = 0  # asked for, not yet received
         self._held = 0  # received, not yet finished by the caller
         self._sub: Subscription | None = None
@@ -57,6 +57,7 @@ class PullFeed:
         self._stopping = False
         self._last_heard = 0.0
         self._watchdog: asyncio.Task | None = None
+        self._stop_watch: asyncio.Task | None = None
         self._requesting = False
         self._reconnects = 0
 
@@ -70,18 +71,27 @@ class PullFeed:
 
     async def get(self) -> Msg:
         """Returns the next message, waiting for one."""
-        return await self._queue.get()
+        while (msg := await self._queue.get()) is None:
+            pass  # a wake-up of get_until's, not a message
+        return msg
 
     async def get_until(self, stopping: asyncio.Event) -> Msg | None:
-        """Returns the next message, or None once ``stopping`` is set (whichever comes first)."""
-        getter = asyncio.ensure_future(self.get())
-        stopper = asyncio.ensure_future(stopping.wait())
-        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if getter in done:
-            return getter.result()
-        getter.cancel()
+        """Returns the next message, or None once ``stopping`` is set (whichever comes first).
+
+        Every message waits here on its way to a handler, so the wait is one queue get: a task
+        for the feed's life puts a None in the queue when ``stopping`` is set (a task and a
+        wait per message cost a few turns of a busy event loop: 0.5 ms at p90 in the bench).
+        """
+        if self._stop_watch is None:
+            self._stop_watch = asyncio.create_task(self._wake_on(stopping))
+        while not stopping.is_set():
+            if (msg := await self._queue.get()) is not None:
+                return msg
         return None
+
+    async def _wake_on(self, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+        self._queue.put_nowait(None)
 
     @property
     def waiting(self) -> int:
@@ -92,7 +102,8 @@ class PullFeed:
         """Returns up to ``limit`` messages that are already here."""
         out: list[Msg] = []
         while len(out) < limit and not self._queue.empty():
-            out.append(self._queue.get_nowait())
+            if (msg := self._queue.get_nowait()) is not None:
+                out.append(msg)
         return out
 
     def done(self, count: int = 1) -> None:
@@ -104,10 +115,11 @@ class PullFeed:
     async def stop(self) -> list[Msg]:
         """Stops asking for messages; returns those received but not yet taken by the caller."""
         self._stopping = True
-        if self._watchdog:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        for task in (self._watchdog, self._stop_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         left = self.get_nowait(self._queue.qsize())
         if self._sub is not None:
             with contextlib.suppress(Exception):

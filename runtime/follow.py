@@ -99,7 +99,7 @@ class TurnFollower:
             if wait <= 0:
                 raise ReplyTimeout(f"no reply for turn {self.turn} within {total_s:.0f}s")
             try:
-                event = await asyncio.wait_for(self._queue.get(), wait)
+                event = await self._next(wait)
             except TimeoutError:
                 await self.catch_up()
                 if self._queue.empty():
@@ -115,6 +115,14 @@ class TurnFollower:
             yield event
             if isinstance(event, self.until):
                 return
+
+    async def _next(self, wait: float) -> AnyEvent:
+        """The next event, within ``wait`` seconds. No task per event, as ``wait_for`` makes on
+        Python 3.11: on the edge's busy loop each one delays the reply by a loop turn or two."""
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        async with asyncio.timeout(wait):
+            return await self._queue.get()
 
     async def catch_up(self) -> None:
         """Reads the turn's events back from the log (both streams): what was published before

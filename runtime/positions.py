@@ -89,6 +89,7 @@ async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> ConsumerI
         deliver_policy=current.deliver_policy,
         opt_start_seq=current.opt_start_seq,
         opt_start_time=current.opt_start_time,
+        mem_storage=current.mem_storage,  # the server does not change it in an update
     )
     if _same(wanted, current):
         return info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 
 from libra.contracts import (
@@ -18,6 +19,7 @@ from libra.contracts import (
 )
 from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.eventlog import EventLog
+from libra.runtime.positions import saved_position
 
 from .factories import ORIGIN, text
 from .helpers import eventually, stream_count, stream_events
@@ -166,6 +168,36 @@ async def test_consumer_survives_a_server_restart(
     await eventually(lambda: _true(eventlog.nc.is_connected), timeout=10)
     await eventlog.publish(text(message="after"))
     await eventually(lambda: _count(eventlog, "libra.turn.accepted.>", 2), timeout=15)
+    await _stop(runner, task)
+
+
+class Fold(Echo):
+    """An Echo whose consumer keeps its ack state in memory, as the folds' consumers do."""
+
+    spec = msgspec.structs.replace(SPEC, name="fold", memory_state=True)
+
+
+async def test_a_memory_state_consumer_lost_in_a_restart_resumes_after_its_position(
+    eventlog: EventLog, nats_server
+) -> None:
+    processor = Fold()
+    runner, task = await _running(eventlog, processor)
+    seqs = [await eventlog.publish(text(message=f"m{i}")) for i in range(5)]
+    await eventually(lambda: _true(len(processor.calls) == 5))
+    assert (await eventlog.js.consumer_info("LIBRA", "fold")).config.mem_storage
+
+    async def saved() -> bool:
+        return await saved_position(eventlog.js, "fold") >= seqs[-1]
+
+    await eventually(saved)
+    await nats_server.stop()
+    await nats_server.start()
+    await eventually(lambda: _true(eventlog.nc.is_connected), timeout=10)
+    await eventlog.publish(text(message="after"))
+    await eventually(lambda: _true(len(processor.calls) == 6), timeout=15)
+    info = await eventlog.js.consumer_info("LIBRA", "fold")
+    assert info.config.opt_start_seq == seqs[-1] + 1  # recreated after its saved position
+    assert len(set(processor.calls)) == 6  # nothing handled twice
     await _stop(runner, task)
 
 

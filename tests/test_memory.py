@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -76,6 +77,13 @@ async def test_the_index_is_hnsw(pool) -> None:
         "SELECT indexdef FROM pg_indexes WHERE indexname = 'memories_embedding'"
     )
     assert "USING hnsw" in indexdef and "vector_cosine_ops" in indexdef
+
+
+async def test_every_pooled_connection_searches_hnsw_wide(pool) -> None:
+    # a recall filters by person after the index scan: it must look wider than pgvector's 40,
+    # set for the session since a recall is one query without a transaction
+    values = await asyncio.gather(*(pool.fetchval("SHOW hnsw.ef_search") for _ in range(3)))
+    assert values == ["200"] * 3
 
 
 async def test_openai_embeddings_when_a_key_is_set(pool) -> None:

@@ -11,9 +11,6 @@ from .embedders import Embedder
 
 __all__ = ["MemoryStore"]
 
-# HNSW post-filters: with a per-user filter, search wider than k so the user's rows are found.
-_EF_SEARCH = 200
-
 
 class MemoryStore:
     """Memories of one embedder in the ``memories`` table."""
@@ -100,17 +97,17 @@ class MemoryStore:
         k: int,
         before: datetime | None = None,
     ) -> list[str]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL hnsw.ef_search = {_EF_SEARCH}")
-            rows = await conn.fetch(
-                "SELECT content FROM memories WHERE user_id = $1 AND conversation = $2"
-                " AND embedder = $3 AND ($6::timestamptz IS NULL OR at < $6)"
-                " ORDER BY embedding <=> $4 LIMIT $5",
-                user,
-                conversation,
-                self.embedder.name,
-                vector,
-                k,
-                before,
-            )
+        # One round trip (the pool's connections search HNSW wide already, see
+        # runtime/database.py): a recall is read while admission decides, against the clock.
+        rows = await self.pool.fetch(
+            "SELECT content FROM memories WHERE user_id = $1 AND conversation = $2"
+            " AND embedder = $3 AND ($6::timestamptz IS NULL OR at < $6)"
+            " ORDER BY embedding <=> $4 LIMIT $5",
+            user,
+            conversation,
+            self.embedder.name,
+            vector,
+            k,
+            before,
+        )
         return [r["content"] for r in rows]
