@@ -45,14 +45,19 @@ async def converse(
     )
     async with TurnFollower(log, conversation, said.id) as follower:
         events = follower.events(idle_s=idle_s)
-        try:
-            async with asyncio.timeout(decide_s):
-                await log.publish(said)
-                decision = await anext(events)
-        except (TimeoutError, nats.errors.Error) as exc:
-            await events.aclose()
-            raise NoDecision(f"turn {said.id} was neither admitted nor refused in time") from exc
-        yield said
-        yield decision
+        if decide_s is None:  # as soon as it is in the log (the benchmark times each stage)
+            await log.publish(said)
+            yield said
+        else:
+            try:
+                async with asyncio.timeout(decide_s):
+                    await log.publish(said)
+                    decision = await anext(events)
+            except (TimeoutError, nats.errors.Error) as exc:
+                await events.aclose()
+                late = f"turn {said.id} was neither admitted nor refused in time"
+                raise NoDecision(late) from exc
+            yield said
+            yield decision
         async for event in events:
             yield event
