@@ -39,15 +39,14 @@ async def dead_letters(
     log: EventLog, *, consumer: str = "", since: datetime | None = None
 ) -> list[Letter]:
     """Returns the dead letters in the log (of one consumer, from a time), oldest first."""
-    subject = f"libra.dead.{consumer}.>" if consumer else "libra.dead.>"
+    tail = f"{consumer}.>" if consumer else ">"
+    subjects = [f"libra.dead.{tail}", f"libra.retry.{tail}"]
     letters: dict[str, DeadLetter] = {}
-    async for _, event in read_log(log, [subject], stream=LOG_STREAM, start_time=since):
+    retried: set[str] = set()
+    async for _, event in read_log(log, subjects, stream=LOG_STREAM, start_time=since):
         if isinstance(event, DeadLetter):
             letters.setdefault(event.id, event)
-    retried: set[str] = set()
-    retries = f"libra.retry.{consumer}.>" if consumer else "libra.retry.>"
-    async for _, event in read_log(log, [retries], stream=LOG_STREAM, start_time=since):
-        if isinstance(event, DeadRetried):
+        elif isinstance(event, DeadRetried):
             retried.add(event.letter)
     return [Letter(letter, letter.id in retried) for letter in letters.values()]
 

@@ -112,16 +112,16 @@ class EventLog:
         """Connects; after a reconnection, the memory streams a restarted server lost are made
         again at once (a publish to one would wait out its timeout, as the followers of a
         reply listen on its subjects and no "no stream" answer comes)."""
-        logs: list[EventLog] = []
+        event_log: EventLog | None = None
 
         async def restore() -> None:
             for _ in range(20):  # JetStream may take a moment to answer after a restart
-                if not logs or await logs[0]._restore_memory_streams():
+                if event_log is None or await event_log._restore_memory_streams():
                     return
                 await asyncio.sleep(_RETRY_EVERY_S)
 
-        logs.append(cls(await connect_nats(url, name=name, reconnected=restore)))
-        return logs[0]
+        event_log = cls(await connect_nats(url, name=name, reconnected=restore))
+        return event_log
 
     async def publish(self, event: Event) -> int:
         """Publishes one event and waits for the stream's ack; returns its stream sequence.

@@ -51,6 +51,11 @@ _TRANSIENT = (
 _KV_STREAM = f"KV_{POSITIONS_BUCKET}"
 
 
+def _key(name: str) -> str:
+    """The subject of a consumer's position in the bucket's stream."""
+    return f"$KV.{POSITIONS_BUCKET}.{name}"
+
+
 async def patiently(call: Callable[[], Awaitable[T]], *, what: str, within_s: float = 120.0) -> T:
     """Runs ``call``, retrying transient NATS failures with back-off for up to ``within_s``."""
     retrying = AsyncRetrying(
@@ -71,7 +76,7 @@ async def patiently(call: Callable[[], Awaitable[T]], *, what: str, within_s: fl
 async def saved_position(js: JetStreamContext, name: str) -> int:
     """Returns the stream sequence a consumer had settled everything up to; 0 if unknown."""
     try:
-        entry = await js.get_msg(_KV_STREAM, subject=f"$KV.{POSITIONS_BUCKET}.{name}", direct=True)
+        entry = await js.get_msg(_KV_STREAM, subject=_key(name), direct=True)
         return int(entry.data or b"0")
     except (NotFoundError, ValueError):
         return 0
@@ -163,7 +168,7 @@ class PositionKeeper:
         info = await self.js.consumer_info(self.spec.stream, self.spec.name)
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         if floor > self.saved:
-            await self.js.publish(f"$KV.{POSITIONS_BUCKET}.{self.spec.name}", str(floor).encode())
+            await self.js.publish(_key(self.spec.name), str(floor).encode())
             self.saved = floor
 
     async def _run(self) -> None:

@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from libra.ops.components import Resources, Supervisor
+from libra.ops.embedded import free_port
+from libra.ops.fakes.llm_wire import FakeLlmWire
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
@@ -18,6 +20,23 @@ TEXT_PIPELINE = [
     "llm",
     "memory",
 ]
+
+
+def answering_with(settings: Settings, wire: FakeLlmWire, **extra: str) -> Settings:
+    """The test's servers, with the OpenAI-compatible fake as the provider, the HTTP API on a
+    free port and no response cache (each turn reaches the provider)."""
+    return Settings.from_env(
+        {
+            "NATS_URL": settings.nats_url,
+            "DATABASE_URL": settings.database_url,
+            "REDIS_URL": settings.redis_url,
+            "OPENAI_API_KEY": "sk-test-key",
+            "OPENAI_BASE_URL": wire.env()["OPENAI_BASE_URL"],
+            "HTTP_PORT": str(free_port()),
+            "LLM_CACHE_ENABLED": "0",
+            **extra,
+        }
+    )
 
 
 @contextlib.asynccontextmanager

@@ -25,9 +25,8 @@ from libra.contracts import (
     TurnRejected,
     derive,
 )
-from libra.ops.embedded import EmbeddedNats, free_port
+from libra.ops.embedded import EmbeddedNats
 from libra.ops.fakes.llm_wire import OPENAI_CHAT, Behaviour, FakeLlmWire
-from libra.runtime.config import Settings
 from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.eventlog import EventLog, connect_nats
 from libra.runtime.positions import saved_position
@@ -35,7 +34,7 @@ from libra.runtime.settled import SETTLED_SKIPPED, settled
 
 from .factories import text
 from .helpers import eventually, stream_count, stream_events
-from .stack import TEXT_PIPELINE, running
+from .stack import TEXT_PIPELINE, answering_with, running
 
 REPLY = "One answer, and one only."
 
@@ -45,20 +44,6 @@ async def wire():
     # A little time per reply, so that deletions land while replies are being written.
     async with FakeLlmWire(reply=Behaviour.ok(REPLY, ttft=0.05, tokens_per_sec=200)) as fake:
         yield fake
-
-
-def _settings(settings: Settings, wire: FakeLlmWire) -> Settings:
-    return Settings.from_env(
-        {
-            "NATS_URL": settings.nats_url,
-            "DATABASE_URL": settings.database_url,
-            "REDIS_URL": settings.redis_url,
-            "OPENAI_API_KEY": "sk-test-key",
-            "OPENAI_BASE_URL": wire.env()["OPENAI_BASE_URL"],
-            "HTTP_PORT": str(free_port()),
-            "LLM_CACHE_ENABLED": "0",
-        }
-    )
 
 
 def _turn(i: int) -> TextReceived:
@@ -82,7 +67,7 @@ async def _assert_each_answered_once(log: EventLog, inputs: list[TextReceived]) 
 async def test_deleting_every_consumer_under_traffic_answers_nothing_twice(
     settings, wire, eventlog: EventLog, pool
 ) -> None:
-    s = _settings(settings, wire)
+    s = answering_with(settings, wire)
     inputs = [_turn(i) for i in range(60)]
     async with running(s, TEXT_PIPELINE):
 
@@ -118,7 +103,7 @@ async def test_an_answered_turn_delivered_again_is_not_paid_for_again(
     """Past the duplicate window only the lookup stands between a redelivery and the provider:
     the consumer is recreated with no saved position, so it starts a window back and is handed
     every answered turn again."""
-    s = _settings(settings, wire)
+    s = answering_with(settings, wire)
     inputs = [_turn(i) for i in range(5)]
     async with running(s, ["turns", "llm"]):
         await eventlog.publish_many(inputs)
@@ -140,7 +125,7 @@ async def test_an_answered_turn_delivered_again_is_not_paid_for_again(
 async def test_turns_held_by_a_killed_process_end_within_seconds(
     settings, wire, eventlog: EventLog
 ) -> None:
-    s = _settings(settings, wire)
+    s = answering_with(settings, wire)
     inputs = [_turn(i) for i in range(5)]
     await eventlog.publish_many(inputs)
     # A process that took the turns and was SIGKILLed: it pulled them and never acked.

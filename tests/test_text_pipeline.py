@@ -32,7 +32,7 @@ from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.eventlog import EventLog
 
 from .helpers import eventually, stream_events
-from .stack import TEXT_PIPELINE, running
+from .stack import TEXT_PIPELINE, answering_with, running
 
 REPLY = "Hello! I am Libra. How can I help you today?"
 
@@ -41,20 +41,6 @@ REPLY = "Hello! I am Libra. How can I help you today?"
 async def wire():
     async with FakeLlmWire(reply=Behaviour.ok(REPLY)) as fake:
         yield fake
-
-
-def _settings(settings: Settings, wire: FakeLlmWire, **extra: str) -> Settings:
-    env = {
-        "NATS_URL": settings.nats_url,
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "OPENAI_API_KEY": "sk-test-key",
-        "OPENAI_BASE_URL": wire.env()["OPENAI_BASE_URL"],
-        "HTTP_PORT": str(free_port()),
-        "LLM_CACHE_ENABLED": "0",
-        **extra,
-    }
-    return Settings.from_env(env)
 
 
 def _sse(body: str) -> list[dict]:
@@ -66,7 +52,7 @@ async def _row(pool, sql: str, *args):
 
 
 async def test_http_stream_to_history_and_turns(settings, wire, pool) -> None:
-    s = _settings(settings, wire)
+    s = answering_with(settings, wire)
     async with running(s, [*TEXT_PIPELINE, "http"]):
         await _wait_http(s)
         async with httpx.AsyncClient(
@@ -113,6 +99,8 @@ async def test_http_stream_to_history_and_turns(settings, wire, pool) -> None:
                 ("user", "Hi there!"),
                 ("assistant", REPLY),
             ]
+            nul = await http.get("/api/chat/history/ali%00ce")  # PostgreSQL text holds no NUL
+            assert nul.status_code == 400 and nul.json()["error"] == "invalid_request"
 
             health = await http.get("/api/health")
             assert health.json() == {
@@ -160,7 +148,7 @@ async def _llm_restarted_mid_reply(log: EventLog, turn: TurnAccepted) -> None:
 async def test_a_reply_restarted_by_the_llm_is_streamed_from_its_start_again(
     settings, wire, eventlog: EventLog
 ) -> None:
-    s = _settings(settings, wire)
+    s = answering_with(settings, wire)
     tasks: set[asyncio.Task] = set()
 
     async def on_accepted(msg) -> None:
@@ -187,7 +175,7 @@ async def test_a_reply_restarted_by_the_llm_is_streamed_from_its_start_again(
 
 
 async def test_second_message_recalls_the_first(settings, wire, pool) -> None:
-    s = _settings(settings, wire)
+    s = answering_with(settings, wire)
     async with running(s, [*TEXT_PIPELINE, "http"]):
         await _wait_http(s)
         async with httpx.AsyncClient(
@@ -216,7 +204,7 @@ async def test_second_message_recalls_the_first(settings, wire, pool) -> None:
 
 
 async def test_eleventh_quick_message_is_rejected_with_a_retry_time(settings, wire) -> None:
-    s = _settings(settings, wire)
+    s = answering_with(settings, wire)
     async with running(s, [*TEXT_PIPELINE, "http"]):
         await _wait_http(s)
         async with httpx.AsyncClient(
@@ -273,7 +261,7 @@ async def test_two_turns_instances_do_not_double_admit(
 
 
 async def test_fallback_is_recorded_in_the_completed_event(settings, wire, eventlog) -> None:
-    s = _settings(
+    s = answering_with(
         settings,
         wire,
         GROQ_API_KEY="gsk-test",
@@ -342,7 +330,7 @@ async def test_no_provider_gives_a_readable_failure(
 async def test_bad_requests_get_clear_errors(
     settings, wire, body: bytes, status: int, error: str
 ) -> None:
-    s = _settings(settings, wire)
+    s = answering_with(settings, wire)
     async with running(s, ["turns", "http"]):
         await _wait_http(s)
         async with httpx.AsyncClient(
@@ -356,7 +344,7 @@ async def test_bad_requests_get_clear_errors(
 
 
 async def test_auth_service_key_and_user_tokens(settings, wire) -> None:
-    s = _settings(
+    s = answering_with(
         settings,
         wire,
         BFF_API_KEY="service-key-123",
@@ -429,7 +417,7 @@ async def test_console_chat_streams_the_reply(settings, wire) -> None:
     import subprocess
     import sys
 
-    s = _settings(settings, wire)
+    s = answering_with(settings, wire)
     async with running(s, TEXT_PIPELINE):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -293,6 +293,8 @@ def _install_reads(
             raise HTTPException(
                 403, {"error": "forbidden", "message": "this token may only read its own history"}
             )
+        if "\x00" in userId:  # PostgreSQL text cannot hold NUL: the query would fail (a 500)
+            return _error(400, "invalid_request", "userId cannot contain a NUL character")
 
         async def read() -> list[asyncpg.Record]:
             return await (await pool()).fetch(

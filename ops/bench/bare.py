@@ -179,7 +179,7 @@ async def _llm(js, shape: Shape) -> None:
 
 
 class _Observed:
-    """Per turn, when each event was seen (perf_counter s), and the sizes of Libra's events."""
+    """Per turn, which chain it is on and when each event was seen (perf_counter s)."""
 
     def __init__(self) -> None:
         self.turns: dict[str, dict] = {}
@@ -188,10 +188,8 @@ class _Observed:
         now = time.perf_counter()
         prefix, _domain, kind, _conversation = msg.subject.split(".", 3)
         data = json.loads(msg.data)
-        turn = self.turns.setdefault(data["turn"], {"chain": prefix, "deltas": 0})
-        turn.setdefault(f"{kind}_bytes", len(msg.data))
+        turn = self.turns.setdefault(data["turn"], {"chain": prefix})
         if kind == "delta":
-            turn["deltas"] += 1
             if data.get("index") == 0:
                 turn["delta_at"] = now
         else:

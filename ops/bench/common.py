@@ -27,7 +27,15 @@ from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 from libra.runtime.projection import read_log
 
-from ..embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis, free_port, nats_conf_path
+from ..embedded import (
+    EmbeddedNats,
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    _stop_process,
+    _tail,
+    free_port,
+    nats_conf_path,
+)
 from .bare import Shape
 
 __all__ = [
@@ -63,7 +71,7 @@ class BenchServers:
     nats_nosync_url: str
     database_url: str
     redis_url: str
-    folder: Path | None = None
+    folder: Path
     # the embedded servers by name (nats, postgres, redis), for benchmarks that stop one
     embedded: dict[str, EmbeddedNats | EmbeddedPostgres | EmbeddedRedis] = field(
         default_factory=dict
@@ -238,7 +246,7 @@ class LibraProcess:
         deadline = loop.time() + timeout
         while b"Libra is ready" not in self.output.read_bytes()[start_at:]:
             if self.proc.poll() is not None or loop.time() > deadline:
-                tail = self.output.read_text(errors="replace")[-3000:]
+                tail = _tail(self.output, 40)
                 raise RuntimeError(f"`libra run {' '.join(self.names)}` did not start:\n{tail}")
             await asyncio.sleep(0.1)
 
@@ -250,13 +258,7 @@ class LibraProcess:
 
     async def stop(self) -> None:
         """SIGTERM (it drains its in-flight work), then SIGKILL after 30 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            await asyncio.to_thread(self.proc.wait, 30)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        await _stop_process(self.proc, timeout=30.0)
 
 
 async def stream_seqs(log: EventLog) -> dict[str, int]:

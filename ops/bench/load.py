@@ -64,9 +64,8 @@ from .common import (
 from .discord import chat_channels
 from .people import DiscordReplies, Turn, discord_turn, http_turn, person
 
-__all__ = ["FAULTS", "run_bench_load"]
+__all__ = ["LoadPlan", "run_bench_load"]
 
-FAULTS = ("redis", "postgres", "nats", "kill-llm")
 GROUPS = {
     "turns": ("turns", "ratelimit-view"),
     "llm": ("llm",),
@@ -132,16 +131,20 @@ def _env(srv: BenchServers, fake: FakeDiscord, provider_url: str, http_port: int
         "LOG_LEVEL": "WARNING",
         "LIBRA_METRICS_PORT": "0",
     }
-    for key in ("OPENAI_API_KEY", "GROQ_API_KEY", "ANTHROPIC_API_KEY", "OLLAMA_URL"):
+    for key in (
+        "OPENAI_API_KEY",
+        "GROQ_API_KEY",
+        "ANTHROPIC_API_KEY",
+        "OLLAMA_URL",
+        "LLM_PROVIDERS",
+    ):
         env.pop(key, None)
-    env.pop("LLM_PROVIDERS", None)
     return env
 
 
 @contextlib.asynccontextmanager
 async def _libra(run: Run, env: dict[str, str]) -> AsyncIterator[None]:
     """Starts every group as a ``libra run`` process; stops them (they drain) at the end."""
-    assert run.servers.folder is not None
     try:
         for name, names in GROUPS.items():
             run.procs[name] = LibraProcess(names, env, run.servers.folder)
@@ -403,9 +406,9 @@ async def _measure(run: Run, observer: Observer) -> dict:
             shape = await bare_shape(run.log, before, ttft_s=TTFT_S)
             bare_turns = await _bare_phase(run, shape)
             run.rss_start = {name: rss_mb(p.pid) for name, p in run.procs.items()}
-            window = (time.perf_counter(), 0.0)
+            began = time.perf_counter()
             turns, figures = await _libra_phase(run, replies, session)
-            window = (window[0], time.perf_counter())
+            window = (began, time.perf_counter())
     finally:
         watcher.cancel()
     figures.update(_people_figures(turns, figures["elapsed_s"]))

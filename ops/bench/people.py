@@ -28,9 +28,7 @@ WAIT_S = 120.0  # a person who has seen nothing after this long has lost the tur
 class Turn:
     """One message a person sent, and what they saw."""
 
-    edge: str
     sent_at: float
-    key: str = ""  # the turn id (HTTP) or the Discord message id
     shown_at: float | None = None  # the first thing the person saw: reply text or refusal
     outcome: str = "lost"  # answered | refused | rate_limited | lost
 
@@ -64,14 +62,13 @@ async def person(
 
 async def http_turn(session: aiohttp.ClientSession, url: str, user: str, text: str) -> Turn:
     """One message on the HTTP API, the reply streamed to its end."""
-    turn = Turn("http", time.perf_counter())
+    turn = Turn(time.perf_counter())
     body = {"userId": user, "message": text, "stream": True}
     try:
         async with asyncio.timeout(WAIT_S), session.post(url, json=body) as response:
             if response.status != 200:
                 _refused(turn, response.status, await response.json(content_type=None))
                 return turn
-            turn.key = response.headers.get("X-Libra-Turn", "")
             async for line in response.content:
                 if line.startswith(b"data: ") and _streamed(turn, json.loads(line[6:])):
                     return turn
@@ -83,7 +80,6 @@ async def http_turn(session: aiohttp.ClientSession, url: str, user: str, text: s
 def _refused(turn: Turn, status: int, body: object) -> None:
     if not isinstance(body, dict) or not body.get("message"):
         return  # an error a person cannot read is no answer
-    turn.key = str(body.get("turn") or "")
     turn.settle("rate_limited" if status == 429 else "refused")
 
 
@@ -161,11 +157,9 @@ async def discord_turn(
     fake: FakeDiscord, replies: DiscordReplies, channel: int, author: FakeUser, text: str
 ) -> Turn:
     """One message in a chat-mode channel, until the bot's reply to it is posted."""
-    turn = Turn("discord", time.perf_counter())
     message = await fake.send_message(channel, text, author=author)
-    turn.key = str(message["id"])
-    turn.sent_at = fake.dispatched_at[int(message["id"])]
-    reply = await replies.wait(turn.key, WAIT_S)
+    turn = Turn(fake.dispatched_at[int(message["id"])])
+    reply = await replies.wait(str(message["id"]), WAIT_S)
     if reply is not None:
         at, content = reply
         turn.shown_at = at
