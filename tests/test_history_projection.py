@@ -116,7 +116,9 @@ async def test_a_backlog_does_not_wait_for_company(eventlog: EventLog, pool: asy
     elapsed = asyncio.get_running_loop().time() - started
     await runner.stop()
     await task
-    assert elapsed < 6.0 and projection.batches.count(100) >= 5, (elapsed, projection.batches)
+    # Batches are as large as what has arrived (the feed may hand over a part of the backlog
+    # first), but never one event at a time: 600 events in at most a dozen transactions.
+    assert elapsed < 6.0 and len(projection.batches) <= 12, (elapsed, projection.batches)
 
 
 async def _consumer_ready(log: EventLog) -> bool:
