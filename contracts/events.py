@@ -441,13 +441,28 @@ def encode_event(event: Event) -> bytes:
 
 
 def decode_event(data: bytes | str) -> AnyEvent:
-    """Reads one event from its JSON; raises :class:`EventDecodeError` for anything else."""
+    """Reads one event from its JSON; raises :class:`EventDecodeError` for anything else.
+
+    An event written before user ids were namespaced by platform (``123`` for ``discord:123``)
+    gets its origin's platform, so replays, rebuilds and projections see one id space.
+    """
     try:
-        return _decoder.decode(data)
+        event = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise EventDecodeError(f"invalid event: {exc}") from None
     except msgspec.DecodeError as exc:
         raise EventDecodeError(f"malformed event JSON: {exc}") from None
+    except RecursionError:
+        raise EventDecodeError("malformed event JSON: nested too deeply") from None
+    except UnicodeEncodeError:  # a str holding a lone surrogate, which UTF-8 cannot hold
+        raise EventDecodeError("malformed event JSON: not valid Unicode text") from None
+    # A person's id is always of their origin's platform: anything else is an old raw id (even
+    # one that holds a colon, such as an HTTP user once called "discord:1").
+    user = event.user
+    origin = getattr(event, "origin", None) if user else None
+    if origin is not None and not user.startswith(origin.platform + ":"):
+        msgspec.structs.force_setattr(event, "user", f"{origin.platform}:{user}")
+    return event
 
 
 _PREFIXES: dict[type, str] = {}

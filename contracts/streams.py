@@ -232,7 +232,8 @@ CONSUMERS: dict[str, ConsumerSpec] = {
         ),
         ConsumerSpec(
             name="history",
-            subjects=("libra.text.received.>", "libra.llm.completed.>"),
+            # the person's words from the admitted turn: a refused message is never history
+            subjects=("libra.turn.accepted.>", "libra.llm.completed.>"),
             description="history projection: conversations and messages in Postgres",
             max_ack_pending=8192,
             max_deliver=-1,

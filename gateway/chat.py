@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import nats.errors
 
-from libra.contracts import AnyEvent, Origin, TextReceived, conversation_id, make
+from libra.contracts import AnyEvent, Origin, TextReceived, conversation_id, make, user_id
 from libra.runtime.eventlog import EventLog
 from libra.runtime.follow import ReplyTimeout, TurnFollower
 
@@ -32,6 +32,7 @@ async def converse(
 
     The first event yielded is the ``text.received`` itself (its id is the turn's id); then
     ``turn.accepted`` or ``turn.rejected``, the deltas, and ``llm.completed`` or ``llm.failed``.
+    ``user`` is the person's id on ``platform`` (``alice``); events carry ``<platform>:alice``.
     With ``decide_s``, publishing and the decision together take at most that long, or
     :class:`NoDecision` is raised before anything is yielded.
     """
@@ -39,7 +40,7 @@ async def converse(
     said = make(
         TextReceived,
         conversation=conversation,
-        user=user,
+        user=user_id(platform, user),
         text=text,
         origin=Origin(platform=platform, channel=conversation),
     )

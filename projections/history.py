@@ -1,4 +1,10 @@
-"""The history projection: what people said to Libra and what it answered, per conversation."""
+"""The history projection: what people said to Libra and what it answered, per conversation.
+
+Only admitted turns are history: a person's message comes from its ``turn.accepted``, never from
+``text.received``, so a refused message (blocked, too long, rate-limited) is shown to its sender
+and is never read back into a prompt or the history route. Its row keeps the message's own id
+and time, so a deployment that folded ``text.received`` before goes on without a duplicate.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from datetime import datetime
 
 import asyncpg
 
-from libra.contracts import CONSUMERS, AnyEvent, LlmCompleted, TextReceived, id_time
+from libra.contracts import CONSUMERS, AnyEvent, LlmCompleted, TurnAccepted, id_time
 from libra.runtime.projection import Recorded
 
 __all__ = ["HistoryProjection"]
@@ -47,8 +53,9 @@ _UPSERT_CONVERSATIONS = (
 def _messages(event: AnyEvent) -> list[tuple[str, str, str, str | None, str | None, datetime]]:
     """The messages an event adds: (id, role, content, provider, model, time)."""
     match event:
-        case TextReceived():
-            return [(event.id, "user", event.text, None, None, event.at)]
+        case TurnAccepted(modality="text", speculative=False):
+            at = event.received_at or id_time(event.turn)
+            return [(event.turn, "user", event.text, None, None, at)]
         case LlmCompleted(modality="voice") if event.user_text:
             # What was said aloud is in the reply's event (there is no text.received): its id and
             # time are the turn's, which is the captured utterance's.
@@ -63,7 +70,7 @@ def _messages(event: AnyEvent) -> list[tuple[str, str, str, str | None, str | No
 
 
 class HistoryProjection:
-    """Folds ``text.received`` and ``llm.completed`` into ``conversations`` and ``messages``
+    """Folds admitted text turns and ``llm.completed`` into ``conversations`` and ``messages``
     (for a spoken turn, the completion brings the words that were said too)."""
 
     spec = CONSUMERS["history"]
@@ -76,7 +83,6 @@ class HistoryProjection:
             said = _messages(event)
             if not said:
                 continue
-            modality = "text" if isinstance(event, TextReceived) else event.modality
             for event_id, role, content, provider, model, at in said:
                 messages.append(
                     (
@@ -86,7 +92,7 @@ class HistoryProjection:
                         event.turn,
                         role,
                         content.replace("\x00", "\ufffd"),  # Postgres text cannot hold NUL
-                        modality,
+                        event.modality,
                         provider,
                         model,
                         at,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import io
 import json
@@ -131,8 +130,9 @@ class AudioStore:
         in flight together: one round trip instead of one per message plus a lookup, which is
         half the time of a short clip (the first clip of a reply is on the clock).
 
-        Any object store client reads it back. Rewriting a name (a redelivered input) leaves
-        the old chunks to the bucket's TTL instead of purging them.
+        Any object store client reads it back. Rewriting a name (a redelivered input) or a
+        failed write leaves the old chunks and metadata to the bucket's TTL: the bucket takes
+        no rollups and the edges may not purge it (a purge or rollup could empty it).
         """
         nuid = uuid.uuid4().hex
         chunks = f"$O.{AUDIO_BUCKET}.C.{nuid}"
@@ -152,17 +152,8 @@ class AudioStore:
             options=ObjectMetaOptions(max_chunk_size=_CHUNK_BYTES),
         )
         meta = _meta_subject(name)
-        acks.append(
-            await js.publish_async(
-                meta, json.dumps(info.as_dict()).encode(), headers={"Nats-Rollup": "sub"}
-            )
-        )
-        try:
-            await asyncio.gather(*acks)
-        except Exception:
-            with contextlib.suppress(Exception):
-                await js.purge_stream(f"OBJ_{AUDIO_BUCKET}", subject=chunks)
-            raise
+        acks.append(await js.publish_async(meta, json.dumps(info.as_dict()).encode()))
+        await asyncio.gather(*acks)
 
     def _check_size(self, size: int) -> None:
         if self.max_bytes and size > self.max_bytes:

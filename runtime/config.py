@@ -15,6 +15,8 @@ from pathlib import Path
 import msgspec
 import platformdirs
 
+from .redact import keep_secret
+
 __all__ = ["ConfigError", "Settings", "parse_duration"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -46,6 +48,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     libra_nats_port: int = 4222
     libra_postgres_port: int = 5433
     libra_redis_port: int = 6380
+    # The embedded NATS lets clients without credentials in as the read-only observer (every
+    # conversation readable, for `nats sub` with no flags); 0: they may do nothing.
+    libra_nats_observer: bool = True
 
     # The log.
     libra_log_max_age: float = 0.0
@@ -112,8 +117,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     http_port: int = 8000
     http_max_body_bytes: int = 1_048_576
     http_decision_timeout_sec: float = 4.0
+    http_max_concurrent: int = 256
     bff_api_key: str = ""
     jwt_secret: str = ""
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
+    stt_rate_limit: int = 20
+    stt_rate_limit_window_sec: float = 60.0
+    stt_max_concurrent: int = 8
 
     # Discord (text gateway).
     discord_token: str = ""
@@ -180,7 +191,6 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         "libra_audio_ttl",
         "libra_replay_max_age",
     )
-    _urls = ("nats_url", "database_url", "redis_url")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -199,9 +209,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             else:
                 raw[field] = value
         try:
-            return msgspec.convert(raw, cls, strict=False)
+            settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigError(_name_the_variable(str(exc))) from None
+        keep_secret(*settings.secrets())  # dead letters and failure events leave them out
+        return settings
 
     @property
     def data_dir(self) -> Path:
@@ -213,7 +225,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             value
             for field in self.__struct_fields__
             if field.upper().endswith(_SECRET_SUFFIXES) and (value := getattr(self, field))
-        ] + [p for url in self._urls if (p := _url_password(getattr(self, url)))]
+        ] + [
+            p
+            for field in self.__struct_fields__
+            if field.endswith("_url") and (p := _url_password(getattr(self, field)))
+        ]
 
     def __repr__(self) -> str:
         shown = []
@@ -221,12 +237,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
             value = getattr(self, field)
             if field.upper().endswith(_SECRET_SUFFIXES) and value:
                 value = "***"
+            elif field.endswith("_url") and (password := _url_password(value)):
+                value = value.replace(password, "***", 1)
             shown.append(f"{field}={value!r}")
         return f"Settings({', '.join(shown)})"
 
 
 def _url_password(url: str) -> str:
-    match = re.match(r"^[a-z0-9+]+://[^:/@]*:([^@]+)@", url)
+    """The password of ``scheme://user:password@host``, or the token of ``scheme://token@host``."""
+    match = re.match(r"^[a-z0-9+]+://(?:[^:/@]*:)?([^/@]+)@", url)
     return match.group(1) if match else ""
 
 

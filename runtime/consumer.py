@@ -48,6 +48,7 @@ from .metrics import (
     CONSUMER_REDELIVERED,
 )
 from .positions import PositionKeeper
+from .redact import describe
 from .settled import SETTLED_SKIPPED, settled
 
 __all__ = ["ConsumerRunner", "GivesUpAloud", "Processor"]
@@ -181,7 +182,7 @@ class ConsumerRunner:
         try:
             given = await self._input(delivery.msg)
         except (EventDecodeError, _Unusable) as exc:
-            await self._dead_letter(delivery, str(exc), None)
+            await self._dead_letter(delivery, describe(exc), None)
             return
         event = given.event
         bind(conversation=event.conversation, turn=event.turn)
@@ -229,7 +230,7 @@ class ConsumerRunner:
 
     async def _failed(self, delivery: _Delivery, given: _Input, exc: Exception) -> None:
         CONSUMER_FAILED.labels(self.spec.name).inc()
-        error = f"{type(exc).__name__}: {exc}"
+        error = describe(exc)  # read by anyone who reads the log: redacted
         deliveries = delivery.msg.metadata.num_delivered
         if 0 < self.spec.max_deliver <= deliveries:
             log.error("giving up after %d deliveries: %s", deliveries, error)

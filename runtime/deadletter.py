@@ -5,6 +5,9 @@ A dead letter is re-driven (``libra dead retry``) with a ``dead.retried`` event 
 the original message again, after checking that the log does not hold its answer already. The
 retry's id is derived from the letter's, so one letter retried twice is one retry; a retry that
 fails again makes a new letter (derived from the retry), which can be retried in its turn.
+
+Anyone who may read the log reads its dead letters: a letter's ``error`` is the error's class and
+a short, redacted message (``runtime/redact.py``); its payload is the message given up on.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from libra.contracts import (
     parse_subject,
 )
 
+from .redact import redact
+
 __all__ = ["dead_letter_for", "retry_of"]
 
 _MAX_KEPT = 512 * 1024  # the original stays in the stream at stream_seq; this is for reading
+_ERROR_LIMIT = 400
 
 
 def dead_letter_for(
@@ -40,6 +46,8 @@ def dead_letter_for(
     retry: tuple[DeadRetried, RawStreamMsg] | None = None,
 ) -> DeadLetter:
     """Returns the dead letter for ``msg``; its id is the same however often this runs.
+
+    ``error`` is redacted here whoever wrote it (``ErrorClass: message``, see ``describe``).
 
     ``retry``: ``msg`` was a re-drive of the original message given with it; the letter keeps
     the original (its subject, sequence and payload) and is derived from the retry.
@@ -55,6 +63,7 @@ def dead_letter_for(
     except SubjectError:
         conversation = "unknown"
     payload, encoding = _readable(data[:_MAX_KEPT])
+    error = redact(error, limit=_ERROR_LIMIT)
     if len(data) > _MAX_KEPT:
         error = f"{error} (payload truncated to {_MAX_KEPT} of {len(data)} bytes)"
     return DeadLetter(
@@ -68,7 +77,7 @@ def dead_letter_for(
         subject=subject,
         stream_seq=seq,
         deliveries=meta.num_delivered,
-        error=error[:4000],
+        error=error,
         payload=payload,
         payload_encoding=encoding,
     )

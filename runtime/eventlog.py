@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -214,6 +215,7 @@ class EventLog:
                     replicas=replicas,
                 ),
             )
+        await self._forbid_rollups(f"OBJ_{AUDIO_BUCKET}")
         await self.js.create_key_value(
             nats.js.api.KeyValueConfig(
                 bucket=POSITIONS_BUCKET,
@@ -225,6 +227,14 @@ class EventLog:
         )
         for spec in CONSUMERS.values() if consumers is None else consumers:
             await self.ensure_consumer(spec)
+
+    async def _forbid_rollups(self, stream: str) -> None:
+        """A rollup header purges a stream (``Nats-Rollup: all``) and needs only the right to
+        publish into it; the edges write audio, so the audio bucket takes none. Its writers do
+        without (``AudioStore`` reads an object's newest metadata; the TTL drops old ones)."""
+        config = (await self.js.stream_info(stream)).config
+        if config.allow_rollup_hdrs:
+            await self.js.update_stream(dataclasses.replace(config, allow_rollup_hdrs=False))
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> nats.js.api.ConsumerInfo:
         """Keeps the consumer as it is, or creates it after its saved position; patiently."""

@@ -22,6 +22,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from .redact import describe
+
 __all__ = ["PullFeed"]
 
 log = logging.getLogger("libra.feed")
@@ -149,7 +151,7 @@ class PullFeed:
             )
             self._outstanding += want
         except Exception as exc:  # a disconnected client; the watchdog asks again
-            log.debug("pull request failed: %s", exc)
+            log.debug("pull request failed: %s", describe(exc))
         finally:
             self._requesting = False
 
@@ -193,7 +195,7 @@ class PullFeed:
             try:
                 await self.on_lost(why)
             except Exception as exc:
-                log.warning("could not restore consumer %s: %s", self.consumer, exc)
+                log.warning("could not restore consumer %s: %s", self.consumer, describe(exc))
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()

@@ -41,7 +41,7 @@ AUDIO = AudioRef(name="utt/1", format="pcm_s16le", sample_rate=16000, duration_m
 
 
 def text(
-    conversation: str = "discord-1-2", message: str = "안녕, Libra!", user: str = "u1"
+    conversation: str = "discord-1-2", message: str = "안녕, Libra!", user: str = "discord:u1"
 ) -> TextReceived:
     return make(
         TextReceived,
@@ -59,7 +59,7 @@ def every_event() -> list[AnyEvent]:
     voice = make(
         VoiceCaptured,
         conversation="discord-1-2",
-        user="u1",
+        user="discord:u1",
         audio=AUDIO,
         origin=ORIGIN,
         speech_ended_at=datetime.now(UTC),
@@ -132,20 +132,22 @@ def every_event() -> list[AnyEvent]:
         ),
         derive(start, ReplyClaimed, key="reply-claim", origin=ORIGIN),
         derive(accepted, ReplyDelivered, key="delivered", message_ids=("9",), origin=ORIGIN),
-        make(SessionChat, conversation="discord-1-2", user="u1", enabled=True, origin=ORIGIN),
+        make(
+            SessionChat, conversation="discord-1-2", user="discord:u1", enabled=True, origin=ORIGIN
+        ),
         make(
             SessionVoice,
             conversation="discord-1-2",
-            user="u1",
+            user="discord:u1",
             state="joined",
             channel="5",
             origin=ORIGIN,
         ),
-        make(SessionMemoryReset, conversation="discord-1-2", user="u1", origin=ORIGIN),
+        make(SessionMemoryReset, conversation="discord-1-2", user="discord:u1", origin=ORIGIN),
         make(
             SessionSettings,
             conversation="discord-1-2",
-            user="u1",
+            user="discord:u1",
             scope="guild:1",
             key="model",
             value="gpt",

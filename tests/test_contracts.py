@@ -74,7 +74,7 @@ def test_unknown_version_is_refused() -> None:
 
 
 def test_bad_field_names_its_location() -> None:
-    wire = encode_event(text()).replace(b'"user":"u1"', b'"user":5')
+    wire = encode_event(text()).replace(b'"user":"discord:u1"', b'"user":5')
     with pytest.raises(EventDecodeError, match=r"\$\.user"):
         decode_event(wire)
 

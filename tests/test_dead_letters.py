@@ -13,6 +13,7 @@ from libra.contracts import ConsumerSpec, DeadLetter, TurnAccepted, derive, new_
 from libra.ops.cli import main
 from libra.ops.dead import dead_letters, retry_dead_letters
 from libra.ops.embedded import EmbeddedRedis, free_port
+from libra.runtime.config import Settings
 from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.deadletter import retry_of
 from libra.runtime.eventlog import EventLog
@@ -113,6 +114,49 @@ async def test_a_retry_that_fails_again_is_a_new_letter(eventlog: EventLog) -> N
         await runner.stop()
         await asyncio.wait_for(task, 10)
         await down.aclose()
+
+
+class Leaky:
+    """Fails every text with an error that quotes a URL's password, a key and a token."""
+
+    spec = ConsumerSpec(name="leaky", subjects=("libra.text.received.>",), max_deliver=1)
+
+    def __init__(self, password: str, key: str, token: str) -> None:
+        self.error = ConnectionError(
+            f"cannot reach redis://:{password}@127.0.0.1:6380/0 as {key}\n"
+            f"(Authorization: Bearer {token})"
+        )
+
+    async def handle(self, event) -> list[TurnAccepted]:
+        raise self.error
+
+
+async def test_a_dead_letter_names_the_error_without_its_secrets(
+    eventlog: EventLog, settings
+) -> None:
+    key = "ordinary-words-but-configured"  # not token-like: only its being configured hides it
+    Settings.from_env({"GROQ_API_KEY": key})
+    password, token = "hunter2-redis", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ6b2UifQ.Zm9vYmFyYmF6MTIz"
+    runner = ConsumerRunner(eventlog, Leaky(password, key, token), concurrency=4)
+    task = asyncio.create_task(runner.run())
+    try:
+        await eventlog.publish(text(message="my words"))
+        await eventually(lambda: _count(eventlog, "libra.dead.leaky.>", 1))
+    finally:
+        await runner.stop()
+        await asyncio.wait_for(task, 10)
+    [(letter, _)] = await dead_letters(eventlog, consumer="leaky")
+    assert letter.error == (
+        "ConnectionError: cannot reach redis://***@127.0.0.1:6380/0 as *** (Authorization:"
+        " Bearer ***)"
+    )
+    assert "my words" in letter.payload  # the message itself is kept, to be re-driven
+    result = await asyncio.to_thread(
+        CliRunner().invoke, main, ["dead", "list"], env={"NATS_URL": settings.nats_url}
+    )
+    assert f"leaky seq 1 {letter.subject}: {letter.error!r}" in result.output
+    for secret in (password, key, token, *token.split(".")):
+        assert secret not in result.output and secret not in letter.error
 
 
 async def test_the_cli_lists_and_retries(eventlog: EventLog, settings) -> None:

@@ -18,7 +18,14 @@ from prometheus_client import REGISTRY
 
 from libra.contracts import CONSUMERS, TurnAccepted, derive
 from libra.ops.components import COMPONENTS
-from libra.ops.embedded import _nats_server_binary, free_port, nats_conf_path, nats_users
+from libra.ops.embedded import (
+    POSTGRES_ROLES,
+    _nats_server_binary,
+    free_port,
+    nats_conf_path,
+    nats_users,
+    postgres_grants_sql,
+)
 from libra.ops.eval.prices import PriceTable
 from libra.runtime.config import Settings
 from libra.runtime.metrics import refresh_consumer_lag
@@ -34,6 +41,8 @@ LIBRA = {name: s for name, s in SERVICES.items() if s.get("image") == "libra:lat
 SETTINGS = {field.upper() for field in Settings.__struct_fields__}
 # Each service's NATS login: nats://USER:${PASSWORD_VARIABLE}@host,...
 _LOGIN = re.compile(r"^nats://([\w-]+):\$\{(\w+)\}@nats-1:4222(,nats://nats-[23]:4222){2}$")
+# A PostgreSQL login: postgresql://ROLE:${PASSWORD_VARIABLE:?...}@postgres:5432/libra
+_DATABASE_LOGIN = re.compile(r"^postgresql://(\w+):\$\{(\w+):\?[^}]+\}@postgres:5432/libra$")
 
 
 def test_every_component_is_a_service_of_its_own() -> None:
@@ -118,8 +127,49 @@ def test_grafana_gets_its_provisioning_and_dashboards() -> None:
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
     assert mounts["./grafana/dashboards"] == provider["providers"][0]["options"]["path"]
     assert SERVICES["postgres"]["image"].startswith("pgvector/pgvector:")
-    init = SERVICES["postgres"]["volumes"][1].split(":")[0]
-    assert "GRANT SELECT ON TABLES TO grafana" in (DEPLOY / init).read_text()
+    sources = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/libra.yml").read_text())
+    [source] = [s for s in sources["datasources"] if s["type"] == "grafana-postgresql-datasource"]
+    assert source["user"] == "libra_reader"
+    assert source["secureJsonData"]["password"] == "$LIBRA_DB_PASSWORD_READER"
+    assert "LIBRA_DB_PASSWORD_READER" in SERVICES["grafana"]["environment"]
+
+
+def test_each_component_logs_in_to_postgres_with_least_privilege() -> None:
+    """The roles of `libra up`'s embedded server: the owner migrates, the HTTP edge only reads,
+    every other component reads and writes rows; no service logs in as the superuser."""
+    for name, service in LIBRA.items():
+        role, password = _DATABASE_LOGIN.match(service["environment"]["DATABASE_URL"]).groups()
+        wanted = {"migrate": "libra_owner", "http": "libra_reader"}.get(name, "libra_app")
+        assert role == wanted, name
+        assert password == f"LIBRA_DB_PASSWORD_{role.removeprefix('libra_').upper()}"
+    postgres = SERVICES["postgres"]
+    assert postgres["environment"]["POSTGRES_USER"] == "postgres"
+    init = dict(v.split(":")[:2] for v in postgres["volumes"] if v.startswith("."))
+    roles = (DEPLOY / "postgres/roles.sh").read_text()
+    assert init["./postgres/roles.sh"] == "/docker-entrypoint-initdb.d/10-roles.sh"
+    assert re.findall(r"CREATE ROLE (\w+) LOGIN PASSWORD :'\w+';", roles) == list(POSTGRES_ROLES)
+    assert all(f'"${password}"' in roles for password in _role_passwords(postgres))
+    # What each role may do: the very file the embedded server runs, run after the roles.
+    grants = init["../conf/postgres-grants.sql"]
+    assert grants == "/docker-entrypoint-initdb.d/20-grants.sql"
+    assert (DEPLOY / "../conf/postgres-grants.sql").read_text() == postgres_grants_sql()
+
+
+def _role_passwords(postgres: dict) -> list[str]:
+    return [v for v in postgres["environment"] if v.startswith("LIBRA_DB_PASSWORD_")]
+
+
+def test_redis_asks_for_a_password_and_the_nats_monitor_stays_inside() -> None:
+    redis = SERVICES["redis"]
+    assert redis["command"][-2:] == ["--requirepass", "${REDIS_PASSWORD:?set in .env}"]
+    assert redis["environment"]["REDISCLI_AUTH"] == "${REDIS_PASSWORD:?set in .env}"
+    for name, service in LIBRA.items():
+        url = service["environment"]["REDIS_URL"]
+        assert url == "redis://:${REDIS_PASSWORD:?set in .env}@redis:6379/0", name
+    for name in ("nats-1", "nats-2", "nats-3"):
+        env = SERVICES[name]["environment"]
+        assert env["LIBRA_NATS_MONITOR"].startswith("127.0.0.1:")
+        assert env["LIBRA_NATS_ANONYMOUS"] == "nobody"
 
 
 def test_the_image_holds_every_package_and_runs_libra() -> None:

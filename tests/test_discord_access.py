@@ -50,6 +50,14 @@ def test_a_broken_file_keeps_the_lists_in_force(tmp_path: Path) -> None:
     assert not policy.may_talk(ALICE)
 
 
+def test_people_may_be_listed_as_the_log_names_them(tmp_path: Path) -> None:
+    rules = tmp_path / "access.toml"
+    rules.write_text('[block]\nusers = ["discord:1"]\n')
+    policy = AccessPolicy(file=str(rules), recheck_s=0)
+    assert not policy.may_talk(ALICE)
+    assert policy.may_talk(Speaker(user="2", guild="10", channel="20"))
+
+
 def test_admins_have_manage_server_or_an_admin_role() -> None:
     policy = AccessPolicy(admin_roles=parse_ids("77"))
     none = hikari.Permissions.NONE

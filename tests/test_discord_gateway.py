@@ -342,7 +342,7 @@ async def test_a_chat_mode_message_gets_a_reply_edited_as_deltas_arrive(
     [event] = fake_llm.seen
     assert event.id == stable_id(f"discord-message:{said['id']}", snowflake_ms(int(said["id"])))
     assert event.conversation == world.conversation
-    assert event.user == str(world.alice.id)
+    assert event.user == f"discord:{world.alice.id}"
     assert event.origin.message == said["id"] and event.origin.channel == str(world.channel)
 
     posts = fake.calls_to("POST", POST)
@@ -419,6 +419,22 @@ async def test_rejected_and_failed_turns_get_a_short_message(
     [notice] = replies_to(fake, said)
     assert notice["content"] == "slow down — try again in 6 s"
     assert await stream_count(eventlog.js, "LIBRA", "libra.reply.delivered.>") == 0
+
+
+async def test_a_message_with_a_lone_surrogate_is_answered_with_it_replaced(
+    eventlog: EventLog, world: World, gateways: Gateways
+) -> None:
+    """Discord's JSON may spell a lone surrogate (``\\ud800``): it cannot go into an event as it
+    is, so it becomes U+FFFD and the rest of the message is answered."""
+    fake = world.fake
+    await chat_mode_on(eventlog, world)
+    await gateways.start()
+    async with responder(eventlog, replies_with("got it")) as fake_llm:
+        said = await fake.send_message(world.channel, "odd \ud800 text", author=world.alice)
+        await delivered(eventlog, 1)
+
+    assert [e.text for e in fake_llm.seen] == ["odd \ufffd text"]
+    assert [r["content"] for r in replies_to(fake, said)] == ["got it"]
 
 
 async def test_a_reply_that_fails_midway_keeps_what_was_said_and_says_why(
@@ -646,7 +662,7 @@ async def test_chat_on_is_refused_without_manage_channels_and_survives_a_restart
         assert not allowed.ephemeral
         assert allowed.content == "채팅 모드를 켰어요. 이 채널의 모든 메시지에 답할게요."
         [switched] = await stream_events(eventlog.js, "LIBRA", "libra.session.chat.>")
-        assert switched.enabled and switched.user == str(world.admin.id)
+        assert switched.enabled and switched.user == f"discord:{world.admin.id}"
         assert switched.conversation == conversation_id("discord", world.guild, world.quiet)
 
         async with asyncio.timeout(10):  # the sessions projection folds it
@@ -709,8 +725,9 @@ async def test_model_persona_reset_stats_and_help(
         " completion_tokens) VALUES ('t1', 'c', $1, 'discord', now(), 100, 20),"
         " ('t2', 'c', $1, 'discord', now(), 50, 5),"
         " ('t3', 'c', $1, 'discord', now() - interval '2 days', 9, 9),"
-        " ('t4', 'c', $1, 'http', now(), 7, 7)",
-        str(world.alice.id),
+        " ('t4', 'c', $2, 'http', now(), 7, 7)",
+        f"discord:{world.alice.id}",
+        f"http:{world.alice.id}",  # the same digits on HTTP are someone else
     )
     assert await ask("stats", world.alice) == (
         "Today: 2 turns, 150 prompt tokens, 25 reply tokens."
@@ -726,7 +743,7 @@ async def test_model_persona_reset_stats_and_help(
     [reset] = await stream_events(eventlog.js, "LIBRA", "libra.session.memory_reset.>")
     assert (reset.scope, reset.user, reset.conversation) == (
         "conversation",
-        str(world.alice.id),
+        f"discord:{world.alice.id}",
         world.conversation,
     )
 

@@ -195,7 +195,7 @@ async def publish_clip(
     clip = make(
         TtsSynthesized,
         conversation=r.conversation,
-        user=str(r.alice.id),
+        user=f"discord:{r.alice.id}",
         turn=turn,
         audio=await store_clip(log, f"tts/{r.conversation}/{turn}-{index}", pcm),
         index=index,
@@ -224,7 +224,7 @@ async def test_join_connects_with_dave_and_leave_leaves_both_logged(
         [joined] = await logged(eventlog, "libra.session.voice.>", SessionVoice)
         assert (joined.state, joined.user, joined.channel) == (
             "joined",
-            str(r.alice.id),
+            f"discord:{r.alice.id}",
             str(r.channel),
         )
         assert joined.conversation == r.conversation and joined.origin.guild == str(r.guild)
@@ -236,8 +236,8 @@ async def test_join_connects_with_dave_and_leave_leaves_both_logged(
         assert r.gateway.voice.call(r.guild) is None
         events = await logged(eventlog, "libra.session.voice.>", SessionVoice, 2)
         assert [(e.state, e.user) for e in events] == [
-            ("joined", str(r.alice.id)),
-            ("left", str(r.alice.id)),
+            ("joined", f"discord:{r.alice.id}"),
+            ("left", f"discord:{r.alice.id}"),
         ]
 
 
@@ -288,7 +288,10 @@ async def test_an_empty_channel_is_left_after_the_configured_time(
         assert 0.6 <= waited < 1.5, waited
         await until(lambda: not r.server.connected, "Libra to hang up")
         events = await logged(eventlog, "libra.session.voice.>", SessionVoice, 2)
-        assert [(e.state, e.user) for e in events] == [("joined", str(r.alice.id)), ("left", "")]
+        assert [(e.state, e.user) for e in events] == [
+            ("joined", f"discord:{r.alice.id}"),
+            ("left", ""),
+        ]
 
 
 # --- hearing ---------------------------------------------------------------------------------
@@ -305,7 +308,7 @@ async def test_speech_becomes_a_capture_of_its_speaker(
         [ended] = await logged(eventlog, "libra.voice.ended.>", VoiceEnded)
         captures = await logged(eventlog, "libra.voice.captured.>", VoiceCaptured)
     turn = next(c for c in captures if c.id == ended.captured)
-    assert {c.user for c in captures} == {str(r.alice.id)}
+    assert {c.user for c in captures} == {f"discord:{r.alice.id}"}
     assert turn.conversation == r.conversation and turn.mode == "auto"
     assert (turn.origin.platform, turn.origin.guild, turn.origin.channel) == (
         "discord",
@@ -332,13 +335,13 @@ async def test_two_people_speaking_at_once_are_two_captures_with_the_right_users
         ends = await logged(eventlog, "libra.voice.ended.>", VoiceEnded, 2)
         captures = {c.id: c for c in await read(eventlog, "libra.voice.>")}
     turns = {captures[e.captured].user: captures[e.captured] for e in ends}
-    assert set(turns) == {str(r.alice.id), str(r.bob.id)}
+    assert set(turns) == {f"discord:{r.alice.id}", f"discord:{r.bob.id}"}
     audio = await AudioStore.open(eventlog)
     heard = {
         user: np.frombuffer(await audio.get(c.audio), np.int16).astype(float)
         for user, c in turns.items()
     }
-    a, b = str(r.alice.id), str(r.bob.id)
+    a, b = f"discord:{r.alice.id}", f"discord:{r.bob.id}"
     assert similarity(heard[a], as_captured(speech(first))) > 0.8
     assert similarity(heard[b], as_captured(speech(second))) > 0.8
     assert similarity(heard[a], as_captured(speech(second))) < 0.3
@@ -375,7 +378,7 @@ async def test_record_and_stop_in_manual_mode_give_one_manual_capture(
         states = [e.state for e in await read(eventlog, "libra.session.>")]
     assert events == [captured]  # one capture, and no voice.ended: nothing to confirm
     assert captured.mode == "manual" and not captured.speculative
-    assert captured.user == str(r.alice.id)
+    assert captured.user == f"discord:{r.alice.id}"
     assert captured.audio.duration_ms > 2000  # both parts: more than a VAD cut would hold
     assert states == ["joined", "manual", "recording", "stopped"]
 
@@ -396,7 +399,11 @@ async def test_a_published_clip_is_heard_by_the_member_and_delivered(
     assert len(arrived) * 960 * 4 >= len(said)  # every 20 ms of the clip
     assert abs(arrived[-1] - arrived[0] - 0.02 * (len(arrived) - 1)) < 0.1  # at real-time pace
     assert similarity(decode_heard(alice), mono(said)) > 0.9
-    assert (receipt.turn, receipt.causation, receipt.user) == (clip.turn, clip.id, str(r.alice.id))
+    assert (receipt.turn, receipt.causation, receipt.user) == (
+        clip.turn,
+        clip.id,
+        f"discord:{r.alice.id}",
+    )
     assert receipt.modality == "voice" and receipt.clips == 1 and not receipt.interrupted
     assert receipt.conversation == r.conversation
 
@@ -461,7 +468,9 @@ async def test_a_spoken_question_is_answered_aloud_in_the_channel(
                 while row is None or row["status"] != "delivered":
                     await asyncio.sleep(0.05)
                     row = await pool.fetchrow("SELECT * FROM turns WHERE turn = $1", receipt.turn)
-    assert receipt.user == str(r.alice.id) and not receipt.interrupted and receipt.clips >= 1
+    assert (
+        receipt.user == f"discord:{r.alice.id}" and not receipt.interrupted and receipt.clips >= 1
+    )
     assert row["modality"] == "voice" and row["interrupted"] is False
     clips = [
         e

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from libra.contracts import LlmCompleted, derive
+from libra.contracts import LlmCompleted, TurnAccepted, derive
 from libra.projections.history import HistoryProjection
 from libra.runtime.eventlog import EventLog
 from libra.runtime.projection import Recorded, _apply_batch, rebuild
@@ -15,8 +15,11 @@ from .factories import ORIGIN, text
 
 def _exchange(i: int, conversation: str) -> list:
     said = text(conversation=conversation, message=f"question {i}")
+    turn = derive(
+        said, TurnAccepted, key="turn", text=said.text, origin=ORIGIN, received_at=said.at
+    )
     answer = derive(
-        said,
+        turn,
         LlmCompleted,
         key="completed",
         text=f"answer {i}",
@@ -24,7 +27,7 @@ def _exchange(i: int, conversation: str) -> list:
         model="gpt-test",
         origin=ORIGIN,
     )
-    return [said, answer]
+    return [turn, answer]  # what history folds: the admitted turn and its answer
 
 
 async def _rows(pool: asyncpg.Pool) -> list[tuple]:

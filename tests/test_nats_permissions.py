@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -299,6 +300,31 @@ async def test_voice_components_reach_the_audio_as_they_need(
     finally:
         await discord.close()
     assert _violations(caplog) == []
+
+
+@pytest.mark.parametrize("edge", ["http", "discord"])
+async def test_an_edge_puts_and_reads_audio_but_cannot_empty_the_bucket(
+    eventlog: EventLog, nats_server: EmbeddedNats, edge: str
+) -> None:
+    stream = f"OBJ_{AUDIO_BUCKET}"
+    theirs = await (await AudioStore.open(eventlog)).put(
+        "clip/someone-else", b"\1\0" * 1600, format="pcm_s16le", sample_rate=16000
+    )
+    log = await EventLog.connect(nats_server.url_for(edge), name=edge)
+    try:
+        audio = await AudioStore.open(log)
+        mine = await audio.put("utt/mine", b"\0\0" * 1600, format="pcm_s16le", sample_rate=16000)
+        assert await audio.get(theirs) == b"\1\0" * 1600 and mine.duration_ms == 100
+        held = (await eventlog.js.stream_info(stream)).state.messages
+        with pytest.raises(nats.js.errors.ServerError, match="rollup not permitted"):
+            await log.js.publish(f"$O.{AUDIO_BUCKET}.C.x", b"", headers={"Nats-Rollup": "all"})
+    finally:
+        await log.close()
+    async with login(nats_server, edge) as who:
+        for api in ("STREAM.PURGE", "STREAM.DELETE", "STREAM.MSG.DELETE"):
+            assert not await who.tries(f"$JS.API.{api}.{stream}")
+    assert (await eventlog.js.stream_info(stream)).state.messages == held
+    assert await (await AudioStore.open(eventlog)).get(mine) == b"\0\0" * 1600
 
 
 async def _spoken(log: EventLog) -> bool:

@@ -181,7 +181,10 @@ async def test_a_lost_consumer_starts_after_its_saved_position(eventlog: EventLo
 
 
 async def test_a_projection_with_no_position_folds_from_the_start(eventlog: EventLog) -> None:
-    await eventlog.publish(text())
+    said = text()  # history folds the admitted turn
+    await eventlog.publish(
+        derive(said, TurnAccepted, key="turn", text=said.text, origin=said.origin)
+    )
     await eventlog.js.delete_consumer("LIBRA", "history")
     await eventlog.js.delete_consumer("LIBRA", "llm")
     history = await eventlog.ensure_consumer(CONSUMERS["history"])

@@ -243,7 +243,7 @@ async def test_redis_down_admits_under_a_local_limit_and_recovers(
         try:
 
             async def counted() -> bool:
-                return await client.zcard(key_for("ann")) == 3
+                return await client.zcard(key_for("http:ann")) == 3
 
             await eventually(counted, timeout=30)
         finally:
@@ -374,7 +374,7 @@ async def test_postgres_down_answers_without_context_and_projections_catch_up(
         live = await _projected(own_postgres.url)
         rebuilt = await _rebuilt(r.log, own_postgres)
     assert live == rebuilt
-    assert sum(1 for row in live["messages"] if row["user_id"] == "pat") == 6
+    assert sum(1 for row in live["messages"] if row["user_id"] == "http:pat") == 6
 
 
 _TABLES = {

@@ -144,7 +144,7 @@ async def test_turns_replay_decides_against_a_rate_limit_of_its_own(
             await eventlog.publish(said)
             await eventually(lambda n=i + 1: _decided(eventlog, n))
     live = aioredis.from_url(redis_url)
-    window_before = await live.zrange(key_for("carol"), 0, -1)
+    window_before = await live.zrange(key_for("http:carol"), 0, -1)
 
     lines: list[str] = []
     result = await replay(
@@ -155,7 +155,7 @@ async def test_turns_replay_decides_against_a_rate_limit_of_its_own(
     assert decided == [TurnAccepted] * 10 + [TurnRejected] * 2  # the recorded order, again
     assert sum("turn.accepted: text the same" in line for line in lines) == 10
     assert sum("turn.rejected: the same" in line for line in lines) == 2
-    assert await live.zrange(key_for("carol"), 0, -1) == window_before
+    assert await live.zrange(key_for("http:carol"), 0, -1) == window_before
     await live.aclose()
 
 

@@ -186,10 +186,12 @@ async def test_second_message_recalls_the_first(settings, wire, pool) -> None:
                 json={"userId": "bob", "message": "My dog is called Biscuit and loves the beach."},
             )
             assert first.status_code == 200 and first.json()["content"] == REPLY
-            await eventually(lambda: _has(pool, "SELECT 1 FROM memories WHERE user_id = 'bob'"))
+            await eventually(
+                lambda: _has(pool, "SELECT 1 FROM memories WHERE user_id = 'http:bob'")
+            )
             await eventually(
                 lambda: _has(
-                    pool, "SELECT 1 FROM messages WHERE user_id = 'bob' AND role = 'assistant'"
+                    pool, "SELECT 1 FROM messages WHERE user_id = 'http:bob' AND role = 'assistant'"
                 )
             )
             second = await http.post(
@@ -350,10 +352,9 @@ async def test_auth_service_key_and_user_tokens(settings, wire) -> None:
         BFF_API_KEY="service-key-123",
         JWT_SECRET="jwt-secret-that-is-long-enough-456",
     )
-    token = jwt.encode({"sub": "hana"}, "jwt-secret-that-is-long-enough-456", algorithm="HS256")
-    forged = jwt.encode(
-        {"sub": "hana"}, "a-wrong-secret-of-the-same-good-length", algorithm="HS256"
-    )
+    claims = {"sub": "hana", "exp": int(time.time()) + 600}  # a token must expire
+    token = jwt.encode(claims, "jwt-secret-that-is-long-enough-456", algorithm="HS256")
+    forged = jwt.encode(claims, "a-wrong-secret-of-the-same-good-length", algorithm="HS256")
     async with running(s, [*TEXT_PIPELINE, "http"]):
         await _wait_http(s)
         async with httpx.AsyncClient(

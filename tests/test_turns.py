@@ -44,7 +44,7 @@ async def _decide(processor: TurnsProcessor, event) -> list:
     return [out async for out in processor.handle(event)]
 
 
-def _said(text: str, user: str = "u1") -> TextReceived:
+def _said(text: str, user: str = "http:u1") -> TextReceived:
     return make(TextReceived, conversation="http-u1", user=user, text=text, origin=HTTP)
 
 
@@ -124,7 +124,7 @@ async def test_speculative_transcript_waits_for_voice_ended(redis) -> None:
     capture = make(
         VoiceCaptured,
         conversation="discord-1-2",
-        user="u1",
+        user="discord:u1",
         audio=AUDIO,
         origin=ORIGIN,
         speculative=True,
@@ -148,7 +148,7 @@ async def test_speculative_transcript_waits_for_voice_ended(redis) -> None:
     capture2 = make(
         VoiceCaptured,
         conversation="discord-1-2",
-        user="u1",
+        user="discord:u1",
         audio=AUDIO,
         origin=ORIGIN,
         speculative=True,
@@ -172,7 +172,7 @@ async def test_unconfirmed_speculation_never_becomes_a_turn(redis) -> None:
     capture = make(
         VoiceCaptured,
         conversation="discord-1-2",
-        user="u1",
+        user="discord:u1",
         audio=AUDIO,
         origin=ORIGIN,
         speculative=True,
@@ -190,7 +190,9 @@ async def test_unconfirmed_speculation_never_becomes_a_turn(redis) -> None:
 
 
 async def test_silence_makes_no_turn(redis) -> None:
-    capture = make(VoiceCaptured, conversation="discord-1-2", user="u1", audio=AUDIO, origin=ORIGIN)
+    capture = make(
+        VoiceCaptured, conversation="discord-1-2", user="discord:u1", audio=AUDIO, origin=ORIGIN
+    )
     heard = derive(capture, AsrTranscribed, key="asr", text="  ", engine="whisper", origin=ORIGIN)
     assert await _decide(_processor(redis), heard) == []
 
@@ -199,9 +201,9 @@ async def test_rate_limits_rebuild_from_the_log(redis, eventlog: EventLog) -> No
     processor = _processor(redis, limit=3)
     accepted = [out for i in range(3) for out in await _decide(processor, _said(f"m{i}"))]
     await eventlog.publish_many(accepted)
-    await redis.delete(key_for("u1"))  # Redis lost its data
+    await redis.delete(key_for("http:u1"))  # Redis lost its data
     assert isinstance((await _decide(processor, _said("again")))[0], TurnAccepted)
-    await redis.delete(key_for("u1"))
+    await redis.delete(key_for("http:u1"))
     assert await rebuild_rate_limits(eventlog, RateLimitView(processor.limiter).limiter) == 3
     [out] = await _decide(processor, _said("and again"))
     assert isinstance(out, TurnRejected) and out.reason == "rate_limited"

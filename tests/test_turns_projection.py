@@ -46,7 +46,7 @@ def _voice_turn():
     captured = make(
         VoiceCaptured,
         conversation="discord-1-2",
-        user="u1",
+        user="discord:u1",
         audio=AUDIO,
         origin=ORIGIN,
         speech_ended_at=ORIGIN and text().at,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ from typing import ClassVar
 import asyncpg
 import nats
 import pytest
+import redis.asyncio as aioredis
 
 from libra.contracts import LlmCompleted, derive, encode_event
 from libra.ops.embedded import free_port
@@ -114,7 +117,8 @@ class Up:
 
     @property
     def database_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.env['LIBRA_POSTGRES_PORT']}/libra"
+        """The database's owner, as `libra env` prints it (every login needs its password)."""
+        return resolve_urls(Settings.from_env(self.env)).owner_url
 
 
 async def _publish_exchange(url: str) -> str:
@@ -167,6 +171,13 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     )
     env_out = listed.stdout
     assert f"NATS_URL={up.nats_url}" in env_out
+    await _logins_work(dict(line.split("=", 1) for line in env_out.splitlines()))
+    migrated = await asyncio.to_thread(
+        subprocess.run, _libra("migrate"), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert migrated.stdout.startswith("applied 0 migration(s)"), migrated.stderr[-2000:]
+    printed = up.output + up.log
+    assert not [p for p in _passwords(tmp_path / "data") if p in printed]
 
     stored = await _settled_count(up.nats_url)  # the exchange and what the pipeline made of it
     assert stored >= 2
@@ -182,6 +193,26 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     await nc.close()
     assert await _message_count(again.database_url) == 2
     assert await asyncio.to_thread(again.terminate, 10.0) == 0
+
+
+async def _logins_work(env: dict[str, str]) -> None:
+    """What `libra env` printed is enough to connect, and what it names must log in."""
+    conn = await asyncpg.connect(env["DATABASE_URL"])
+    assert await conn.fetchval("SELECT current_user") == "libra_owner"
+    await conn.close()
+    client = aioredis.from_url(env["REDIS_URL"])
+    assert await client.ping()
+    await client.aclose()
+    stripped = re.sub(r"//[^@/]*@", "//", env["DATABASE_URL"])
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(stripped.replace("//", "//libra_owner@"))
+
+
+def _passwords(data: Path) -> list[str]:
+    """Every password the stack made for its data directory."""
+    files = [data / "nats" / "passwords.json", data / "postgres-passwords.json"]
+    files.append(data / "redis" / "passwords.json")
+    return [p for f in files for p in json.loads(f.read_text()).values()]
 
 
 async def _settled_count(url: str) -> int:

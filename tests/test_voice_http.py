@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import time
 import wave
 
 import httpx
@@ -172,7 +174,8 @@ async def test_a_body_far_over_the_audio_limit_is_cut_off_unread(http) -> None:
 async def test_voice_routes_need_the_same_credentials_as_chat(settings: Settings) -> None:
     s = _settings(settings, BFF_API_KEY="service-key-123", JWT_SECRET=SECRET)
     base = f"http://127.0.0.1:{s.http_port}"
-    hana = {"Authorization": f"Bearer {jwt.encode({'sub': 'hana'}, SECRET, algorithm='HS256')}"}
+    claims = {"sub": "hana", "exp": int(time.time()) + 600}
+    hana = {"Authorization": f"Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}"}
     quiet = {"userId": "hana", "audioData": _b64(silence(500))}
     wav = {"file": ("a.wav", wav_bytes(silence(500).tobytes(), sample_rate=16_000))}
     async with running(s, ["http"]):
@@ -197,3 +200,65 @@ async def test_voice_routes_need_the_same_credentials_as_chat(settings: Settings
             assert service.status_code == 422
             spec = (await client.get("/openapi.json")).json()
             assert {"/voice/process", "/api/stt/transcribe"} <= set(spec["paths"])
+
+
+def test_an_unreadable_wav_is_refused_in_libras_words() -> None:
+    from libra.gateway.http.voice import _BadAudio, _wav_pcm
+
+    for data in (b"RIFF\x00\x00junk", b"RIFF" + bytes(40), _wav(SPEECH)[:30]):
+        with pytest.raises(_BadAudio) as refused:
+            _wav_pcm(data)
+        assert refused.value.message == "the file is not a readable WAV"  # not the parser's
+
+
+async def _transcribe(client: httpx.AsyncClient, user: str, samples: np.ndarray):
+    wav = {"file": ("a.wav", _wav(samples))}
+    return await client.post("/api/stt/transcribe", files=wav, data={"userId": user})
+
+
+@pytest.mark.parametrize("redis_up", [True, False], ids=["redis", "redis-down"])
+async def test_transcription_has_a_limit_per_person(settings: Settings, redis_up: bool) -> None:
+    # Without Redis, the window is counted in this process (a port where nothing listens).
+    redis = settings.redis_url if redis_up else f"redis://127.0.0.1:{free_port()}/0"
+    s = _settings(settings, REDIS_URL=redis, STT_RATE_LIMIT="2", STT_RATE_LIMIT_WINDOW_SEC="60")
+    base = f"http://127.0.0.1:{s.http_port}"
+    async with running(s, ["http"]), httpx.AsyncClient(base_url=base, timeout=20) as client:
+        await _wait_http(base)
+        quiet = silence(600)
+        for _ in range(2):  # each counts, though no speech is heard in it
+            assert (await _transcribe(client, "olga", quiet)).status_code == 422
+        third = await _transcribe(client, "olga", quiet)
+        assert third.status_code == 429 and third.json()["error"] == "rate_limited", third.text
+        assert 0 < int(third.headers["Retry-After"]) <= 60 and third.json()["message"]
+        spoken = await client.post(
+            "/voice/process", json={"userId": "olga", "audioData": _b64(quiet)}
+        )
+        assert spoken.status_code == 429  # the voice route transcribes too: the same window
+        assert (await _transcribe(client, "pavel", quiet)).status_code == 422  # another person
+
+
+async def test_transcriptions_in_flight_are_bounded_and_a_gone_client_frees_its_place(
+    settings: Settings,
+) -> None:
+    # No asr processor runs: a clip with speech waits for its transcript until its client goes.
+    s = _settings(settings, STT_MAX_CONCURRENT="1")
+    base = f"http://127.0.0.1:{s.http_port}"
+    async with running(s, ["http"]) as resources:
+        await _wait_http(base)
+        async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+            waiting = asyncio.create_task(_transcribe(client, "quinn", SPEECH))
+            captured = "libra.voice.captured.>"
+            await eventually(lambda: _counted(resources.log.js, captured), timeout=15)
+            busy = await _transcribe(client, "rosa", silence(600))
+            assert busy.status_code == 503 and busy.json()["error"] == "busy", busy.text
+            assert int(busy.headers["Retry-After"]) > 0
+            waiting.cancel()  # its client closes the connection: the slot is free again
+
+            async def free() -> bool:
+                return (await _transcribe(client, "rosa", silence(600))).status_code == 422
+
+            await eventually(free, timeout=10)
+
+
+async def _counted(js, subject: str) -> bool:
+    return len(await stream_events(js, "LIBRA", subject)) > 0

@@ -224,7 +224,7 @@ async def test_transcription_only_makes_no_turn(stack, wire, whisper, pool) -> N
     }
     (captured,) = await stream_events(log.js, "LIBRA", "libra.voice.>")
     assert isinstance(captured, VoiceCaptured) and captured.reply is False
-    assert not captured.speculative and captured.user == "sora"
+    assert not captured.speculative and captured.user == "http:sora"
     (heard,) = await stream_events(log.js, "LIBRA", "libra.asr.>")
     assert isinstance(heard, AsrTranscribed) and heard.reply is False
 

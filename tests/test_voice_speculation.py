@@ -507,7 +507,7 @@ async def test_a_pause_then_talking_on_leaves_one_turn_in_history(settings, pool
                 log,
                 await AudioStore.open(log),
                 conversation="discord-1-2",
-                user="u1",
+                user="discord:u1",
                 origin=ORIGIN,
             ) as capture:
                 loop = asyncio.get_running_loop()
@@ -523,7 +523,7 @@ async def test_a_pause_then_talking_on_leaves_one_turn_in_history(settings, pool
             await eventually(answered, timeout=20)
 
             async def recorded() -> bool:
-                sql = "SELECT count(*) FROM memories WHERE user_id = 'u1'"
+                sql = "SELECT count(*) FROM memories WHERE user_id = 'discord:u1'"
                 return await pool.fetchval(sql) >= 1
 
             await eventually(recorded, timeout=10)
@@ -540,7 +540,9 @@ async def test_a_pause_then_talking_on_leaves_one_turn_in_history(settings, pool
         assert spoken == {answer.turn}
         assert wire.count(OPENAI_CHAT) == len(abandoned) + 1  # each drafted, only one answered
         # history, memory and the turns table hold the one turn that happened
-        rows = await pool.fetch("SELECT turn, role FROM messages WHERE user_id = 'u1' ORDER BY at")
+        rows = await pool.fetch(
+            "SELECT turn, role FROM messages WHERE user_id = 'discord:u1' ORDER BY at"
+        )
         assert [(r["turn"], r["role"]) for r in rows] == [
             (answer.turn, "user"),
             (answer.turn, "assistant"),

@@ -10,7 +10,7 @@
       roles = []
       channels = []
       [block]            # always silent for these
-      users = ["123"]
+      users = ["123"]    # Discord ids; "discord:123", as Libra's log names people, works too
       roles = []
       channels = []
 
@@ -48,6 +48,11 @@ class _Lists(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     roles: frozenset[str] = frozenset()
     channels: frozenset[str] = frozenset()
 
+    def __post_init__(self) -> None:
+        # People as Discord names them (123) or as Libra's log and tables do (discord:123).
+        users = frozenset(u.removeprefix("discord:") for u in self.users)
+        msgspec.structs.force_setattr(self, "users", users)
+
 
 class AccessRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The allow- and block-lists, as the access file holds them."""
@@ -59,7 +64,7 @@ class AccessRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Speaker(msgspec.Struct, frozen=True, kw_only=True):
     """Who wrote, and where: what the rules are checked against."""
 
-    user: str
+    user: str  # the Discord id (``123``, not ``discord:123``), as the access lists name people
     guild: str = ""
     channel: str = ""
     parent: str = ""  # a thread's channel

@@ -22,6 +22,8 @@ from libra.contracts import (
     SessionSettings,
     conversation_id,
     make,
+    user_id,
+    well_formed,
 )
 from libra.runtime.eventlog import EventLog
 
@@ -97,7 +99,7 @@ class SlashCommands:
         await self._setting(ctx, "persona", prompt, clear, self.default_persona)
 
     async def stats(self, ctx: lightbulb.Context) -> None:
-        row = await self.pool.fetchrow(_STATS_TODAY, str(ctx.user.id))
+        row = await self.pool.fetchrow(_STATS_TODAY, user_id("discord", str(ctx.user.id)))
         await ctx.respond(
             say(
                 "stats",
@@ -133,7 +135,7 @@ class SlashCommands:
         if not self.access.is_admin(*_rights(ctx)):
             await ctx.respond(say("refused.admin", locale), ephemeral=True)
             return
-        value = "" if clear else value.strip()
+        value = "" if clear else well_formed(value).strip()
         if key == "model" and value and not _MODEL_NAME.match(value):
             await ctx.respond(say("model.bad", locale), ephemeral=True)
             return
@@ -168,7 +170,7 @@ class SlashCommands:
         event = make(
             cls,
             conversation=conversation,
-            user=str(ctx.user.id),
+            user=user_id("discord", str(ctx.user.id)),
             origin=Origin(
                 platform="discord",
                 guild=guild,

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 
 import hikari
 
-from libra.contracts import ContextMessage, Origin, TextReceived, conversation_id, stable_id
+from libra.contracts import (
+    ContextMessage,
+    Origin,
+    TextReceived,
+    conversation_id,
+    stable_id,
+    user_id,
+    well_formed,
+)
 
 from .access import AccessPolicy, Speaker
 from .attachments import can_see, read_attachments
@@ -125,7 +133,7 @@ class MessageReader:
             turn=event_id,
             at=message.created_at,
             conversation=place.conversation,
-            user=str(message.author.id),
+            user=user_id("discord", str(message.author.id)),
             text=_without_mention(message.content or "", me.id),
             origin=Origin(
                 platform="discord",
@@ -181,13 +189,13 @@ class MessageReader:
 
 
 def _without_mention(text: str, me: int) -> str:
-    return re.sub(rf"<@!?{me}>", "", text).strip()
+    return re.sub(rf"<@!?{me}>", "", well_formed(text)).strip()
 
 
 def _context(message: hikari.PartialMessage, me: int) -> ContextMessage:
     author = message.author  # UNDEFINED (falsy) on some partial messages
     return ContextMessage(
         role="assistant" if author and author.id == me else "user",
-        author=(author.global_name or author.username) if author else "",
+        author=well_formed(author.global_name or author.username) if author else "",
         text=_without_mention(message.content or "", me),
     )

@@ -28,6 +28,7 @@ from libra.contracts import (
     TtsSynthesized,
     conversation_id,
     derive,
+    user_id,
 )
 from libra.gateway.voice import SegmenterConfig, VoiceCapture
 from libra.runtime.audio import AudioStore, resample_pcm
@@ -171,14 +172,14 @@ class VoiceCall:
         if capture is not None:
             capture.stop_recording()
 
-    def _capture(self, user_id: int) -> VoiceCapture:
-        capture = self._captures.get(user_id)
+    def _capture(self, speaker: int) -> VoiceCapture:
+        capture = self._captures.get(speaker)
         if capture is None:
-            capture = self._captures[user_id] = VoiceCapture(
+            capture = self._captures[speaker] = VoiceCapture(
                 self.log,
                 self.audio,
                 conversation=self.conversation,
-                user=str(user_id),
+                user=user_id("discord", str(speaker)),
                 origin=self.origin,
                 config=self._segmenter,
                 automatic=self.automatic,

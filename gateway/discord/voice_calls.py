@@ -36,6 +36,8 @@ from libra.contracts import (
     TtsSynthesized,
     decode_event,
     make,
+    platform_of,
+    raw_user,
 )
 from libra.gateway.voice import segmenter_config
 from libra.runtime.audio import AudioStore
@@ -237,10 +239,10 @@ class VoiceCalls:
         if call is None or event.at < self._since.get(call.guild, event.at):
             return  # not this process's call, or about an earlier call in that channel
         match event.state:
-            case "recording" if event.user.isdigit():
-                call.start_recording(int(event.user))
-            case "stopped" if event.user.isdigit():
-                call.stop_recording(int(event.user))
+            case "recording" if (speaker := _speaker(event.user)) is not None:
+                call.start_recording(speaker)
+            case "stopped" if (speaker := _speaker(event.user)) is not None:
+                call.stop_recording(speaker)
             case "auto" | "manual":
                 call.set_automatic(event.state == "auto")
             case "left":
@@ -250,3 +252,9 @@ class VoiceCalls:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _speaker(user: str) -> int | None:
+    """The Discord id of the person a session event names; None for anyone not on Discord."""
+    raw = raw_user(user)
+    return int(raw) if platform_of(user) == "discord" and raw.isdigit() else None

@@ -15,7 +15,7 @@ from typing import Literal
 import hikari
 import lightbulb
 
-from libra.contracts import Origin, SessionVoice, conversation_id, make
+from libra.contracts import Origin, SessionVoice, conversation_id, make, user_id
 from libra.runtime.eventlog import EventLog
 
 from .claims import TurnClaims
@@ -121,7 +121,7 @@ class VoiceCommands:
             make(
                 SessionVoice,
                 conversation=conversation_id("discord", guild, channel),
-                user=str(ctx.user.id),
+                user=user_id("discord", str(ctx.user.id)),
                 state=state,
                 channel=str(channel),
                 origin=Origin(

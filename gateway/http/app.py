@@ -2,7 +2,8 @@
 
 - ``POST /api/chat/completions`` ``{"userId", "message", "stream"}``: the reply, or with
   ``stream`` an SSE stream of ``data: {"content": "...", "done": false}`` ending with ``done: true``
-- ``GET /api/chat/history/{userId}``: that user's messages, oldest first
+- ``GET /api/chat/history/{userId}``: that user's messages, oldest first (``alice`` is the
+  HTTP user ``http:alice``; a service key may name another platform's, ``discord:123``)
 - ``GET /api/health``: llm, database, redis and nats
 - ``GET /metrics``: Prometheus
 - ``POST /api/stt/transcribe`` and ``POST /voice/process``: speech in (:mod:`.voice`)
@@ -49,6 +50,8 @@ from libra.runtime.outage import Breaker, Unavailable
 
 from ..chat import NoDecision, converse
 from .auth import Authenticator, Principal
+from .guards import CancelOnDisconnect, ConcurrencyCap, HostCheck
+from .inputs import MAX_ID_CHARS, MessageText, UserId, id_problem, validation_problem
 from .metrics import BodyLimit, RequestMetrics
 
 if TYPE_CHECKING:
@@ -66,12 +69,17 @@ _ERROR_NAMES = {
     413: "too_large",
 }
 _encode = msgspec.json.Encoder().encode
+_HTTP_MESSAGES = {  # Starlette's own errors, in Libra's words
+    400: "the body is not valid JSON in UTF-8 (or, for an upload, multipart form data)",
+    404: "there is nothing at this path",
+    405: "this route does not take that method",
+}
 RETRY_AFTER_S = 5  # what a 503 asks the client to wait: about a breaker's retry, and margin
 
 
 class ChatRequest(BaseModel):
-    userId: str = Field(min_length=1, max_length=200, description="Who is talking")
-    message: str = Field(description="What they say")
+    userId: UserId = Field(min_length=1, max_length=MAX_ID_CHARS)
+    message: MessageText
     stream: bool = Field(default=False, description="Stream the reply as server-sent events")
 
 
@@ -180,11 +188,15 @@ def create_app(
     decision_s: float = 4.0,
     database: Breaker | None = None,
     voice: VoiceOptions | None = None,
+    host: str = "127.0.0.1",
+    max_concurrent: int = 0,
 ) -> FastAPI:
     """Returns the API wired to the log and the read models; with ``voice``, speech too.
 
     ``decision_s`` bounds the wait for a message's admission; ``database`` is the breaker that
-    the history's reads go through.
+    the history's reads go through; ``max_concurrent`` the requests answered at once (0: no
+    bound). An open API (``auth`` without secrets) answers only requests for loopback or
+    ``host``.
     """
     app = FastAPI(
         title="Libra",
@@ -203,7 +215,11 @@ def create_app(
 
         body_limits = install_voice(app, log, voice, reply_idle_s=reply_idle_s)
     app.add_middleware(BodyLimit, limit=max_body_bytes, routes=body_limits)
-    app.add_middleware(RequestMetrics)
+    app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(ConcurrencyCap, limit=max_concurrent)
+    if auth.open:
+        app.add_middleware(HostCheck, host=host)
+    app.add_middleware(RequestMetrics)  # (the last added is the outermost)
     return app
 
 
@@ -212,10 +228,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"at": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]} for e in exc.errors()
-        ]
-        message = "; ".join(f"{d['at']}: {d['problem']}" for d in details) or "invalid request"
+        problems = [validation_problem(e) for e in exc.errors()]
+        details = [{"at": at, "problem": problem} for at, problem in problems]
+        message = "; ".join(f"{at} {problem}" for at, problem in problems) or "invalid request"
         return JSONResponse(
             {"error": "invalid_request", "message": message, "details": details}, status_code=400
         )
@@ -225,13 +240,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail
         if not isinstance(detail, dict):
             error = _ERROR_NAMES.get(exc.status_code, "http_error")
-            message = (
-                "the body is not valid JSON in UTF-8 (or, for an upload, multipart form data)"
-                if exc.status_code == 400
-                else str(detail)
-            )
+            message = _HTTP_MESSAGES.get(exc.status_code, "the request cannot be answered")
             detail = {"error": error, "message": message}
         return JSONResponse(detail, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def failed(_request: Request, _exc: Exception) -> JSONResponse:
+        # A bug, not the client's doing; the server logs its traceback. JSON all the same.
+        message = "Libra failed to answer this request; the failure is in its log"
+        return _error(500, "internal", message)
 
 
 def _install_chat(app: FastAPI, log: EventLog, reply_idle_s: float, decision_s: float) -> None:
@@ -293,14 +310,14 @@ def _install_reads(
             raise HTTPException(
                 403, {"error": "forbidden", "message": "this token may only read its own history"}
             )
-        if "\x00" in userId:  # PostgreSQL text cannot hold NUL: the query would fail (a 500)
-            return _error(400, "invalid_request", "userId cannot contain a NUL character")
+        if (problem := id_problem(userId)) is not None:  # (PostgreSQL text holds no NUL)
+            return _error(400, "invalid_request", f"userId {problem}")
 
         async def read() -> list[asyncpg.Record]:
             return await (await pool()).fetch(
                 "SELECT role, content, conversation, at FROM messages WHERE user_id = $1"
                 " ORDER BY at DESC LIMIT $2",
-                userId,
+                principal.reads_history_of(userId),
                 limit,
             )
 

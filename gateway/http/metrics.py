@@ -9,6 +9,8 @@ from prometheus_client import Counter, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .guards import send_error
+
 __all__ = ["BodyLimit", "RequestMetrics"]
 
 HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests", ["method", "route", "status"])
@@ -18,10 +20,14 @@ HTTP_DURATION = Histogram(
     ["method", "route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
 
 
 class RequestMetrics:
-    """Counts requests and times them, labelled by route template (not by raw path)."""
+    """Counts requests and times them, labelled by route template (not by raw path) and by
+    method, any method HTTP does not define counted as ``other`` (a client names its own)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -31,7 +37,8 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status = 0
+        method = scope["method"] if scope["method"] in _METHODS else "other"
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
@@ -41,10 +48,14 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except BaseException:
+            status = status or 500
+            raise
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
-            HTTP_DURATION.labels(scope["method"], route).observe(time.perf_counter() - started)
+            # 499: the client went away before an answer (nginx's code for it)
+            HTTP_REQUESTS.labels(method, route, str(status or 499)).inc()
+            HTTP_DURATION.labels(method, route).observe(time.perf_counter() - started)
 
 
 class BodyLimit:
@@ -92,12 +103,4 @@ class _BodyTooLarge(HTTPException):
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = f'{{"error":"too_large","message":"the request body is over {limit} bytes"}}'.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 413, "too_large", f"the request body is over {limit} bytes")

@@ -52,6 +52,7 @@ from libra.contracts import (
     derive,
     make,
     new_id,
+    user_id,
 )
 from libra.gateway.voice import FRAME_SAMPLES, SAMPLE_RATE, Segmenter, SegmenterConfig, SileroVad
 from libra.runtime.audio import AudioStore, resample_pcm, wav_bytes
@@ -59,6 +60,8 @@ from libra.runtime.eventlog import EventLog
 from libra.runtime.follow import ReplyTimeout, TurnFollower
 
 from .app import Caller, _error, _rejection, _sse, log_down
+from .inputs import MAX_ID_CHARS, UserId
+from .limits import SpeechLimits, SpeechRefused
 
 __all__ = ["SAMPLE_RATES", "VoiceOptions", "VoiceRequest", "install_voice"]
 
@@ -68,7 +71,7 @@ _FORM_SLACK = 64 * 1024  # multipart headers and fields around the file
 
 
 class VoiceRequest(BaseModel):
-    userId: str = Field(min_length=1, max_length=200, description="Who is talking")
+    userId: UserId = Field(min_length=1, max_length=MAX_ID_CHARS)
     audioData: str = Field(description="The clip: base64 of PCM s16le mono")
     sampleRate: int = Field(default=16_000, description=f"Hz: one of {SAMPLE_RATES}")
 
@@ -106,8 +109,8 @@ def _wav_pcm(data: bytes) -> tuple[bytes, int, int]:
             if w.getsampwidth() != 2:
                 raise _BadAudio(400, "invalid_audio", "the WAV is not 16-bit PCM")
             return w.readframes(w.getnframes()), w.getframerate(), w.getnchannels()
-    except (wave.Error, EOFError) as exc:
-        raise _BadAudio(400, "invalid_audio", f"the file is not a readable WAV: {exc}") from None
+    except (wave.Error, EOFError):  # (the parser's own words name its internals)
+        raise _BadAudio(400, "invalid_audio", "the file is not a readable WAV") from None
 
 
 def _speech_in(pcm16k: bytes, config: SegmenterConfig) -> bool:
@@ -124,11 +127,12 @@ def _speech_in(pcm16k: bytes, config: SegmenterConfig) -> bool:
 @dataclass(frozen=True)
 class VoiceOptions:
     """What the voice routes need: the audio bucket (opened on first use), its size limit
-    (``MAX_AUDIO_BYTES``, 0 for none) and the VAD's rules."""
+    (``MAX_AUDIO_BYTES``, 0 for none), the VAD's rules and how much may be transcribed."""
 
     audio: Callable[[], Awaitable[AudioStore]]
     max_audio_bytes: int
     segmentation: SegmenterConfig
+    limits: SpeechLimits
 
 
 class _Clips:
@@ -170,7 +174,7 @@ class _Clips:
             VoiceCaptured,
             id=event_id,
             conversation=conversation,
-            user=user,
+            user=user_id("http", user),
             audio=ref,
             origin=Origin(platform="http", channel=conversation),
             reply=reply,
@@ -314,7 +318,8 @@ def install_voice(
     clips = _Clips(options)
 
     @app.exception_handler(_BadAudio)
-    async def bad_audio(_request: Request, exc: _BadAudio) -> JSONResponse:
+    @app.exception_handler(SpeechRefused)
+    async def refused(_request: Request, exc: _BadAudio | SpeechRefused) -> JSONResponse:
         return exc.response()
 
     _install_transcribe(app, log, clips, reply_idle_s)
@@ -336,7 +341,7 @@ def _install_transcribe(app: FastAPI, log: EventLog, clips: _Clips, idle_s: floa
         principal: Caller,
         file: Annotated[UploadFile, File(description="16-bit PCM WAV, or raw PCM s16le mono")],
         sampleRate: Annotated[int, Form(description="Hz, for raw PCM")] = 16_000,
-        userId: Annotated[str, Form(min_length=1, max_length=200)] = "",
+        userId: Annotated[UserId, Form(max_length=MAX_ID_CHARS)] = "",
     ) -> Transcription | JSONResponse:
         user = userId or principal.user or "anonymous"
         if not principal.may_act_as(user):
@@ -347,16 +352,17 @@ def _install_transcribe(app: FastAPI, log: EventLog, clips: _Clips, idle_s: floa
         channels = 1
         if data[:4] == b"RIFF":
             data, sampleRate, channels = _wav_pcm(data)
-        captured = await clips.capture(
-            data, user=user, sample_rate=sampleRate, channels=channels, reply=False
-        )
-        events = _follow(log, captured, idle_s)
-        try:
-            heard = await _next(events, AsrTranscribed)
-        except ReplyTimeout as exc:
-            return _error(504, "timeout", str(exc))
-        finally:
-            await events.aclose()
+        async with clips.options.limits.transcribing(user_id("http", user)):
+            captured = await clips.capture(
+                data, user=user, sample_rate=sampleRate, channels=channels, reply=False
+            )
+            events = _follow(log, captured, idle_s)
+            try:
+                heard = await _next(events, AsrTranscribed)
+            except ReplyTimeout as exc:
+                return _error(504, "timeout", str(exc))
+            finally:
+                await events.aclose()
         if isinstance(heard, DeadLetter):
             return _error(502, *_failure(heard))
         if not heard.text:
@@ -376,14 +382,15 @@ def _install_process(app: FastAPI, log: EventLog, clips: _Clips, idle_s: float) 
         if (down := log_down(log)) is not None:
             return down
         pcm = _base64_pcm(body.audioData, clips.options.max_audio_bytes)
-        captured = await clips.capture(
-            pcm, user=body.userId, sample_rate=body.sampleRate, reply=True
-        )
-        events = _follow(log, captured, idle_s)
-        try:
-            heard = await _admitted(events)
-        except ReplyTimeout as exc:
-            heard = _error(504, "timeout", str(exc))
+        async with clips.options.limits.transcribing(user_id("http", body.userId)):
+            captured = await clips.capture(
+                pcm, user=body.userId, sample_rate=body.sampleRate, reply=True
+            )
+            events = _follow(log, captured, idle_s)
+            try:
+                heard = await _admitted(events)
+            except ReplyTimeout as exc:
+                heard = _error(504, "timeout", str(exc))
         if isinstance(heard, JSONResponse):
             await events.aclose()
             return heard

@@ -188,10 +188,11 @@ def _history_events(n: int) -> list:
     events = []
     for i in range(n // 2):
         said = _said(f"bench-{i % 100}", i)
-        events.append(said)
+        turn = derive(said, TurnAccepted, key="turn", text=TEXT, origin=ORIGIN, received_at=said.at)
+        events.append(turn)  # history folds the admitted turn, not text.received
         events.append(
             derive(
-                said,
+                turn,
                 LlmCompleted,
                 key="c",
                 text="An answer of moderate length.",
@@ -257,7 +258,7 @@ async def _bare_project(pool: asyncpg.Pool, events: list) -> float:
             e.conversation,
             e.user,
             e.turn,
-            "user" if isinstance(e, TextReceived) else "assistant",
+            "user" if isinstance(e, TurnAccepted) else "assistant",
             e.text,
             "text",
             None,

@@ -17,6 +17,9 @@ While Redis is down (a call failed within ``OUTAGE_RETRY_SEC``, or takes over
 ``REDIS_TIMEOUT_SEC``), admission goes on without it rather than leave people waiting: the rate
 limit is counted in this process (:class:`.ratelimit.LocalRateLimiter`), a voice turn's parts
 meet here, and the decision says so (``degraded``: ``redis``), for replay to see.
+
+The input checks (empty, not valid UTF-8, too long with the attached files' text, a blocked
+word) are :class:`.checks.InputChecks`, which the llm's prefetch runs too.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from libra.contracts import (
     CONSUMERS,
     AnyEvent,
     AsrTranscribed,
+    Attachment,
     Event,
     Origin,
     TextReceived,
@@ -44,6 +48,7 @@ from libra.contracts import (
 )
 from libra.runtime.outage import Breaker, Unavailable
 
+from .checks import InputChecks
 from .join import Join
 from .language import detect_language
 from .messages import refusal
@@ -73,8 +78,7 @@ class TurnsProcessor:
     ) -> None:
         self.limiter = limiter
         self.local = LocalRateLimiter(limit=limiter.limit, window_s=limiter.window_ms / 1000)
-        self.max_chars = max_chars
-        self.blocked_words = blocked_words
+        self.checks = InputChecks(max_chars=max_chars, blocked_words=blocked_words)
         self.speculate = speculate
         self.breaker = breaker or Breaker("redis")
         self._join = Join(redis, self.breaker)
@@ -90,7 +94,7 @@ class TurnsProcessor:
                     event.origin,
                     modality="text",
                     language=detect_language(event.text),
-                    has_files=bool(event.attachments),
+                    attachments=event.attachments,
                 )
             case AsrTranscribed(speculative=False) if event.text.strip():
                 yield await self._admit(
@@ -101,7 +105,7 @@ class TurnsProcessor:
                     language=event.language or detect_language(event.text),
                 )
             case AsrTranscribed(speculative=True) if event.text.strip():
-                early = self.speculate and self._refusal(event.text) is None
+                early = self.speculate and self.checks.refusal(event.text) is None
                 if (out := await self._meet(event, "transcript", early)) is not None:
                     yield out
             case VoiceEnded():
@@ -169,20 +173,6 @@ class TurnsProcessor:
             self.local.note(user, turn, at_ms)
         return decision, ()
 
-    def _refusal(self, text: str, *, has_files: bool = False) -> tuple[str, dict] | None:
-        """The input checks: the reason to refuse ``text`` and its details, or None."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: what is left of bytes that were not UTF-8
-            return "invalid", {}
-        if not text.strip() and not has_files:
-            return "empty", {}
-        if len(text) > self.max_chars:
-            return "too_long", {"length": len(text), "limit": self.max_chars}
-        if self.blocked_words and self.blocked_words & set(text.lower().split()):
-            return "moderated", {}
-        return None
-
     async def _admit(
         self,
         event: TextReceived | AsrTranscribed,
@@ -191,9 +181,9 @@ class TurnsProcessor:
         *,
         modality: str,
         language: str,
-        has_files: bool = False,
+        attachments: tuple[Attachment, ...] = (),
     ) -> Event:
-        refused = self._refusal(text, has_files=has_files)
+        refused = self.checks.refusal(text, attachments)
         if refused is not None:
             reason, detail = refused
             return self._rejected(event, reason, language, modality, origin, **detail)

@@ -7,7 +7,8 @@ from the events, not the clock, so replaying ``turn.accepted`` rebuilds the same
 handled out of order still count each other (later ones are in the window too).
 
 While Redis is down, :class:`LocalRateLimiter` decides with the same window, counted in the
-admitting process (see ``admission``).
+admitting process (see ``admission``). The llm's prefetch keeps one too, counting every message
+it hears, to skip reading a prompt's context for a person admission is about to refuse.
 """
 
 from __future__ import annotations
