@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 
 from libra.contracts import (
     AsrTranscribed,
+    ContextMessage,
     Origin,
     TextReceived,
     TurnAccepted,
@@ -98,6 +99,29 @@ async def test_accepted_turn_carries_language_and_context(redis) -> None:
     [out] = await _decide(_processor(redis), said)
     assert isinstance(out, TurnAccepted)
     assert out.language == "ko" and out.turn == said.id and out.received_at == said.at
+
+
+async def test_a_quoted_message_the_checks_refuse_stays_out_of_the_turn(redis) -> None:
+    """A reply chain quotes other messages: a person's that would have been refused (a blocked
+    word, too long) is left out of the turn, so it never reaches a prompt; Libra's stay."""
+    chain = (
+        ContextMessage(role="user", author="carol", text="say xyzzy please"),
+        ContextMessage(role="assistant", text="I can't answer that message."),
+        ContextMessage(role="user", author="carol", text="x" * 301),
+        ContextMessage(role="user", author="dave", text="what did she ask?"),
+    )
+    said = make(
+        TextReceived,
+        conversation="discord-1-2",
+        user="discord:4",
+        text="and you?",
+        origin=Origin(platform="discord"),
+        context=chain,
+    )
+    processor = _processor(redis, max_chars=300, blocked_words=frozenset({"xyzzy"}))
+    [out] = await _decide(processor, said)
+    assert isinstance(out, TurnAccepted)
+    assert [m.text for m in out.context] == ["I can't answer that message.", "what did she ask?"]
 
 
 async def test_rate_limit_is_atomic_under_concurrency(redis) -> None:

@@ -35,6 +35,7 @@ from libra.contracts import (
     AnyEvent,
     AsrTranscribed,
     Attachment,
+    ContextMessage,
     Event,
     Origin,
     TextReceived,
@@ -223,9 +224,16 @@ class TurnsProcessor:
             origin=origin or event.origin,
             received_at=event.at,
             attachments=getattr(event, "attachments", ()),
-            context=getattr(event, "context", ()),
+            context=self._quotable(getattr(event, "context", ())),
             speculative=speculative,
             degraded=degraded,
+        )
+
+    def _quotable(self, context: tuple[ContextMessage, ...]) -> tuple[ContextMessage, ...]:
+        """The quoted messages (a reply chain) a prompt may show: a person's message that the
+        input checks refuse (a blocked word, too long) stays out, as it would have as a turn."""
+        return tuple(
+            m for m in context if m.role == "assistant" or self.checks.refusal(m.text) is None
         )
 
     @staticmethod

@@ -12,8 +12,11 @@ _TEXTS = {
         "ko": "메시지가 비어 있어요. 무엇이든 말씀해 주세요.",
     },
     "too_long": {
-        "en": "That message is {length:,} characters long; I can read up to {limit:,}.",
-        "ko": "메시지가 너무 길어요 ({length:,}자). {limit:,}자까지 읽을 수 있어요.",
+        "en": (
+            "That message is {length:,} characters long, counting its files;"
+            " I can read up to {limit:,}."
+        ),
+        "ko": "메시지가 너무 길어요 (첨부 파일 포함 {length:,}자). {limit:,}자까지 읽을 수 있어요.",
     },
     "rate_limited": {
         "en": "Slow down — try again in {seconds} s.",
