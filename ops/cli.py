@@ -18,14 +18,20 @@ from .stack import resolve_urls
 __all__ = ["main"]
 
 
-def _settings(data_dir: str | None = None) -> Settings:
+def _settings(data_dir: str | None = None, *, interactive: bool = False) -> Settings:
+    """The settings, with logging set up. ``interactive``: a command whose output is for a
+    person (chat, tail, trace) logs warnings and errors only, unless LOG_LEVEL asks for debug,
+    so that no info line ("nats disconnected") lands in the middle of what it prints."""
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if data_dir:
         settings = msgspec.structs.replace(settings, libra_data_dir=str(Path(data_dir).resolve()))
-    configure_logging(fmt=settings.log_format, level=settings.log_level, secrets=settings.secrets())
+    level = settings.log_level
+    if interactive and level.upper() == "INFO":
+        level = "WARNING"
+    configure_logging(fmt=settings.log_format, level=level, secrets=settings.secrets())
     return settings
 
 
@@ -117,7 +123,7 @@ def tail(subject_filter: str, raw: bool, count: int, data_dir: str | None) -> No
     """Print live events as readable lines (SUBJECT_FILTER: e.g. 'llm.>' or 'libra.text.>')."""
     from .tail import tail as run_tail
 
-    url = resolve_urls(_settings(data_dir)).nats_url
+    url = resolve_urls(_settings(data_dir, interactive=True)).nats_url
 
     async def go() -> None:
         task = asyncio.create_task(run_tail(url, subject_filter, raw=raw, limit=count))
@@ -125,6 +131,8 @@ def tail(subject_filter: str, raw: bool, count: int, data_dir: str | None) -> No
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         task.cancel()
         stop.cancel()
+        # Waited for: a tail cancelled mid-drain would leave asyncio an error to print.
+        await asyncio.gather(task, stop, return_exceptions=True)
 
     _run(go())
 
@@ -139,7 +147,7 @@ def chat(user: str, data_dir: str | None) -> None:
     from libra.gateway.console import chat_loop
     from libra.runtime.eventlog import EventLog
 
-    url = resolve_urls(_settings(data_dir)).nats_url
+    url = resolve_urls(_settings(data_dir, interactive=True)).nats_url
 
     async def go() -> None:
         log = await EventLog.connect(url, name="libra-chat")
@@ -155,12 +163,13 @@ def chat(user: str, data_dir: str | None) -> None:
 @click.argument("turn")
 @click.option("--data-dir", type=click.Path(file_okay=False))
 def trace(turn: str, data_dir: str | None) -> None:
-    """Print the causal chain of one turn from the log, with the time each stage took."""
+    """Print the causal chain of one turn from the log, with the time each stage took (TURN: its
+    id, or its first or last characters, such as the 8 that `libra tail` shows)."""
     from libra.runtime.eventlog import EventLog
 
     from .trace import TraceError, collect_turn, format_trace
 
-    url = resolve_urls(_settings(data_dir)).nats_url
+    url = resolve_urls(_settings(data_dir, interactive=True)).nats_url
 
     async def go() -> None:
         log = await EventLog.connect(url, name="libra-trace")

@@ -416,6 +416,9 @@ class Supervisor:
         self._built: list[asyncio.Event] = []
         self._stopping = False
         self._lag: asyncio.Task | None = None
+        # What :meth:`start` started, and what it left off: name -> the setting it needs.
+        self.started: list[str] = []
+        self.off: dict[str, str] = {}
 
     async def start(self) -> None:
         consumers = [(CONSUMERS[n].stream, n) for n in self.names if n in CONSUMERS]
@@ -427,7 +430,9 @@ class Supervisor:
             needed = NEEDS.get(name)
             if needed and not getattr(self.resources.settings, needed):
                 log.info("component %s is off: %s is not set", name, needed.upper())
+                self.off[name] = needed.upper()
                 continue
+            self.started.append(name)
             built = asyncio.Event()
             self._built.append(built)
             self._tasks.append(

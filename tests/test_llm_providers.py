@@ -384,7 +384,9 @@ async def test_build_targets(env: dict[str, str], expected: list[tuple[str, str]
 
 
 ERROR_CASES = [
-    pytest.param({}, NoProviderConfigured, "no LLM provider is configured", id="nothing"),
+    pytest.param(
+        {"LLM_EMBEDDED": "0"}, NoProviderConfigured, "no LLM provider is configured", id="nothing"
+    ),
     pytest.param(
         {"LLM_PROVIDERS": " , ", "GROQ_API_KEY": "gsk_g"},
         NoProviderConfigured,

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import aiohttp
+import msgspec
 
-from libra.contracts import LlmCompleted, LlmDelta, ReplyDelivered, TurnAccepted, derive
+from libra.contracts import (
+    LlmCompleted,
+    LlmDelta,
+    ReplyDelivered,
+    TurnAccepted,
+    derive,
+    new_id,
+)
 from libra.ops.embedded import EmbeddedNats
 from libra.runtime.eventlog import EventLog
 
@@ -21,8 +31,10 @@ def _env(nats_url: str) -> dict[str, str]:
     return os.environ | {"NATS_URL": nats_url, "LOG_FORMAT": "console"}
 
 
-def _turn_chain():
+def _turn_chain(turn: str = ""):
     said = text(conversation="http-alice", message="what is the log?")
+    if turn:
+        said = msgspec.structs.replace(said, id=turn, turn=turn)
     turn = derive(said, TurnAccepted, key="turn", text=said.text, origin=ORIGIN)
     deltas = [
         derive(turn, LlmDelta, key=f"d{i}", index=i, text=f"piece {i} ", origin=ORIGIN)
@@ -133,3 +145,62 @@ async def test_trace_of_unknown_turn_is_a_clear_error(eventlog: EventLog, nats_s
         )
         assert result.returncode == 1 and message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def _trace(nats_url: str, turn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "libra.ops", "trace", turn],
+        env=_env(nats_url) | {"LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_trace_takes_what_tail_shows_or_the_id_s_start(
+    eventlog: EventLog, nats_server
+) -> None:
+    chain = _turn_chain()
+    await eventlog.publish_many(chain)
+    turn = chain[0].id
+    for piece in (turn[-8:], turn[-8:].lower(), turn[:20]):
+        result = await asyncio.to_thread(_trace, nats_server.url, piece)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"turn {turn}") and "(9 events)" in result.stdout
+        # A command for people: no log line in what it prints, none on a clean close.
+        assert result.stderr == "" and "{" not in result.stdout
+
+
+async def test_trace_of_an_ambiguous_or_unknown_piece_says_so(
+    eventlog: EventLog, nats_server
+) -> None:
+    now_ms = time.time_ns() // 1_000_000
+    first, second = (_turn_chain(new_id(at_ms=now_ms)) for _ in range(2))
+    await eventlog.publish_many([*first, *second])
+    shared = first[0].id[:10]  # the same millisecond
+    cases = (
+        (shared, "matches 2 turns"),
+        ("ZZZZZZZZ", "no turn of the last 24 hours starts or ends with ZZZZZZZZ"),
+        ("tail-id!", "is not a turn id"),
+    )
+    for piece, message in cases:
+        result = await asyncio.to_thread(_trace, nats_server.url, piece)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert first[0].id in _trace(nats_server.url, shared).stderr
+
+
+async def test_tail_stopped_with_ctrl_c_ends_quietly(nats_server: EmbeddedNats) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "libra.ops",
+        "tail",
+        env=_env(nats_server.url) | {"LOG_FORMAT": "json"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    await eventually(_subscribed(nats_server, "libra-tail", "libra.>"), timeout=20)
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0 and out == b"" and err == b"", err.decode()

@@ -30,7 +30,9 @@ from .helpers import eventually
 
 def _env(data: Path) -> dict[str, str]:
     env = {
-        k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL", "REDIS_URL")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NATS_URL", "DATABASE_URL", "REDIS_URL", "DISCORD_TOKEN")
     }
     env.update(
         LIBRA_DATA_DIR=str(data),
@@ -98,13 +100,13 @@ class Up:
         self.proc.kill()
         raise AssertionError(f"not ready in {timeout}s: {self.output}\n{self.log[-3000:]}")
 
-    def terminate(self, timeout: float = 10.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"did not exit within {timeout}s of SIGTERM") from None
+            raise AssertionError(f"did not exit within {timeout}s of {sig!r}") from None
 
     @property
     def nats_url(self) -> str:
@@ -149,6 +151,9 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     up = Up(env, elsewhere)
     lines = await asyncio.to_thread(up.wait_ready, 15.0)
     assert any(env["LIBRA_NATS_PORT"] in line for line in lines)
+    [ready] = [line for line in lines if "Libra is ready" in line]
+    # Only what runs is listed; Discord, off without a token, is named as off.
+    assert "http, asr, tts." in ready and "(discord is off: set DISCORD_TOKEN)" in ready
 
     nc = await nats.connect(up.nats_url)
     js = nc.jetstream()
@@ -192,7 +197,11 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     assert (await nc.jetstream().stream_info("LIBRA")).state.messages == stored
     await nc.close()
     assert await _message_count(again.database_url) == 2
-    assert await asyncio.to_thread(again.terminate, 10.0) == 0
+    assert await asyncio.to_thread(again.terminate, 10.0, signal.SIGINT) == 0  # Ctrl-C
+    # A clean shutdown, by SIGTERM or Ctrl-C, logs no traceback (pools close before servers).
+    for run in (up, again):
+        assert "Libra stopped." in run.output
+        assert "Traceback" not in run.output + run.log, run.log[-3000:]
 
 
 async def _logins_work(env: dict[str, str]) -> None:

@@ -55,7 +55,11 @@ class AsrChain:
         self._failed_at: dict[str, float] = {}
 
     async def prepare(self) -> None:
-        """Loads local models now, so that the first utterance does not wait for them."""
+        """Loads local models now, so that the first utterance does not wait for them.
+
+        An engine that cannot load is one log line saying whether voice still works.
+        """
+        failed: list[str] = []
         for engine in self.engines:
             load = getattr(engine, "load", None)
             if load is None:
@@ -63,7 +67,11 @@ class AsrChain:
             try:
                 await load()
             except Exception as exc:  # it is tried again on use, and the chain falls back
-                log.warning("could not load asr engine %s: %s", engine.name, exc)
+                failed.append(engine.name)
+                working = ", ".join(e.name for e in self.engines if e.name not in failed)
+                outcome = f"voice uses {working}" if working else "voice will not work"
+                level = logging.WARNING if working else logging.ERROR
+                log.log(level, "asr engine %s cannot load: %s; %s", engine.name, exc, outcome)
 
     def order(self) -> list[AsrEngine]:
         """Returns the engines in the order to try now: recently failed ones last."""

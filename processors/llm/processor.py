@@ -44,6 +44,7 @@ from .chain import AllProvidersFailed, ChainResult, ProviderChain
 from .confirmation import CERTAIN, Confirmation
 from .context import Prompt, PromptBuilder
 from .prefetch import ContextPrefetch
+from .providers import SETUP_SETTINGS
 from .providers.base import ChatUsage
 
 __all__ = ["DELTA_EVERY_S", "LlmProcessor"]
@@ -64,10 +65,8 @@ _FAILURE = {
     "ko": "죄송해요 — 지금은 어떤 언어 모델에서도 답을 받지 못했어요. 잠시 후 다시 시도해 주세요.",
 }
 _NO_PROVIDER = {
-    "en": "No language model is configured: set OPENAI_API_KEY, GROQ_API_KEY,"
-    " ANTHROPIC_API_KEY or OLLAMA_URL.",
-    "ko": "설정된 언어 모델이 없어요: OPENAI_API_KEY, GROQ_API_KEY, ANTHROPIC_API_KEY"
-    " 또는 OLLAMA_URL을 설정해 주세요.",
+    "en": f"No language model is configured: set {SETUP_SETTINGS}.",
+    "ko": f"설정된 언어 모델이 없어요. 다음을 설정해 주세요: {SETUP_SETTINGS}.",
 }
 
 

