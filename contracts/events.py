@@ -47,6 +47,7 @@ __all__ = [
     "TurnRejected",
     "VoiceCaptured",
     "VoiceEnded",
+    "VoicePartial",
     "VoiceResumed",
     "decode_event",
     "derive",
@@ -171,6 +172,21 @@ class VoiceCaptured(Event, frozen=True, kw_only=True, tag="voice.captured"):
     speech_ended_at: datetime | None = None
     speculative: bool = False
     reply: bool = True
+    utterance: str = ""  # the key of its ``voice.partial`` events, when there were any
+
+
+class VoicePartial(Event, frozen=True, kw_only=True, tag="voice.partial"):
+    """The next piece of an utterance still being spoken, for a local recogniser to hear early.
+
+    ``audio`` holds the speech from ``offset_ms`` (within the utterance) on; the pieces of one
+    ``utterance`` key, in order, are the start of its ``voice.captured`` audio. Never a turn,
+    history or context: only the asr reads it, and a capture transcribes without it.
+    """
+
+    utterance: str
+    offset_ms: int
+    audio: AudioRef
+    origin: Origin
 
 
 class VoiceEnded(Event, frozen=True, kw_only=True, tag="voice.ended"):
@@ -203,6 +219,7 @@ class AsrTranscribed(Event, frozen=True, kw_only=True, tag="asr.transcribed"):
     latency_ms: float = 0.0
     speculative: bool = False
     reply: bool = True  # the capture's: False, transcribe only, no turn
+    decoded_ms: int = 0  # of audio_ms, what was decoded after the capture; the rest was partial
     origin: Origin
 
 
@@ -404,6 +421,7 @@ AnyEvent = (
     TextReceived
     | VoiceCaptured
     | VoiceEnded
+    | VoicePartial
     | VoiceResumed
     | AsrTranscribed
     | TurnAccepted

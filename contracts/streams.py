@@ -200,7 +200,8 @@ CONSUMERS: dict[str, ConsumerSpec] = {
         ),
         ConsumerSpec(
             name="asr",
-            subjects=("libra.voice.captured.>",),
+            # partials only warm its memory up: they are never turns, and settle nothing
+            subjects=("libra.voice.captured.>", "libra.voice.partial.>"),
             description="speech-to-text of captured utterances",
             max_deliver=3,
             backoff_s=(0.5, 2.0),

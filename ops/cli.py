@@ -414,11 +414,22 @@ def bench() -> None:
     help="Seconds a person takes to write the next message (±50%).",
 )
 @click.option("--seconds", default=30.0, show_default=True, help="Measured time per scenario.")
-def bench_text(as_json: bool, conversations: int, think: float, seconds: float) -> None:
+@click.option(
+    "--local",
+    is_flag=True,
+    help="The embedded model, no account: first token and tokens/s beside bare llama-cpp.",
+)
+@click.option("--turns", default=5, show_default=True, help="Turns measured with --local.")
+def bench_text(
+    as_json: bool, conversations: int, think: float, seconds: float, local: bool, turns: int
+) -> None:
     """Text turns: orchestration overhead to the first delta, and turns/s sustained."""
-    from .bench.text import run_bench_text
+    from .bench.text import run_bench_text, run_bench_text_local
 
     settings = _settings()
+    if local:
+        asyncio.run(run_bench_text_local(settings, turns=turns, as_json=as_json))
+        return
     asyncio.run(
         run_bench_text(
             settings, conversations=conversations, think=think, seconds=seconds, as_json=as_json
@@ -556,7 +567,7 @@ def bench_voice_transport(as_json: bool, seconds: float, speakers: int) -> None:
 
 @bench.command(name="voice")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--turns", default=30, show_default=True, help="Spoken turns measured.")
+@click.option("--turns", type=int, help="Spoken turns measured (30; 5 with --local).")
 @click.option(
     "--speculate/--no-speculate",
     default=True,
@@ -569,11 +580,37 @@ def bench_voice_transport(as_json: bool, seconds: float, speakers: int) -> None:
     show_default=True,
     help="nats.conf as shipped, syncing every write to disk (or not, to compare).",
 )
-def bench_voice(as_json: bool, turns: int, speculate: bool, sync: bool) -> None:
-    """End of speech to the first synthesized audio, with simulated ASR, LLM and TTS vendors."""
+@click.option(
+    "--local",
+    is_flag=True,
+    help="No vendors: faster-whisper tiny.en, the embedded model and espeak-ng, beside the floor.",
+)
+@click.option(
+    "--with-text",
+    is_flag=True,
+    help="With --local: HTTP text turns alone, then during the voice turns, compared.",
+)
+def bench_voice(
+    as_json: bool, turns: int | None, speculate: bool, sync: bool, local: bool, with_text: bool
+) -> None:
+    """End of speech to the first synthesized audio, with simulated ASR, LLM and TTS vendors
+    (or, with --local, the engines in the box)."""
+    if with_text and not local:
+        raise click.UsageError("--with-text goes with --local")
+    if local and not (speculate and sync):
+        raise click.UsageError("--local runs Libra's defaults: no --no-speculate or --no-sync")
+    settings = _settings()
+    if local:
+        from .bench.voice_local import run_bench_voice_local
+
+        asyncio.run(
+            run_bench_voice_local(settings, turns=turns or 5, with_text=with_text, as_json=as_json)
+        )
+        return
     from .bench.voice import run_bench_voice
 
-    settings = _settings()
     asyncio.run(
-        run_bench_voice(settings, turns=turns, speculate=speculate, sync=sync, as_json=as_json)
+        run_bench_voice(
+            settings, turns=turns or 30, speculate=speculate, sync=sync, as_json=as_json
+        )
     )

@@ -8,11 +8,12 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from nats.js.errors import NotFoundError
 
 from libra.contracts import LOG_STREAM
-from libra.runtime.config import Settings
+from libra.runtime.config import ConfigError, Settings
 from libra.runtime.database import connect_pool, migrate
 from libra.runtime.eventlog import EventLog
 from libra.runtime.logs import configure_logging
@@ -25,7 +26,7 @@ from .embedded import ServerStartError
 from .eval.prices import store_prices
 from .stack import DataDirBusyError, ExposedError, Stack, StackUrls, resolve_urls
 
-__all__ = ["prepare", "rebuild_projection", "run_components", "run_up"]
+__all__ = ["models_line", "prepare", "rebuild_projection", "run_components", "run_up"]
 
 log = logging.getLogger("libra.up")
 
@@ -58,6 +59,50 @@ def _announce(stack: Stack, urls: StackUrls) -> None:
     _say("  `libra env` prints these with their passwords.")
 
 
+async def models_line(settings: Settings) -> str:
+    """Says in one line which recogniser, language model and voice Libra uses, and where from
+    (each a fallback order), as the asr, llm and tts components build them."""
+    from libra.processors.asr.processor import build_engines as recognisers
+    from libra.processors.asr.whisper import WhisperEngine
+    from libra.processors.llm.providers import build_targets
+    from libra.processors.llm.providers.embedded import LABEL
+    from libra.processors.tts.processor import build_engines as voices
+
+    def hears() -> list[str]:
+        return [
+            e.label if isinstance(e, WhisperEngine) else f"{e.name} {e.model}"
+            for e in recognisers(settings)
+        ]
+
+    def speaks() -> list[str]:
+        return [
+            "espeak-ng" if e.name == "espeak" else f"{e.name} {e.model}" for e in voices(settings)
+        ]
+
+    thinks: list[str] = []
+    try:
+        targets = build_targets(settings)
+    except ConfigError as exc:
+        thinks.append(f"nothing ({exc})")
+    else:
+        for target in targets:
+            name = target.provider.name
+            thinks.append(LABEL if name == "embedded" else f"{name} {target.model}")
+        for provider in {id(t.provider): t.provider for t in targets}.values():
+            await provider.close()  # only their names were wanted
+    return (
+        f"Libra hears with {_in_order(hears)}; thinks with {', then '.join(thinks)};"
+        f" speaks with {_in_order(speaks)}."
+    )
+
+
+def _in_order(labels: Callable[[], list[str]]) -> str:
+    try:
+        return ", then ".join(labels())
+    except ConfigError as exc:  # the component will refuse to start with the same words
+        return f"nothing ({exc})"
+
+
 def _keep_secret(settings: Settings, stack: Stack) -> None:
     """Adds the embedded servers' passwords to what logs and events leave out."""
     secrets = stack.secrets()
@@ -81,6 +126,7 @@ async def run_up(settings: Settings) -> None:
     stack.supervise(until=stop)
     try:
         _announce(stack, urls)
+        _say(await models_line(settings))
         await _serve(settings, urls, list(COMPONENTS), stop, provision=True)
     finally:
         await stack.stop()

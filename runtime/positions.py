@@ -9,6 +9,11 @@ starts a recent window back (``ConsumerSpec.start_window_s``) and a projection a
 (it must fold everything). Inputs between the saved floor and the moment of creation may have
 been settled already: the runner checks those against the log (``runtime/settled.py``).
 
+A consumer that keeps its state in the server's memory (``ConsumerSpec.memory_state``: the
+projections and the rate-limit view) is gone after every restart of the server, a clean one
+included, by design: its recreation after its saved position is routine and logged at INFO. Any
+other missing consumer is a warning.
+
 Set-up calls are patient: a slow or restarting server during start (``nats: timeout``) is
 waited out with back-off instead of taking the component down.
 """
@@ -129,15 +134,21 @@ async def _start_of(js: JetStreamContext, spec: ConsumerSpec) -> ConsumerStart |
     if state.last_seq == 0:
         return None  # a new log: everything there will be is new
     saved = await saved_position(js, spec.name)
+    if spec.memory_state:  # routine after every server restart: said, not warned
+        level, gone = logging.INFO, "kept its state in memory, which a server restart clears"
+    else:
+        level, gone = logging.WARNING, "is missing"
     if 0 < saved <= state.last_seq:  # past the end: a position from another life of the stream
-        log.warning("consumer %s is missing: created after its position %d", spec.name, saved)
+        log.log(level, "consumer %s %s: created after its position %d", spec.name, gone, saved)
         return ConsumerStart(seq=saved + 1)
     if spec.start_window_s <= 0:
-        log.warning("consumer %s is missing and has no position: from the start", spec.name)
+        log.log(level, "consumer %s %s and has no position: from the start", spec.name, gone)
         return None
-    log.warning(
-        "consumer %s is missing and has no position: from %.0f s back",
+    log.log(
+        level,
+        "consumer %s %s and has no position: from %.0f s back",
         spec.name,
+        gone,
         spec.start_window_s,
     )
     return ConsumerStart(time=datetime.now(UTC) - timedelta(seconds=spec.start_window_s))

@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 import msgspec
@@ -41,6 +42,7 @@ from libra.contracts import (
 )
 from libra.contracts.events import Origin
 from libra.gateway.discord.gateway import DiscordGateway, parse_shards
+from libra.gateway.discord.recovery import undelivered
 from libra.ops.components import Resources, Supervisor
 from libra.ops.embedded import EmbeddedNats, free_port
 from libra.ops.fakes.discord import (
@@ -53,6 +55,7 @@ from libra.ops.fakes.discord import (
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.eventlog import EventLog
 
+from . import factories
 from .helpers import eventually, stream_count, stream_events
 from .stack import running
 
@@ -961,6 +964,26 @@ async def test_a_gateway_killed_after_posting_has_its_reply_edited_not_posted_ag
     assert receipt.message_ids == (posted["id"],)
     edits = [c for c in fake.calls_to("PATCH", EDIT) if c.path.endswith(posted["id"])]
     assert edits and edits[-1].body["content"] == "Once upon a time, a log."
+
+
+async def test_recovery_leaves_the_messages_that_came_after_it_connected(
+    eventlog: EventLog,
+) -> None:
+    """A gateway answers live what was written since it began connecting: its recovery takes
+    only what came before, or it would claim a turn it answers itself, and a crash of it would
+    leave that turn claimed by no one who answers it."""
+    said = factories.text()
+    await eventlog.publish(said)
+    before = said.at - timedelta(seconds=1)
+    after = said.at + timedelta(seconds=1)
+    since = said.at - timedelta(seconds=60)
+
+    def everything(_said: TextReceived) -> bool:
+        return True
+
+    assert await undelivered(eventlog, since=since, before=before, mine=everything) == []
+    found = await undelivered(eventlog, since=since, before=after, mine=everything)
+    assert [s.id for s in found] == [said.id]
 
 
 async def test_a_reply_delivered_while_a_gateway_starts_is_not_recovered(

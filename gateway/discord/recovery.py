@@ -47,16 +47,26 @@ _SCAN_MESSAGES = 200  # how far after the person's message the stopped gateway's
 
 
 async def undelivered(
-    log_: EventLog, *, since: datetime, mine: Callable[[TextReceived], bool]
+    log_: EventLog,
+    *,
+    since: datetime,
+    before: datetime | None = None,
+    mine: Callable[[TextReceived], bool],
 ) -> list[TextReceived]:
-    """The Discord turns received since ``since`` (of ``mine``) that no gateway delivered."""
+    """The Discord turns received since ``since`` (and, with it, before ``before``) of ``mine``
+    that no gateway delivered."""
     received: dict[str, TextReceived] = {}
     delivered: set[str] = set()
     subjects = ["libra.text.received.>", "libra.reply.delivered.>"]
     async for _, event in read_log(log_, subjects, stream=LOG_STREAM, start_time=since):
         if isinstance(event, ReplyDelivered):
             delivered.add(event.turn)
-        elif isinstance(event, TextReceived) and event.origin.platform == "discord" and mine(event):
+        elif (
+            isinstance(event, TextReceived)
+            and event.origin.platform == "discord"
+            and (before is None or event.at < before)
+            and mine(event)
+        ):
             received[event.turn] = event
     return [said for turn, said in received.items() if turn not in delivered]
 
@@ -83,13 +93,18 @@ class Recovery:
         self.edit_interval = edit_interval
         self.mine = mine
 
-    async def run(self) -> None:
-        """Finds the undelivered turns and recovers each (at the same time)."""
+    async def run(self, *, connected_at: datetime) -> None:
+        """Finds the undelivered turns and recovers each (at the same time).
+
+        A message written since ``connected_at`` (when this gateway began connecting) came to
+        it, or to a gateway still running, live: recovering it too would claim a turn that is
+        being answered, and a crash would then leave it claimed by no one who answers it.
+        """
         if self.window_s <= 0:
             return
         since = datetime.now(UTC) - timedelta(seconds=self.window_s)
         try:
-            found = await undelivered(self.log, since=since, mine=self.mine)
+            found = await undelivered(self.log, since=since, before=connected_at, mine=self.mine)
         except Exception:
             log.exception("could not read the log for undelivered replies")
             return

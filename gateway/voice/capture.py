@@ -11,7 +11,10 @@ open and that got no audio for that long feeds itself silence, frame by frame on
 so the silence is confirmed on time.
 
 Events: an utterance becomes ``voice.captured`` (its id is also its turn), its audio stored as
-16 kHz mono s16le under ``voice/<conversation>/<id>``. A confirmation becomes ``voice.ended``
+16 kHz mono s16le under ``voice/<conversation>/<id>``. While it is spoken, with
+``ASR_INCREMENTAL`` on, each second of it goes out as ``voice.partial`` (its audio stored the
+same way), all of them and the capture sharing one ``utterance`` key, so that a local recogniser
+has heard most of it by the time the person pauses. A confirmation becomes ``voice.ended``
 for that turn, and talking on after a speculative cut ``voice.resumed`` for it.
 ``speech_ended_at`` is the wall-clock time of the end of the last voiced frame.
 """
@@ -25,13 +28,30 @@ from types import TracebackType
 
 import numpy as np
 
-from libra.contracts import Origin, VoiceCaptured, VoiceEnded, VoiceResumed, derive, make, new_id
+from libra.contracts import (
+    Origin,
+    VoiceCaptured,
+    VoiceEnded,
+    VoicePartial,
+    VoiceResumed,
+    derive,
+    make,
+    new_id,
+)
 from libra.runtime.audio import AudioStore
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
 from .frames import FrameSplitter
-from .segmenter import Confirmed, Decision, Resumed, Segmenter, SegmenterConfig, Utterance
+from .segmenter import (
+    Confirmed,
+    Decision,
+    Partial,
+    Resumed,
+    Segmenter,
+    SegmenterConfig,
+    Utterance,
+)
 from .vad import FRAME_SAMPLES, SAMPLE_RATE, SileroVad
 
 __all__ = ["VoiceCapture", "segmenter_config"]
@@ -39,6 +59,7 @@ __all__ = ["VoiceCapture", "segmenter_config"]
 log = logging.getLogger("libra.voice")
 
 FRAME_S = 0.020
+PARTIAL_MS = 1000  # how much more of an utterance each voice.partial brings
 _SILENT_FRAME = np.zeros(FRAME_SAMPLES, np.int16)
 
 
@@ -50,6 +71,7 @@ def segmenter_config(settings: Settings) -> SegmenterConfig:
         max_utterance_ms=int(settings.vad_max_utterance_sec * 1000),
         min_speech_ms=settings.vad_min_speech_ms,
         threshold=settings.vad_threshold,
+        partial_ms=PARTIAL_MS if settings.asr_partials else 0,
     )
 
 
@@ -80,6 +102,7 @@ class VoiceCapture:
         self._queue: asyncio.Queue[tuple[Decision, datetime] | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._captured: dict[int, VoiceCaptured] = {}
+        self._utterance = (-1, "")  # the open utterance's start (ms) and its partials' key
         self._gap_s = fill_gaps_ms / 1000
         self._fed_until = 0.0  # loop time at which the audio fed so far ends
         self._filler: asyncio.TimerHandle | None = None
@@ -154,8 +177,8 @@ class VoiceCapture:
             # The last frame fed ended now: that maps the stream's clock onto the wall clock.
             now = datetime.now(UTC)
             for decision in decisions:
-                end_ms = self.segmenter.now_ms  # a resumption: it happened now
-                if not isinstance(decision, Resumed):
+                end_ms = self.segmenter.now_ms  # a resumption or a partial: it happened now
+                if isinstance(decision, Utterance | Confirmed):
                     end_ms = decision.speech_end_ms
                 behind = timedelta(milliseconds=self.segmenter.now_ms - end_ms)
                 self._queue.put_nowait((decision, now - behind))
@@ -167,6 +190,8 @@ class VoiceCapture:
                 match decision:
                     case Utterance():
                         await self._publish_utterance(decision, speech_ended_at)
+                    case Partial():
+                        await self._publish_partial(decision)
                     case Confirmed():
                         await self._publish_end(decision)
                     case Resumed():
@@ -192,11 +217,35 @@ class VoiceCapture:
             mode="manual" if utterance.manual else "auto",
             speech_ended_at=speech_ended_at,
             speculative=utterance.speculative,
+            utterance=self._utterance[1] if self._utterance[0] == utterance.start_ms else "",
         )
         await self.log.publish(captured)
         self._captured.clear()  # only the newest capture can still be confirmed
         if utterance.speculative:
             self._captured[utterance.seq] = captured
+
+    async def _publish_partial(self, partial: Partial) -> None:
+        if self._utterance[0] != partial.start_ms:  # the first piece of a new utterance
+            self._utterance = (partial.start_ms, new_id())
+        event_id = new_id()
+        ref = await self.audio.put(
+            f"voice/{self.conversation}/{event_id}",
+            partial.pcm,
+            format="pcm_s16le",
+            sample_rate=SAMPLE_RATE,
+        )
+        await self.log.publish(
+            make(
+                VoicePartial,
+                id=event_id,
+                conversation=self.conversation,
+                user=self.user,
+                utterance=self._utterance[1],
+                offset_ms=partial.offset_ms,
+                audio=ref,
+                origin=self.origin,
+            )
+        )
 
     async def _publish_end(self, confirmed: Confirmed) -> None:
         captured = self._captured.pop(confirmed.seq, None)

@@ -22,6 +22,10 @@ The rules, in stream time (20 ms per frame fed):
   two of silence after the last word voiced. When a pause begins, the end is moved back over up
   to three trailing frames whose energy is far below the utterance's loudest frame. The silence
   is counted from there, and ``speech_end_ms`` reports it.
+- *Partials*: with ``partial_ms`` set, every ``partial_ms`` of an open utterance (stream time)
+  the audio since the last one is emitted as ``Partial`` at a voiced frame, so that a local
+  recogniser hears the utterance while it is spoken. The pieces of one utterance, joined in
+  order, are the start of its ``Utterance`` audio; they share its ``start_ms``.
 - *Manual mode* (``/record`` then ``/stop``): between :meth:`Segmenter.start_recording` and
   :meth:`Segmenter.stop_recording` every frame is kept and automatic cuts are suspended; stop
   emits one non-speculative ``Utterance(manual=True)``, unless it holds no speech at all.
@@ -41,6 +45,7 @@ __all__ = [
     "FRAME_MS",
     "Confirmed",
     "Decision",
+    "Partial",
     "Resumed",
     "Segmenter",
     "SegmenterConfig",
@@ -64,6 +69,7 @@ class SegmenterConfig:
     min_speech_ms: int = 200
     threshold: float = 0.5
     preroll_ms: int = 200
+    partial_ms: int = 0  # 0: no partials
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,15 @@ class Utterance:
 
 
 @dataclass(frozen=True, slots=True)
+class Partial:
+    """The next piece of the open utterance that starts at ``start_ms``, from ``offset_ms`` on."""
+
+    start_ms: int
+    offset_ms: int
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Confirmed:
     """The silence after speculative utterance ``seq`` lasted: the turn is over."""
 
@@ -98,7 +113,7 @@ class Resumed:
     seq: int
 
 
-Decision = Utterance | Confirmed | Resumed
+Decision = Utterance | Partial | Confirmed | Resumed
 
 
 def _frames(ms: int) -> int:
@@ -129,6 +144,7 @@ class Segmenter:
         self._speculative = spec if 0 < spec < self._silence else 0
         self._max_frames = max(1, c.max_utterance_ms // FRAME_MS)
         self._min_voiced = _frames(c.min_speech_ms)
+        self._partial = _frames(c.partial_ms)
         self._preroll: deque[np.ndarray] = deque(maxlen=_frames(c.preroll_ms))
         self._energy: deque[float] = deque(maxlen=_TRIM_FRAMES + 1)
         self._frames: list[np.ndarray] = []
@@ -217,6 +233,8 @@ class Segmenter:
             if self._pending is not None:  # they went on talking: that cut is not the turn
                 out.append(Resumed(self._pending))
                 self._pending = None
+            if self._partial and len(self._frames) - self._sent >= self._partial:
+                out.append(self._next_partial())
         else:
             if not self._in_pause:
                 self._in_pause = True
@@ -265,6 +283,14 @@ class Segmenter:
         self._reset_utterance()
         return out
 
+    def _next_partial(self) -> Partial:
+        offset, self._sent = self._sent, len(self._frames)
+        return Partial(
+            start_ms=self._start * FRAME_MS,
+            offset_ms=offset * FRAME_MS,
+            pcm=np.concatenate(self._frames[offset:]).tobytes(),
+        )
+
     def _end_utterance(self, silent: int) -> None:
         trailing = self._frames[len(self._frames) - silent :]  # the pause: next one's preroll
         self._reset_utterance()
@@ -303,6 +329,7 @@ class Segmenter:
 
     def _reset_utterance(self) -> None:
         self._frames = []
+        self._sent = 0  # frames of the utterance already sent as partials
         self._start = self._index
         self._voiced = 0
         self._last_voiced = self._index - 1

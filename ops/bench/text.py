@@ -22,6 +22,11 @@ long, right after it: ``overhead_bare_*`` and the ratios ``overhead_ratio_p50``/
 And where the overhead goes, at p50 and p99: ``publish`` (``text.received`` written, synced,
 acked), ``admission`` (from there to ``turn.accepted`` seen at the gateway) and ``llm`` (from
 there to the first delta, less the provider call).
+
+``--local`` instead answers a few turns, one after another, with the embedded model and no
+account (:mod:`.local`): the time to the first delta at the gateway and the tokens per second
+of the stream, beside llama-cpp called directly from this process with the same prompts in the
+same run (``bare_*``).
 """
 
 from __future__ import annotations
@@ -50,13 +55,15 @@ from .common import (
     bare_shape,
     fake_llm_provider,
     libra_processes,
+    median,
     percentile,
     report,
     servers,
     stream_seqs,
 )
+from .local import BareLlama, Generation, local_env
 
-__all__ = ["run_bench_text"]
+__all__ = ["run_bench_text", "run_bench_text_local"]
 
 GROUPS = (
     ["turns", "ratelimit-view"],
@@ -246,3 +253,74 @@ async def run_bench_text(
         "bare: the same chain in bare nats-py, right after each scenario)",
     )
     return results
+
+
+QUESTION = "What is an event log good for?"
+
+
+async def _local_turn(log: EventLog, n: int) -> tuple[Generation, TurnAccepted]:
+    """One turn on the embedded model: its times at the gateway, as a bare generation's are."""
+    started = time.perf_counter()
+    first = 0.0
+    accepted: TurnAccepted | None = None
+    async for event in converse(log, platform="bench", user=f"local-{n}", text=QUESTION):
+        if isinstance(event, TurnAccepted):
+            accepted = event
+        elif isinstance(event, LlmDelta) and not first:
+            first = time.perf_counter() - started
+        elif isinstance(event, LlmCompleted) and accepted is not None:
+            end = time.perf_counter() - started
+            return Generation(first, first, end, event.text, event.completion_tokens), accepted
+        elif isinstance(event, LlmFailed | TurnRejected):
+            raise RuntimeError(f"turn {n} was not answered: {event}")
+    raise RuntimeError(f"turn {n} ended without a reply")
+
+
+async def run_bench_text_local(settings: Settings, *, turns: int, as_json: bool) -> dict:
+    """Runs ``turns`` text turns on the embedded model, then the same prompts on bare llama-cpp."""
+    plain: list[Generation] = []
+    async with servers(settings, postgres=True, redis=True) as urls:
+        await migrate(urls.database_url)
+        env = local_env(
+            os.environ,
+            NATS_URL=urls.nats_url,
+            DATABASE_URL=urls.database_url,
+            REDIS_URL=urls.redis_url,
+        )
+        async with libra_processes(env, GROUPS):
+            log = await EventLog.connect(urls.nats_url, name="bench-text-local-gateway")
+            try:
+                answered = [await _local_turn(log, n) for n in range(turns + 1)][1:]  # 1 warm-up
+            finally:
+                await log.close()
+    libra = [generation for generation, _ in answered]
+    llama = await asyncio.to_thread(BareLlama)
+    for i, (_, turn) in enumerate([answered[0], *answered]):
+        messages = await BareLlama.messages(turn)
+        generation = await asyncio.to_thread(llama.generate, messages, whole=True)
+        if i:  # the first one loads the model
+            plain.append(generation)
+    results = {
+        "turns": turns,
+        **_local_figures("", libra),
+        **_local_figures("bare_", plain),
+    }
+    results["ttft_overhead_p50_ms"] = results["ttft_p50_ms"] - results["bare_ttft_p50_ms"]
+    results["tokens_per_s_ratio"] = results["tokens_per_s_p50"] / results["bare_tokens_per_s_p50"]
+    report(
+        results,
+        as_json=as_json,
+        title="libra bench text --local (the embedded model, no account: first delta at the "
+        "gateway and the stream's tokens/s; bare: llama-cpp directly, same prompts, same run)",
+    )
+    return results
+
+
+def _local_figures(prefix: str, generations: list[Generation]) -> dict[str, float]:
+    ttft = [g.first_token_s * 1000 for g in generations]
+    return {
+        f"{prefix}ttft_p50_ms": percentile(ttft, 50),
+        f"{prefix}ttft_p99_ms": percentile(ttft, 99),
+        f"{prefix}tokens_per_s_p50": median([g.tokens_per_s for g in generations]),
+        f"{prefix}tokens_p50": median([g.tokens for g in generations]),
+    }

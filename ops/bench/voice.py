@@ -79,6 +79,7 @@ from libra.contracts import (
 )
 from libra.gateway.voice import VoiceCapture, segmenter_config
 from libra.processors.tts.espeak import utterance
+from libra.processors.tts.sentences import SentenceSplitter
 from libra.runtime.audio import AudioStore, wav_bytes
 from libra.runtime.config import Settings
 from libra.runtime.database import migrate
@@ -275,14 +276,22 @@ class _Turn:
 class _Edge:
     """One speaker: a capture fed in real time, and a subscription to their conversation."""
 
-    def __init__(self, log: EventLog, audio: AudioStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        log: EventLog,
+        audio: AudioStore,
+        settings: Settings,
+        *,
+        conversation: str = "bench-1",
+        user: str = "speaker-1",
+    ) -> None:
         self.log = log
-        self.conversation = "bench-1"
+        self.conversation = conversation
         self.capture = VoiceCapture(
             log,
             audio,
-            conversation=self.conversation,
-            user="speaker-1",
+            conversation=conversation,
+            user=user,
             origin=Origin(platform="bench", channel="1"),
             config=segmenter_config(settings),
         )
@@ -403,13 +412,9 @@ def _first(events: list[AnyEvent], kind: type[E]) -> E | None:
 
 
 def _sentence_delta(deltas: list[LlmDelta]) -> LlmDelta:
-    """The delta that lets the tts's splitter cut the first sentence."""
-    text = ""
-    for delta in deltas:
-        text += delta.text
-        if any(f"{t} " in text for t in ".!?"):
-            return delta
-    return deltas[-1]
+    """The delta with which the tts's splitter completes the first sentence."""
+    splitter = SentenceSplitter()
+    return next((d for d in deltas if splitter.push(d.text)), deltas[-1])
 
 
 def _ts(at: datetime) -> float:

@@ -36,8 +36,11 @@ class AsrEngine(Protocol):
 
     name: str
 
-    async def transcribe(self, pcm16k: bytes, language_hint: str | None) -> Transcript:
-        """Transcribes 16 kHz mono s16le PCM; ``language_hint`` is an ISO code or None."""
+    async def transcribe(
+        self, pcm16k: bytes, language_hint: str | None, *, prompt: str = ""
+    ) -> Transcript:
+        """Transcribes 16 kHz mono s16le PCM; ``language_hint`` is an ISO code or None;
+        ``prompt`` the words said just before this audio."""
         ...
 
 

@@ -82,14 +82,17 @@ class AsrChain:
         )
 
     async def transcribe(
-        self, pcm16k: bytes, language_hint: str | None
+        self, pcm16k: bytes, language_hint: str | None, *, prompt: str = ""
     ) -> tuple[Transcript, AsrEngine]:
-        """Returns the first engine's transcript, and that engine; raises AllEnginesFailed."""
+        """Returns the first engine's transcript, and that engine; raises AllEnginesFailed.
+
+        ``prompt``: the words said before this audio (an utterance's start heard early)."""
+        options = {"prompt": prompt} if prompt else {}  # a whole utterance has none
         attempts: list[Attempt] = []
         for engine in self.order():
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    transcript = await engine.transcribe(pcm16k, language_hint)
+                    transcript = await engine.transcribe(pcm16k, language_hint, **options)
             except Exception as exc:  # any failure: the next engine may still answer
                 error = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
                 attempts.append(Attempt(engine.name, f"{error}: {exc}"[:300]))

@@ -33,8 +33,12 @@ class GroqWhisperEngine:
             api_key=api_key, base_url=base_url or None, timeout=timeout_s, max_retries=0
         )
 
-    async def transcribe(self, pcm16k: bytes, language_hint: str | None) -> Transcript:
+    async def transcribe(
+        self, pcm16k: bytes, language_hint: str | None, *, prompt: str = ""
+    ) -> Transcript:
         options: dict[str, Any] = {"language": language_hint} if language_hint else {}
+        if prompt:
+            options["prompt"] = prompt
         result = await self.client.audio.transcriptions.create(
             file=("utterance.wav", wav_bytes(pcm16k, sample_rate=16_000)),
             model=self.model,

