@@ -115,7 +115,7 @@ async def test_a_spoken_question_is_heard_answered_and_spoken(local) -> None:
     assert kinds[0] == "transcript" and kinds[-1] == "done" and "error" not in kinds, events
     heard = events[0]
     # tiny.en on espeak's voice: the question's words, give or take one; an English-only model
-    # names no language, so the transcript carries the turn's (from the text)
+    # names no language, so the transcript carries the one its words are written in
     assert len(set(_words(QUESTION)) - set(_words(heard["text"]))) <= 1, heard
     assert heard["language"] == "en"
     reply = "".join(e["content"] for e in events if e["type"] == "llm")
@@ -132,3 +132,15 @@ async def test_a_spoken_question_is_heard_answered_and_spoken(local) -> None:
     assert transcribed.engine == "whisper"
     assert (completed.provider, completed.model) == ("embedded", MODEL_NAME)
     assert completed.text == reply
+
+
+async def test_speech_to_text_names_the_language_an_english_only_model_does_not(local) -> None:
+    http, _log = local
+    samples = np.concatenate([silence(300), speech(QUESTION, "en-us"), silence(300)])
+    response = await http.post(
+        "/api/stt/transcribe",
+        files={"file": ("q.pcm", samples.tobytes(), "application/octet-stream")},
+        data={"userId": "newcomer"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["language"] == "en"

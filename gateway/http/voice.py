@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
-import msgspec
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -210,8 +209,7 @@ def _failure(letter: DeadLetter) -> tuple[str, str]:
 
 
 async def _admitted(events: AsyncIterator[AnyEvent]) -> AsrTranscribed | JSONResponse:
-    """Waits for the transcript and the turn's admission; returns the transcript, in the turn's
-    language where the recogniser named none (an English-only model), or a refusal."""
+    """Waits for the transcript and the turn's admission; returns the transcript or a refusal."""
     heard = await _next(events, AsrTranscribed)
     if isinstance(heard, DeadLetter):
         return _error(502, *_failure(heard))
@@ -222,7 +220,7 @@ async def _admitted(events: AsyncIterator[AnyEvent]) -> AsrTranscribed | JSONRes
         return _error(502, *_failure(decision))
     if isinstance(decision, TurnRejected):
         return _rejection(decision)
-    return heard if heard.language else msgspec.structs.replace(heard, language=decision.language)
+    return heard
 
 
 class _Reply:

@@ -27,6 +27,7 @@ from libra.contracts import (
     VoicePartial,
     derive,
 )
+from libra.processors.turns.language import detect_language
 from libra.runtime.audio import AudioStore, decode_audio, resample_pcm
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.metrics import VOICE_PROCESSING_SECONDS
@@ -76,7 +77,7 @@ class AsrProcessor:
             AsrTranscribed,
             key="asr",
             text=transcript.text,
-            language=transcript.language if transcript.text else self.language,
+            language=_language(transcript, self.language),
             confidence=transcript.confidence if transcript.text else 0.0,
             engine=engine_name,
             audio_ms=event.audio.duration_ms,
@@ -149,3 +150,11 @@ def build_engines(settings: Settings) -> list[AsrEngine]:
         else:
             raise ConfigError(f"ASR_ENGINES: unknown engine {name!r} (groq, whisper)")
     return engines
+
+
+def _language(transcript: Transcript, hint: str) -> str:
+    """The language heard: the recogniser's, else (an English-only model names none) the one
+    its words are written in, so that the transcript and its turn agree."""
+    if not transcript.text:
+        return hint
+    return transcript.language or detect_language(transcript.text)
