@@ -31,6 +31,7 @@ __all__ = [
     "LlmDelta",
     "LlmFailed",
     "Modality",
+    "Moderation",
     "Origin",
     "ProviderAttempt",
     "ReplyClaimed",
@@ -114,6 +115,19 @@ class ProviderAttempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     model: str = ""
     error: str
     message: str = ""
+    latency_ms: float = 0.0
+
+
+class Moderation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A moderation classifier's decision on a person's input (on a turn) or on Libra's reply
+    (on ``llm.completed``), kept so replay and evals see what was flagged and why. ``engine``
+    "none": no engine could answer (the fail policy decided); ``categories``: the flagged ones;
+    ``scores``: category -> 0..1, where known."""
+
+    engine: str
+    flagged: bool = False
+    categories: tuple[str, ...] = ()
+    scores: dict[str, float] = {}
     latency_ms: float = 0.0
 
 
@@ -233,6 +247,8 @@ class TurnAccepted(Event, frozen=True, kw_only=True, tag="turn.accepted"):
 
     ``degraded``: the dependencies that were down when it was decided; ``("redis",)``: the
     rate limit was counted in the admitting process only (and a voice turn's parts met there).
+
+    ``moderation``: the classifier's decision on the input, when one was asked.
     """
 
     text: str
@@ -244,6 +260,7 @@ class TurnAccepted(Event, frozen=True, kw_only=True, tag="turn.accepted"):
     context: tuple[ContextMessage, ...] = ()
     speculative: bool = False
     degraded: tuple[str, ...] = ()
+    moderation: Moderation | None = None
 
 
 class TurnConfirmed(Event, frozen=True, kw_only=True, tag="turn.confirmed"):
@@ -265,8 +282,9 @@ class TurnAbandoned(Event, frozen=True, kw_only=True, tag="turn.abandoned"):
 
 
 class TurnRejected(Event, frozen=True, kw_only=True, tag="turn.rejected"):
-    """Admission refused an input; ``message`` is what the person reads; ``degraded`` as in
-    ``turn.accepted``."""
+    """Admission refused an input; ``message`` is what the person reads; ``degraded`` and
+    ``moderation`` as in ``turn.accepted`` (a ``moderated`` refusal names its categories there).
+    """
 
     reason: Literal["rate_limited", "empty", "too_long", "invalid", "moderated", "blocked"]
     message: str
@@ -275,6 +293,7 @@ class TurnRejected(Event, frozen=True, kw_only=True, tag="turn.rejected"):
     modality: Modality = "text"
     origin: Origin
     degraded: tuple[str, ...] = ()
+    moderation: Moderation | None = None
 
 
 class LlmDelta(Event, frozen=True, kw_only=True, tag="llm.delta"):
@@ -298,6 +317,12 @@ class LlmCompleted(Event, frozen=True, kw_only=True, tag="llm.completed"):
 
     ``degraded``: ``("postgres",)`` when the database was down and the reply was written
     without the conversation's history, memories and server settings.
+
+    ``moderation``: with output moderation on, the check of the reply's sentences. A flagged
+    sentence stopped the reply: ``stopped_at`` is its index (0 = the first), ``moderation`` the
+    verdict on it, ``text`` the sentences delivered before it and the notice that replaced the
+    rest (the flagged text is never stored), ``finish_reason`` "moderated". A clean reply's
+    ``moderation.latency_ms`` is what its first sentence waited for its verdict.
     """
 
     text: str
@@ -317,6 +342,8 @@ class LlmCompleted(Event, frozen=True, kw_only=True, tag="llm.completed"):
     language: str = "en"
     origin: Origin
     degraded: tuple[str, ...] = ()
+    moderation: Moderation | None = None
+    stopped_at: int | None = None
 
 
 class LlmFailed(Event, frozen=True, kw_only=True, tag="llm.failed"):

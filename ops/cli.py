@@ -419,14 +419,30 @@ def bench() -> None:
     is_flag=True,
     help="The embedded model, no account: first token and tokens/s beside bare llama-cpp.",
 )
-@click.option("--turns", default=5, show_default=True, help="Turns measured with --local.")
+@click.option(
+    "--moderation",
+    is_flag=True,
+    help="Moderation's added latency to the first delta, beside the classifier's own time.",
+)
+@click.option(
+    "--turns", default=5, show_default=True, help="Turns measured with --local or --moderation."
+)
 def bench_text(
-    as_json: bool, conversations: int, think: float, seconds: float, local: bool, turns: int
+    as_json: bool,
+    conversations: int,
+    think: float,
+    seconds: float,
+    local: bool,
+    moderation: bool,
+    turns: int,
 ) -> None:
     """Text turns: orchestration overhead to the first delta, and turns/s sustained."""
-    from .bench.text import run_bench_text, run_bench_text_local
+    from .bench.text import run_bench_text, run_bench_text_local, run_bench_text_moderation
 
     settings = _settings()
+    if moderation:
+        asyncio.run(run_bench_text_moderation(settings, turns=turns, as_json=as_json))
+        return
     if local:
         asyncio.run(run_bench_text_local(settings, turns=turns, as_json=as_json))
         return

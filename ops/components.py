@@ -37,6 +37,7 @@ from libra.runtime.projection import Projection, ProjectionRunner
 
 if TYPE_CHECKING:
     from libra.processors.llm.context import PromptBuilder
+    from libra.processors.moderation.chain import Moderator
     from libra.runtime.audio import AudioStore
 
 __all__ = [
@@ -157,6 +158,8 @@ class Resources:
                 await pool.close()
         if self._redis is not None:
             await self._redis.aclose()
+        if (moderator := self._shared.get("moderator")) is not None:
+            await moderator.aclose()  # its SDK clients
 
 
 PROJECTIONS: dict[str, Callable[[], Projection]] = {
@@ -195,6 +198,19 @@ def _chain(r: Resources):
     return r.shared("chain", make)
 
 
+def _output_moderator(r: Resources) -> Moderator | None:
+    """The moderator that checks replies before release, or None (``MODERATION_OUTPUT``: auto
+    is on when ``MODERATION_ENGINES`` names a classifier, since it holds each reply back a
+    sentence at a time)."""
+    from libra.processors.moderation.chain import engine_names
+
+    s = r.settings
+    classifier = set(engine_names(s)) - {"words"}
+    if s.moderation_output == "off" or (s.moderation_output == "auto" and not classifier):
+        return None
+    return moderator(r)
+
+
 async def _memory_store(r: Resources):
     from libra.processors.memory.embedders import build_embedder
     from libra.processors.memory.store import MemoryStore
@@ -216,7 +232,15 @@ async def turns_processor(r: Resources) -> Processor:
         blocked_words=checks.blocked_words,
         speculate=s.voice_speculative_reply,
         breaker=r.breaker("redis"),
+        moderator=moderator(r),
     )
+
+
+def moderator(r: Resources) -> Moderator:
+    """The process's moderation classifiers in their fallback order, as the settings say."""
+    from libra.processors.moderation.chain import Moderator
+
+    return r.shared("moderator", lambda: Moderator.from_settings(r.settings))
 
 
 async def _turns(r: Resources) -> Component:
@@ -278,6 +302,7 @@ async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
         temperature=s.llm_temperature,
         log=r.log if live else None,
         prefetch=prefetch,
+        moderator=_output_moderator(r),
     )
 
 

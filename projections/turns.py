@@ -49,6 +49,18 @@ def _origin(event: Any) -> dict[str, Any]:
     return {"platform": event.origin.platform, "guild": event.origin.guild}
 
 
+def _moderation(event: TurnAccepted | TurnRejected) -> dict[str, Any]:
+    """The classifier's decision on the turn's input, when one was asked."""
+    m = event.moderation
+    if m is None:
+        return {}
+    return {
+        "moderation_engine": m.engine,
+        "moderation_categories": list(m.categories),
+        "moderation_ms": m.latency_ms,
+    }
+
+
 # What each event knows of its turn's row.
 _COLUMNS: dict[type, Callable[[Any], dict[str, Any]]] = {
     TextReceived: lambda e: {
@@ -77,6 +89,7 @@ _COLUMNS: dict[type, Callable[[Any], dict[str, Any]]] = {
         **({} if e.speculative else {"accepted_at": e.at}),
         "language": e.language,
         "modality": e.modality,
+        **_moderation(e),
         "status": "speculative" if e.speculative else "accepted",
     },
     TurnConfirmed: lambda e: {"accepted_at": e.at, "status": "accepted"},
@@ -85,6 +98,7 @@ _COLUMNS: dict[type, Callable[[Any], dict[str, Any]]] = {
         **_origin(e),
         "accepted_at": e.at,
         "reject_reason": e.reason,
+        **_moderation(e),
         "status": "rejected",
     },
     LlmCompleted: lambda e: {

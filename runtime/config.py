@@ -114,6 +114,18 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     rate_limit_window_sec: float = 10.0
     max_input_chars: int = 4000
     moderation_blocklist: str = ""
+    # Moderation classifiers. MODERATION_ENGINES is the fallback order (openai, llama_guard,
+    # words); unset: words alone (a classifier is opted into). MODERATION_FAIL says what
+    # happens when no classifier answers: open, closed, or closed:CATEGORY,... (README).
+    moderation_engines: str = ""
+    moderation_timeout_sec: float = 2.0
+    moderation_fail: str = "open"
+    moderation_guard_model: str = "meta-llama/llama-guard-4-12b"
+    moderation_breaker_failures: int = 5
+    moderation_breaker_reset_sec: float = 30.0
+    # Libra's replies checked a sentence at a time before release: on, off, or auto (on when
+    # MODERATION_ENGINES names a classifier; README, "Moderation").
+    moderation_output: Literal["auto", "on", "off"] = "auto"
 
     # HTTP API.
     http_host: str = "127.0.0.1"

@@ -15,6 +15,7 @@ from libra.contracts import (
     LlmCompleted,
     LlmDelta,
     LlmFailed,
+    Moderation,
     Origin,
     ProviderAttempt,
     ReplyClaimed,
@@ -79,7 +80,13 @@ def every_event() -> list[AnyEvent]:
         origin=ORIGIN,
     )
     accepted = derive(
-        start, TurnAccepted, key="turn", text=start.text, language="ko", origin=ORIGIN
+        start,
+        TurnAccepted,
+        key="turn",
+        text=start.text,
+        language="ko",
+        origin=ORIGIN,
+        moderation=Moderation(engine="openai", scores={"violence": 0.01}, latency_ms=48.0),
     )
     return [
         start,

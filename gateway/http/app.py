@@ -125,6 +125,8 @@ def _rejection(event: TurnRejected) -> JSONResponse:
     body = {"error": event.reason, "message": event.message, "turn": event.turn}
     if event.retry_after_s is not None:
         body["retryAfter"] = event.retry_after_s
+    if event.reason == "moderated":
+        body["categories"] = list(event.moderation.categories) if event.moderation else []
     return JSONResponse(body, status_code=_REJECTION_STATUS.get(event.reason, 400), headers=headers)
 
 

@@ -106,11 +106,16 @@ def _wav_pcm(data: bytes) -> tuple[bytes, int, int]:
     """Returns a WAV file's samples, sample rate and channel count."""
     try:
         with wave.open(io.BytesIO(data)) as w:
-            if w.getsampwidth() != 2:
-                raise _BadAudio(400, "invalid_audio", "the WAV is not 16-bit PCM")
-            return w.readframes(w.getnframes()), w.getframerate(), w.getnchannels()
-    except (wave.Error, EOFError):  # (the parser's own words name its internals)
+            width, rate, channels = w.getsampwidth(), w.getframerate(), w.getnchannels()
+            samples = w.readframes(w.getnframes())
+    # The stdlib parser's failures on a broken file are no closed set (wave.Error, EOFError, a
+    # bare RuntimeError for a chunk longer than the file, struct.error), and its words name its
+    # internals: any of them is the same refusal.
+    except Exception:
         raise _BadAudio(400, "invalid_audio", "the file is not a readable WAV") from None
+    if width != 2:
+        raise _BadAudio(400, "invalid_audio", "the WAV is not 16-bit PCM")
+    return samples, rate, channels
 
 
 def _speech_in(pcm16k: bytes, config: SegmenterConfig) -> bool:

@@ -63,7 +63,7 @@ from .common import (
 )
 from .local import BareLlama, Generation, local_env
 
-__all__ = ["run_bench_text", "run_bench_text_local"]
+__all__ = ["run_bench_text", "run_bench_text_local", "run_bench_text_moderation"]
 
 GROUPS = (
     ["turns", "ratelimit-view"],
@@ -324,3 +324,97 @@ def _local_figures(prefix: str, generations: list[Generation]) -> dict[str, floa
         f"{prefix}tokens_per_s_p50": median([g.tokens_per_s for g in generations]),
         f"{prefix}tokens_p50": median([g.tokens for g in generations]),
     }
+
+
+async def _first_delta_ms(log: EventLog, n: int, text: str) -> float:
+    """One turn's time from sending the message to the first delta at the gateway."""
+    started = time.perf_counter()
+    async for event in converse(log, platform="bench", user=f"moderated-{n}", text=text):
+        if isinstance(event, LlmDelta):
+            return (time.perf_counter() - started) * 1000
+        if isinstance(event, LlmFailed | TurnRejected):
+            raise RuntimeError(f"turn {n} was not answered: {event}")
+    raise RuntimeError(f"turn {n} ended without a reply")
+
+
+async def _first_deltas(env: dict[str, str], turns: int) -> list[float]:
+    """``turns`` turns one after another (after 3 to warm up), on Libra run as in production."""
+    async with libra_processes(env, GROUPS):
+        log = await EventLog.connect(env["NATS_URL"], name="bench-text-moderation-gateway")
+        try:
+            times = [await _first_delta_ms(log, n, f"Question {n}?") for n in range(turns + 3)]
+        finally:
+            await log.close()
+    return times[3:]
+
+
+async def _classifier_ms(base_url: str, turns: int) -> list[float]:
+    """The classifier's own time: the SDK's call to the same fake, from this process."""
+    from libra.processors.moderation.openai import OpenAIModeration
+
+    engine = OpenAIModeration(api_key="sk-bench", timeout=10, base_url=base_url)
+    times = []
+    try:
+        for n in range(turns + 3):
+            began = time.perf_counter()
+            await engine.check(f"Question {n}?")
+            times.append((time.perf_counter() - began) * 1000)
+    finally:
+        await engine.close()
+    return times[3:]
+
+
+async def run_bench_text_moderation(
+    settings: Settings, *, turns: int, latency_s: float = 0.05, as_json: bool
+) -> dict:
+    """Moderation's added latency to the first delta: ``turns`` turns with the classifier off
+    (the word list only), then on (OpenAI's endpoint on a loopback fake answering after
+    ``latency_s``), beside the classifier's own time measured bare in the same run."""
+    from libra.ops.fakes.llm_wire import Behaviour, FakeLlmWire
+
+    async with (
+        servers(settings, postgres=True, redis=True) as urls,
+        FakeLlmWire(reply=Behaviour.ok(REPLY), moderation_latency=latency_s, record=False) as wire,
+    ):
+        await migrate(urls.database_url)
+        base = f"{wire.url}/v1"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")},
+            "NATS_URL": urls.nats_url,
+            "DATABASE_URL": urls.database_url,
+            "REDIS_URL": urls.redis_url,
+            "LLM_CACHE_ENABLED": "0",
+            "LOG_LEVEL": "WARNING",
+            "RATE_LIMIT_TURNS": "1000000",
+            "LLM_BASE_URL": base,
+            "LLM_PROVIDERS": "",
+        }
+        off = await _first_deltas({**env, "MODERATION_ENGINES": "words"}, turns)
+        classifier = {
+            **env,
+            "MODERATION_ENGINES": "openai",
+            "OPENAI_API_KEY": "sk-bench",
+            "OPENAI_BASE_URL": base,
+        }
+        # the input checked (admission), then the input and the reply's first sentence
+        on = await _first_deltas({**classifier, "MODERATION_OUTPUT": "off"}, turns)
+        both = await _first_deltas({**classifier, "MODERATION_OUTPUT": "on"}, turns)
+        bare_ms = await _classifier_ms(base, turns)
+    results: dict = {"turns": turns, "classifier_latency_ms": latency_s * 1000}
+    for q in (50, 99):
+        bare = percentile(bare_ms, q)
+        results[f"first_delta_off_p{q}_ms"] = percentile(off, q)
+        results[f"classifier_bare_p{q}_ms"] = bare
+        for name, times in (("input", on), ("both", both)):
+            added = percentile(times, q) - percentile(off, q)
+            results[f"first_delta_{name}_p{q}_ms"] = percentile(times, q)
+            results[f"added_{name}_p{q}_ms"] = added
+            results[f"added_{name}_ratio_p{q}"] = added / bare
+    report(
+        results,
+        as_json=as_json,
+        title="libra bench text --moderation (added: first delta with the classifier on minus "
+        "off, for the input alone and for the input and the reply; classifier_bare: the SDK's "
+        "call to the same fake, same run; target ratio < 1.2)",
+    )
+    return results

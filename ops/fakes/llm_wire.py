@@ -10,7 +10,12 @@ whole path: requests, SSE parsing, usage, errors and timeouts. It serves
 - Anthropic, ``POST /v1/messages`` (message_start, content_block_start, content_block_delta…,
   content_block_stop, message_delta with usage, message_stop);
 - OpenAI embeddings, ``POST /v1/embeddings`` (deterministic unit vectors, ``dimensions`` and
-  ``encoding_format`` honoured), and ``GET /v1/models``.
+  ``encoding_format`` honoured), and ``GET /v1/models``;
+- OpenAI moderation, ``POST /v1/moderations``, and Llama Guard: a chat request (not streamed)
+  for a model whose name holds ``guard`` answers ``safe`` or ``unsafe\nS1,S10``. Both flag the
+  texts holding a word of ``triggers`` (word -> OpenAI categories and Llama Guard codes), after
+  ``moderation_latency`` seconds; a behaviour that scripts its own ``text`` makes the guard model
+  answer that text instead (garbage, for tests).
 
 Each path answers with a :class:`Behaviour`: queued ones first (``wire.queue(path, a, b)``: the
 first call gets ``a``, the second ``b``), then the path's standing one (``wire.always``), then
@@ -47,6 +52,8 @@ __all__ = [
     "GROQ_CHAT",
     "LOCAL_CHAT",
     "MODELS",
+    "MODERATIONS",
+    "MODERATION_TRIGGERS",
     "OLLAMA_CHAT",
     "OPENAI_CHAT",
     "Behaviour",
@@ -62,6 +69,7 @@ LOCAL_CHAT = "/local/v1/chat/completions"
 ANTHROPIC_MESSAGES = "/v1/messages"
 EMBEDDINGS = "/v1/embeddings"
 MODELS = "/v1/models"
+MODERATIONS = "/v1/moderations"
 
 Failure = Literal["", "hang", "malformed", "invalid_json", "disconnect"]
 
@@ -73,6 +81,31 @@ _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 _ids = itertools.count(1)
 _TEXT = "Hello from the fake model, streaming one word at a time."
+# A text holding one of these words is flagged: OpenAI's categories, Llama Guard's codes.
+MODERATION_TRIGGERS: dict[str, tuple[str, ...]] = {
+    "stab": ("violence", "harassment/threatening", "S1"),
+    "meth": ("illicit", "S2"),
+    "vermin": ("hate", "S10"),
+    "nsfw": ("sexual", "S12"),
+    "selfharm": ("self-harm/intent", "S11"),
+}
+_OPENAI_MODERATION = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+_FLAGGED_SCORE = 0.9
+_CLEAN_SCORE = 0.0001
 
 
 class Behaviour(msgspec.Struct, frozen=True, kw_only=True):
@@ -170,9 +203,13 @@ class FakeLlmWire(LoopbackServer):
         reply: Behaviour | None = None,
         models: tuple[str, ...] = ("gpt-4o-mini", "llama-3.3-70b-versatile", "llama3.1:8b"),
         record: bool = True,
+        triggers: Mapping[str, tuple[str, ...]] | None = None,
+        moderation_latency: float = 0.0,
     ) -> None:
         super().__init__(host=host, port=port)
         self.reply = reply or Behaviour()
+        self.triggers = dict(MODERATION_TRIGGERS if triggers is None else triggers)
+        self.moderation_latency = moderation_latency
         self.models = models
         self.record = record
         self.requests: list[ReceivedRequest] = []
@@ -253,6 +290,8 @@ class FakeLlmWire(LoopbackServer):
             return await self._anthropic(request, body, self._behaviour(path))
         if path.endswith("/embeddings"):
             return await self._embeddings(request, body, self._behaviour(path))
+        if path.endswith("/moderations"):
+            return await self._moderations(request, body, self._behaviour(path))
         return _error_response("openai", 404, f"no route for {path}")
 
     async def _before_reply(self, request: web.Request, b: Behaviour, vendor: str) -> Any:
@@ -286,7 +325,8 @@ class FakeLlmWire(LoopbackServer):
         cid = f"chatcmpl-{next(_ids)}"
         created = int(time.time())
         if not body.get("stream"):
-            return await self._chat_whole(request, b, cid, created, model, b.text, usage)
+            text = await self._whole_text(b, model, body.get("messages"))
+            return await self._chat_whole(request, b, cid, created, model, text, usage)
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
 
@@ -524,6 +564,57 @@ class FakeLlmWire(LoopbackServer):
         }
         return web.Response(body=_encode(answer), content_type="application/json")
 
+    async def _whole_text(self, b: Behaviour, model: str, messages: Any) -> str:
+        """The text of a reply that is not streamed: a guard model's verdict unless scripted."""
+        if "guard" not in model.lower() or b.text != _TEXT:
+            return b.text
+        await asyncio.sleep(self.moderation_latency)
+        return self.guard_answer(_message_text(messages))
+
+    def flagged(self, text: str) -> set[str]:
+        """The labels (OpenAI categories, Llama Guard codes) of the trigger words ``text`` holds
+        (whole words: "something" does not hold "meth")."""
+        words = set(re.findall(r"\w+", text.lower()))
+        said = (labels for word, labels in self.triggers.items() if word in words)
+        return {label for labels in said for label in labels}
+
+    def guard_answer(self, text: str) -> str:
+        """Llama Guard's answer on ``text``: ``safe`` or ``unsafe`` and its codes."""
+        codes = sorted((c for c in self.flagged(text) if c[:1] == "S"), key=lambda c: int(c[1:]))
+        return "unsafe\n" + ",".join(codes) if codes else "safe"
+
+    async def _moderations(
+        self, request: web.Request, body: dict[str, Any], b: Behaviour
+    ) -> web.StreamResponse:
+        early = await self._before_reply(request, b, "openai")
+        if early is not None:
+            return early
+        await asyncio.sleep(self.moderation_latency)
+        early = await self._whole_failure(request, b)
+        if early is not None:
+            return early
+        raw = body.get("input", "")
+        many = isinstance(raw, list) and all(isinstance(item, str) for item in raw)
+        inputs = raw if many else [_message_text([{"content": raw}])]
+        answer = {
+            "id": f"modr-{next(_ids)}",
+            "model": str(body.get("model", "omni-moderation-latest")),
+            "results": [self._moderation_result(text) for text in inputs],
+        }
+        return web.Response(body=_encode(answer), content_type="application/json")
+
+    def _moderation_result(self, text: str) -> dict[str, Any]:
+        flagged = self.flagged(text)
+        categories = {name: name in flagged for name in _OPENAI_MODERATION}
+        return {
+            "flagged": any(categories.values()),
+            "categories": categories,
+            "category_scores": {
+                name: _FLAGGED_SCORE if on else _CLEAN_SCORE for name, on in categories.items()
+            },
+            "category_applied_input_types": {name: ["text"] for name in _OPENAI_MODERATION},
+        }
+
     async def _models(self, request: web.Request, b: Behaviour) -> web.StreamResponse:
         early = await self._before_reply(request, b, "openai")
         if early is not None:
@@ -614,6 +705,20 @@ def _count_words(content: Any) -> int:
     if isinstance(content, list):
         return sum(_count_words(part.get("text", "")) for part in content if isinstance(part, dict))
     return 0
+
+
+def _message_text(messages: Any) -> str:
+    """The text of chat messages (strings or text parts), one message a line."""
+    if not isinstance(messages, list):
+        return ""
+    texts: list[str] = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+    return "\n".join(texts)
 
 
 def _count_prompt(messages: Any) -> int:

@@ -13,6 +13,19 @@ its deltas streamed as usual, but its ``llm.completed`` or ``llm.failed`` waits 
 confirms the turn, so that history, memory and the cache only ever hold replies to turns that
 happened; when the turn is dropped instead, the reply stops where it is and nothing more is
 published.
+
+With output moderation on (``MODERATION_OUTPUT``; a ``moderator`` given), a generated reply
+passes a :class:`~.release.ReleaseGate`: it is published a sentence at a time, each sentence as
+one delta once its verdict is clean, while the provider writes on; the first sentence is
+checked as soon as it is complete, so the first delta comes one sentence and one check later
+than without. A flagged sentence stops the reply: the provider's stream is closed, a notice in
+the turn's language is published as the last delta (the tts speaks it, the edges show it), and
+``llm.completed`` carries what was delivered (the clean sentences and the notice), the verdict
+and the sentence's index, with ``finish_reason`` "moderated"; provider, model and tokens are
+unknown then (the stream never ended), and such a reply is not cached. The flagged text goes
+nowhere: not in an event, the cache or a log line. Replies answered from the cache were cached
+whole and clean by the same gate (a reply cached before moderation was on is served until
+``LLM_CACHE_TTL``).
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from libra.contracts import (
     LlmCompleted,
     LlmDelta,
     LlmFailed,
+    Moderation,
     ProviderAttempt,
     TurnAccepted,
     derive,
@@ -46,6 +60,7 @@ from .context import Prompt, PromptBuilder
 from .prefetch import ContextPrefetch
 from .providers import SETUP_SETTINGS
 from .providers.base import ChatUsage
+from .release import ReleaseGate, SentenceCheck
 
 __all__ = ["DELTA_EVERY_S", "LlmProcessor"]
 
@@ -64,6 +79,10 @@ _FAILURE = {
     " Please try again in a moment.",
     "ko": "죄송해요 — 지금은 어떤 언어 모델에서도 답을 받지 못했어요. 잠시 후 다시 시도해 주세요.",
 }
+_STOPPED = {
+    "en": "I stopped this reply: it broke this server's rules.",
+    "ko": "이 답변은 서버 규칙에 어긋나서 멈췄어요.",
+}
 _NO_PROVIDER = {
     "en": f"No language model is configured: set {SETUP_SETTINGS}.",
     "ko": f"설정된 언어 모델이 없어요. 다음을 설정해 주세요: {SETUP_SETTINGS}.",
@@ -77,8 +96,9 @@ def _say(texts: dict[str, str], language: str) -> str:
 class _Deltas:
     """Numbers the reply's pieces and decides when gathered text becomes a delta."""
 
-    def __init__(self, turn: TurnAccepted) -> None:
+    def __init__(self, turn: TurnAccepted, *, sentences: bool = False) -> None:
         self.turn = turn
+        self.sentences = sentences  # each piece is a checked sentence: out at once
         # Each handling of the turn is an attempt of its own: a restarted processor's pieces
         # are not dropped as duplicates of the stopped one's, and the edges start over.
         self.attempt = new_id()
@@ -89,15 +109,22 @@ class _Deltas:
         self.first_at: datetime | None = None
         self.spoken = turn.modality == "voice"
         self._tail = ""  # the last character so far: a sentence's end may span two pieces
+        self.text: list[str] = []  # every piece so far: the reply
 
-    def add(self, piece: str) -> LlmDelta | None:
+    def hold(self, piece: str) -> None:
+        """Adds a piece to the reply, to go out with the next delta."""
+        self.text.append(piece)
         self.buffer.append(piece)
         self.buffered += len(piece)
+
+    def add(self, piece: str) -> LlmDelta | None:
+        self.hold(piece)
         now = time.monotonic()
         ends_sentence = self.spoken and _SENTENCE_END.search(self._tail + piece) is not None
         self._tail = piece[-1:] or self._tail
         if (
             self.index == 0
+            or self.sentences
             or ends_sentence
             or now - self.last >= DELTA_EVERY_S
             or self.buffered >= _DELTA_MAX_CHARS
@@ -135,6 +162,7 @@ class LlmProcessor:
     ``log`` is where a speculative turn's confirmation is followed; without it (replaying
     recorded turns) a speculative turn is answered as if it had been confirmed. ``prefetch``
     reads a turn's prompt context while admission decides on its message or transcript.
+    ``moderator``: output moderation, checking the reply a sentence at a time before release.
     """
 
     spec = CONSUMERS["llm"]
@@ -149,8 +177,10 @@ class LlmProcessor:
         temperature: float = 0.6,
         log: EventLog | None = None,
         prefetch: ContextPrefetch | None = None,
+        moderator: SentenceCheck | None = None,
     ) -> None:
         self.chain, self.prompts, self.cache = chain, prompts, cache
+        self.moderator = moderator
         self.max_tokens, self.temperature = max_tokens, temperature
         self.log, self.prefetch = log, prefetch
         self._hits = self._lookups = 0
@@ -219,39 +249,88 @@ class LlmProcessor:
         started: float,
         confirmation: Confirmation,
     ) -> AsyncIterator[Event]:
-        deltas = _Deltas(turn)
-        text: list[str] = []
-        result: ChainResult | None = None
         stream = self.chain.stream(
             prompt.messages,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             model_override=prompt.model,
         )
+        gate = None
+        if self.moderator is not None:
+            gate = ReleaseGate(self.moderator)
+            stream = gate.release(stream)
+        deltas = _Deltas(turn, sentences=gate is not None)
+        result: ChainResult | None = None
+        try:
+            async for out in self._relay(stream, deltas, gate, confirmation):
+                if isinstance(out, ChainResult):
+                    result = out
+                else:
+                    yield out
+        except AllProvidersFailed as exc:
+            if await confirmation.confirmed():
+                yield self._failed(turn, exc.error, _say(_FAILURE, turn.language), exc.attempts)
+            return
+        if not await confirmation.confirmed():
+            return
+        if gate is not None and gate.stopped is not None:
+            yield self._stopped(turn, deltas, gate, started, prompt)
+            return
+        reply = "".join(deltas.text)
+        await self._remember(key, reply, result)
+        moderation = gate.record() if gate is not None else None
+        yield self._completed(turn, reply, result, deltas, started, prompt, moderation=moderation)
+
+    async def _relay(
+        self,
+        stream: AsyncIterator[str | ChainResult],
+        deltas: _Deltas,
+        gate: ReleaseGate | None,
+        confirmation: Confirmation,
+    ) -> AsyncIterator[LlmDelta | ChainResult]:
+        """Yields the reply's deltas as the stream (or the gate) gives text, then its result; a
+        reply that the gate stopped ends with the notice instead."""
         try:
             async with contextlib.aclosing(stream):  # a dropped draft hangs up on the provider
                 async for piece in stream:
                     if confirmation.abandoned:
                         return
                     if isinstance(piece, ChainResult):
-                        result = piece
-                        continue
-                    text.append(piece)
-                    if (delta := deltas.add(piece)) is not None:
+                        yield piece
+                    elif (delta := deltas.add(piece)) is not None:
                         yield delta
-        except AllProvidersFailed as exc:
+        except AllProvidersFailed:
             if (delta := deltas.flush()) is not None:
                 yield delta
-            if await confirmation.confirmed():
-                yield self._failed(turn, exc.error, _say(_FAILURE, turn.language), exc.attempts)
-            return
+            raise
+        if gate is not None and gate.stopped is not None:
+            notice = ("\n\n" if deltas.text else "") + _say(_STOPPED, deltas.turn.language)
+            deltas.hold(notice)
         if (delta := deltas.flush()) is not None:
             yield delta
-        if not await confirmation.confirmed():
-            return
-        reply = "".join(text)
-        await self._remember(key, reply, result)
-        yield self._completed(turn, reply, result, deltas, started, prompt)
+
+    def _stopped(
+        self,
+        turn: TurnAccepted,
+        deltas: _Deltas,
+        gate: ReleaseGate,
+        started: float,
+        prompt: Prompt,
+    ) -> LlmCompleted:
+        """The completed event of a reply that a flagged sentence stopped: what was delivered."""
+        # The stream was closed before its end: who answered and what it cost are not known.
+        result = ChainResult(provider="", model="", usage=ChatUsage(finish_reason="moderated"))
+        reply = "".join(deltas.text)
+        return self._completed(
+            turn,
+            reply,
+            result,
+            deltas,
+            started,
+            prompt,
+            moderation=gate.record(),
+            stopped_at=gate.stopped.index,
+        )
 
     async def _remember(self, key: str | None, reply: str, result: ChainResult) -> None:
         """Caches a whole reply under its prompt's key (with the cache on, and words to keep)."""
@@ -278,6 +357,8 @@ class LlmProcessor:
         prompt: Prompt,
         *,
         cached: bool = False,
+        moderation: Moderation | None = None,
+        stopped_at: int | None = None,
     ) -> LlmCompleted:
         elapsed = (time.perf_counter() - started) * 1000
         return derive(
@@ -301,6 +382,8 @@ class LlmProcessor:
             language=turn.language,
             origin=turn.origin,
             degraded=prompt.degraded,  # a reply written without what the database holds
+            moderation=moderation,
+            stopped_at=stopped_at,
         )
 
     def gave_up(self, event: AnyEvent, error: str) -> list[Event]:

@@ -5,7 +5,9 @@ a terminator (``. ! ? …``) followed by a space, a full-width terminator (``。
 break. The cut depends on the text alone, never on timing, so a redelivered turn is cut the same
 way and its clips get the same ids. A run-on sentence is cut at a comma or space once it grows
 past ``max_chars``. Markdown that would be read out (``**``, backticks, ``#`` headings, list
-bullets) is dropped from what is spoken.
+bullets) is dropped from what is spoken; with ``as_written`` (the llm's output moderation, which
+releases the reply a sentence at a time) every character is kept, so the sentences joined are the
+reply.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def speakable(text: str) -> str:
 class SentenceSplitter:
     """Takes a reply piece by piece and hands out each sentence once it is complete."""
 
-    def __init__(self, *, max_chars: int = 300) -> None:
+    def __init__(self, *, max_chars: int = 300, as_written: bool = False) -> None:
         self.max_chars = max_chars
+        self.as_written = as_written
         self._buffer = ""
         self._scanned = 0
 
@@ -45,6 +48,9 @@ class SentenceSplitter:
 
     def flush(self) -> list[str]:
         """Returns what is left, at the end of the reply."""
+        if self.as_written:
+            rest, self._buffer, self._scanned = self._buffer, "", 0
+            return [rest] if rest else []
         rest, self._buffer, self._scanned = speakable(self._buffer), "", 0
         return [rest] if _WORD.search(rest) else []
 
@@ -65,7 +71,7 @@ class SentenceSplitter:
 
     def _cut(self, end: int) -> str:
         head, self._buffer, self._scanned = self._buffer[:end], self._buffer[end:], 0
-        return speakable(head)
+        return head if self.as_written else speakable(head)
 
 
 def _abbreviation(head: str) -> bool:

@@ -20,6 +20,14 @@ meet here, and the decision says so (``degraded``: ``redis``), for replay to see
 
 The input checks (empty, not valid UTF-8, too long with the attached files' text, a blocked
 word) are :class:`.checks.InputChecks`, which the llm's prefetch runs too.
+
+Moderation (``moderator``: the classifier chain) comes after the input checks and after the rate
+limit: a flood of flagged input is cut off by the limit like any other, and costs no classifier
+call past it (a flagged turn counts toward the limit). Its decision, flagged or not, is recorded
+on the turn's ``turn.accepted`` or ``turn.rejected`` (``moderated``). The llm's prefetch reads
+the prompt context meanwhile, so the classifier's time overlaps it. A speculative transcript is
+moderated once, when it arrives (while the silence is being confirmed), and its verdict travels
+with it to whichever part admits or starts the turn.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from libra.contracts import (
     Attachment,
     ContextMessage,
     Event,
+    Moderation,
     Origin,
     TextReceived,
     TurnAbandoned,
@@ -47,6 +56,7 @@ from libra.contracts import (
     VoiceResumed,
     derive,
 )
+from libra.processors.moderation.base import ModerationEngine
 from libra.runtime.outage import Breaker, Unavailable
 
 from .checks import InputChecks
@@ -62,8 +72,19 @@ def _ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
 
 
+# MODERATION_BLOCKLIST's refusal, in the classifiers' terms.
+_BLOCKED = Moderation(engine="words", flagged=True, categories=("blocked_word",))
+
+
+class _Heard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A speculative transcript as its turn's parts keep it: with its moderation, asked once."""
+
+    transcript: AsrTranscribed
+    moderation: Moderation | None = None
+
+
 class TurnsProcessor:
-    """Admits text and transcripts: input checks, per-user rate limit, language."""
+    """Admits text and transcripts: input checks, per-user rate limit, moderation, language."""
 
     spec = CONSUMERS["turns"]
 
@@ -76,11 +97,13 @@ class TurnsProcessor:
         blocked_words: frozenset[str] = frozenset(),
         speculate: bool = False,
         breaker: Breaker | None = None,
+        moderator: ModerationEngine | None = None,
     ) -> None:
         self.limiter = limiter
         self.local = LocalRateLimiter(limit=limiter.limit, window_s=limiter.window_ms / 1000)
         self.checks = InputChecks(max_chars=max_chars, blocked_words=blocked_words)
         self.speculate = speculate
+        self.moderator = moderator
         self.breaker = breaker or Breaker("redis")
         self._join = Join(redis, self.breaker)
 
@@ -106,8 +129,7 @@ class TurnsProcessor:
                     language=event.language or detect_language(event.text),
                 )
             case AsrTranscribed(speculative=True) if event.text.strip():
-                early = self.speculate and self.checks.refusal(event.text) is None
-                if (out := await self._meet(event, "transcript", early)) is not None:
+                if (out := await self._heard(event)) is not None:
                     yield out
             case VoiceEnded():
                 if (out := await self._meet(event, "ended")) is not None:
@@ -116,18 +138,33 @@ class TurnsProcessor:
                 if (out := await self._meet(event, "resumed")) is not None:
                     yield out
 
-    async def _meet(self, event: AnyEvent, field: str, early: bool = False) -> Event | None:
+    async def _heard(self, event: AsrTranscribed) -> Event | None:
+        """A speculative transcript: moderated now, answered early when all lets it through."""
+        passes = self.checks.refusal(event.text) is None
+        moderation = await self._moderate(event.text) if passes else None
+        early = self.speculate and passes and not (moderation and moderation.flagged)
+        heard = msgspec.json.encode(_Heard(transcript=event, moderation=moderation))
+        return await self._meet(event, "transcript", early, heard)
+
+    async def _meet(
+        self, event: AnyEvent, field: str, early: bool = False, value: bytes | None = None
+    ) -> Event | None:
         """Notes one part of a speculative voice turn; returns what the parts so far decide."""
-        value = msgspec.json.encode(event) if field == "transcript" else event.id.encode()
-        met = await self._join.meet(event.turn, field, value, early)
+        met = await self._join.meet(event.turn, field, value or event.id.encode(), early)
         if met is None:
             return None
-        transcript = msgspec.json.decode(met.transcript, type=AsrTranscribed)
+        heard = msgspec.json.decode(met.transcript, type=_Heard)
+        transcript = heard.transcript
         language = transcript.language or detect_language(transcript.text)
         match met.action:
             case "start":
                 return self._accepted(
-                    transcript, "voice", language, speculative=True, degraded=met.degraded
+                    transcript,
+                    "voice",
+                    language,
+                    speculative=True,
+                    degraded=met.degraded,
+                    moderation=heard.moderation,
                 )
             case "admit":
                 return await self._admit(
@@ -136,6 +173,7 @@ class TurnsProcessor:
                     transcript.origin,
                     modality="voice",
                     language=language,
+                    moderation=heard.moderation,
                 )
             case "confirm":
                 return await self._confirm(event, transcript, language)
@@ -183,11 +221,16 @@ class TurnsProcessor:
         modality: str,
         language: str,
         attachments: tuple[Attachment, ...] = (),
+        moderation: Moderation | None = None,
     ) -> Event:
+        """Checks, then the rate limit, then moderation (unless ``moderation`` was asked)."""
         refused = self.checks.refusal(text, attachments)
         if refused is not None:
             reason, detail = refused
-            return self._rejected(event, reason, language, modality, origin, **detail)
+            blocked = _BLOCKED if reason == "moderated" else None
+            return self._rejected(
+                event, reason, language, modality, origin, moderation=blocked, **detail
+            )
         decision, degraded = await self._limit(event.user, event.turn or event.id, event.at)
         if not decision.admitted:
             return self._rejected(
@@ -199,8 +242,43 @@ class TurnsProcessor:
                 retry_after_s=decision.retry_after_s,
                 degraded=degraded,
             )
+        if moderation is None:
+            moderation = await self._moderate(text, attachments)
+        if moderation is not None and moderation.flagged:
+            return self._rejected(
+                event,
+                "moderated",
+                language,
+                modality,
+                origin,
+                degraded=degraded,
+                moderation=moderation,
+            )
         return self._accepted(
-            event, modality, language, text=text, origin=origin, degraded=degraded
+            event,
+            modality,
+            language,
+            text=text,
+            origin=origin,
+            degraded=degraded,
+            moderation=moderation,
+        )
+
+    async def _moderate(
+        self, text: str, attachments: tuple[Attachment, ...] = ()
+    ) -> Moderation | None:
+        """The classifier's decision on the input and its files' text (the model reads both);
+        None without a classifier. Its failure is the chain's fail policy's to decide."""
+        if self.moderator is None:
+            return None
+        parts = [text, *(a.text for a in attachments if a.text)]
+        verdict = await self.moderator.check("\n\n".join(p for p in parts if p.strip()))
+        return Moderation(
+            engine=verdict.engine,
+            flagged=verdict.flagged,
+            categories=tuple(verdict.categories),
+            scores=dict(verdict.scores),
+            latency_ms=verdict.latency_ms,
         )
 
     def _accepted(
@@ -213,6 +291,7 @@ class TurnsProcessor:
         origin: Origin | None = None,
         speculative: bool = False,
         degraded: tuple[str, ...] = (),
+        moderation: Moderation | None = None,
     ) -> TurnAccepted:
         return derive(
             event,
@@ -227,6 +306,7 @@ class TurnsProcessor:
             context=self._quotable(getattr(event, "context", ())),
             speculative=speculative,
             degraded=degraded,
+            moderation=moderation,
         )
 
     def _quotable(self, context: tuple[ContextMessage, ...]) -> tuple[ContextMessage, ...]:
@@ -245,6 +325,7 @@ class TurnsProcessor:
         origin: Origin,
         *,
         degraded: tuple[str, ...] = (),
+        moderation: Moderation | None = None,
         **detail: float,
     ) -> TurnRejected:
         return derive(
@@ -256,6 +337,9 @@ class TurnsProcessor:
             modality=modality,
             origin=origin,
             retry_after_s=detail.get("retry_after_s"),
-            message=refusal(reason, language, **detail),
+            message=refusal(
+                reason, language, categories=moderation.categories if moderation else (), **detail
+            ),
             degraded=degraded,
+            moderation=moderation,
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from libra.contracts import Attachment
+from libra.processors.moderation.words import blocked_in, parse_blocklist
 from libra.runtime.config import Settings
 
 __all__ = ["InputChecks", "Refusal"]
@@ -35,9 +36,9 @@ class InputChecks:
     @classmethod
     def from_settings(cls, settings: Settings) -> InputChecks:
         """The checks as ``MAX_INPUT_CHARS`` and ``MODERATION_BLOCKLIST`` set them."""
-        words = (w.strip().lower() for w in settings.moderation_blocklist.split(","))
         return cls(
-            max_chars=settings.max_input_chars, blocked_words=frozenset(w for w in words if w)
+            max_chars=settings.max_input_chars,
+            blocked_words=parse_blocklist(settings.moderation_blocklist),
         )
 
     def refusal(self, text: str, attachments: Sequence[Attachment] = ()) -> Refusal | None:
@@ -53,6 +54,6 @@ class InputChecks:
         length = sum(map(len, parts))
         if length > self.max_chars:
             return Refusal("too_long", {"length": length, "limit": self.max_chars})
-        if self.blocked_words and any(self.blocked_words & set(p.lower().split()) for p in parts):
+        if blocked_in(self.blocked_words, parts):
             return Refusal("moderated", {})
         return None

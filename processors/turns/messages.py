@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 __all__ = ["refusal"]
 
@@ -30,13 +31,60 @@ _TEXTS = {
         "en": "I can't help with that message.",
         "ko": "그 메시지에는 답할 수 없어요.",
     },
+    "moderated_as": {
+        "en": "I can't help with that message — flagged as {what}.",
+        "ko": "그 메시지에는 답할 수 없어요 (사유: {what}).",
+    },
+    # Someone who may be in danger is pointed to help, not just refused.
+    "moderated_self_harm": {
+        "en": (
+            "I can't talk about that here. If you are thinking about hurting yourself, please"
+            " reach out to someone you trust or a local crisis line."
+        ),
+        "ko": (
+            "여기서는 그 이야기를 할 수 없어요. 스스로를 해칠 생각이 든다면 믿을 수 있는"
+            " 사람이나 자살예방상담전화 109에 연락해 주세요."
+        ),
+    },
 }
+
+# Libra's moderation categories (processors/moderation/base.py CATEGORIES) in plain words.
+_CATEGORY_WORDS = {
+    "harassment": {"en": "harassment", "ko": "괴롭힘"},
+    "hate": {"en": "hate speech", "ko": "혐오 표현"},
+    "illicit": {"en": "a request for something illegal", "ko": "불법 행위 요청"},
+    "self_harm": {"en": "self-harm", "ko": "자해"},
+    "sexual": {"en": "sexual content", "ko": "성적인 내용"},
+    "sexual_minors": {"en": "sexual content involving minors", "ko": "미성년자 관련 성적인 내용"},
+    "violence": {"en": "violence", "ko": "폭력"},
+    "blocked_word": {"en": "a word blocked here", "ko": "금지된 단어"},
+}
+_AND = {"en": " and ", "ko": ", "}
 
 
 def refusal(
-    reason: str, language: str, *, length: int = 0, limit: int = 0, retry_after_s: float = 0
+    reason: str,
+    language: str,
+    *,
+    length: int = 0,
+    limit: int = 0,
+    retry_after_s: float = 0,
+    categories: Sequence[str] = (),
 ) -> str:
-    """Returns the refusal for ``reason`` in ``language`` (English when there is none)."""
+    """Returns the refusal for ``reason`` in ``language`` (English when there is none); a
+    ``moderated`` one names its flagged ``categories`` in plain words."""
+    if reason == "moderated" and categories:
+        return _moderated(language, categories)
     texts = _TEXTS[reason]
     text = texts.get(language, texts["en"])
     return text.format(length=length, limit=limit, seconds=max(1, math.ceil(retry_after_s)))
+
+
+def _moderated(language: str, categories: Sequence[str]) -> str:
+    lang = language if language in _AND else "en"
+    if "self_harm" in categories:
+        return _TEXTS["moderated_self_harm"][lang]
+    known = [_CATEGORY_WORDS[c][lang] for c in categories if c in _CATEGORY_WORDS]
+    if not known:
+        return _TEXTS["moderated"][lang]
+    return _TEXTS["moderated_as"][lang].format(what=_AND[lang].join(known))

@@ -1,0 +1,135 @@
+"""The output moderation gate: a streamed reply is released a sentence at a time, once clean.
+
+The provider's stream is read in a task of its own, so generation goes on while the sentences
+already complete are checked; each sentence's check starts the moment it is complete (the first
+one too: no waiting for more text), several may be in flight at once, and sentences are released
+in order, each once it and all before it are clean. Sentences are cut by the tts's splitter, as
+written (every character kept: the released sentences joined are the reply). A flagged sentence
+stops the reply: the provider's stream is closed, nothing after it is released, and
+:attr:`ReleaseGate.stopped` says which sentence and why. The text itself is dropped here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from libra.contracts import Moderation
+from libra.processors.moderation.base import Verdict
+from libra.processors.tts.sentences import SentenceSplitter
+
+from .chain import ChainResult
+
+__all__ = ["ReleaseGate", "SentenceCheck", "Stopped"]
+
+
+class SentenceCheck(Protocol):
+    """What the gate asks (the moderation chain, which applies the fail policy itself)."""
+
+    async def check(self, text: str) -> Verdict: ...
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The sentence that stopped the reply: its index and the verdict on it."""
+
+    index: int
+    verdict: Verdict
+
+
+_END = object()
+
+
+class ReleaseGate:
+    """Releases one reply's stream a sentence at a time, each once its verdict is clean."""
+
+    def __init__(self, moderator: SentenceCheck) -> None:
+        self.moderator = moderator
+        self.stopped: Stopped | None = None
+        self.engines: list[str] = []  # who answered, in the order of the sentences
+        self.first_wait_ms = 0.0  # how long the first sentence waited for its verdict
+        self._splitter = SentenceSplitter(as_written=True)
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._checks: list[asyncio.Task[Verdict]] = []
+
+    async def release(
+        self, stream: AsyncIterator[str | ChainResult]
+    ) -> AsyncIterator[str | ChainResult]:
+        """Yields the stream's clean sentences in order, then its ChainResult; raises what the
+        stream raised once the sentences before the failure are released."""
+        reader = asyncio.create_task(self._read(stream))
+        try:
+            index = 0
+            while (item := await self._queue.get()) is not _END:
+                if isinstance(item, ChainResult):
+                    yield item
+                    continue
+                sentence, check, complete = item
+                if check is not None and (verdict := await self._verdict(check, complete, index)):
+                    self.stopped = Stopped(index, verdict)
+                    return
+                yield sentence
+                index += 1
+            await reader  # the stream's own failure, if it had one
+        finally:
+            for task in (reader, *self._checks):
+                task.cancel()
+            await asyncio.gather(reader, *self._checks, return_exceptions=True)
+
+    def record(self) -> Moderation | None:
+        """What ``llm.completed`` records: the verdict that stopped the reply, or for a clean
+        one the engines that answered and how long the first sentence waited; None when
+        nothing was checked."""
+        if self.stopped is not None:
+            v = self.stopped.verdict
+            return Moderation(
+                engine=v.engine,
+                flagged=True,
+                categories=v.categories,
+                scores=dict(v.scores),
+                latency_ms=v.latency_ms,
+            )
+        if not self.engines:
+            return None
+        return Moderation(
+            engine=",".join(dict.fromkeys(self.engines)), latency_ms=self.first_wait_ms
+        )
+
+    async def _verdict(
+        self, check: asyncio.Task[Verdict], complete: float, index: int
+    ) -> Verdict | None:
+        """Waits for a sentence's verdict; returns it when flagged."""
+        verdict = await check
+        if index == 0:
+            self.first_wait_ms = round((time.perf_counter() - complete) * 1000, 2)
+        self.engines.append(verdict.engine)
+        return verdict if verdict.flagged else None
+
+    async def _read(self, stream: AsyncIterator[str | ChainResult]) -> None:
+        result = None
+        try:
+            async with contextlib.aclosing(stream):  # a stopped reply hangs up on the provider
+                async for piece in stream:
+                    if isinstance(piece, ChainResult):
+                        result = piece  # passed on after the last sentence
+                        continue
+                    for sentence in self._splitter.push(piece):
+                        self._check(sentence)
+        finally:
+            if not asyncio.current_task().cancelling():
+                for sentence in self._splitter.flush():
+                    self._check(sentence)
+                if result is not None:
+                    self._queue.put_nowait(result)
+                self._queue.put_nowait(_END)
+
+    def _check(self, sentence: str) -> None:
+        check = None
+        if sentence.strip():  # whitespace between sentences says nothing
+            check = asyncio.create_task(self.moderator.check(sentence))
+            self._checks.append(check)
+        self._queue.put_nowait((sentence, check, time.perf_counter()))
