@@ -31,8 +31,8 @@ from time import perf_counter
 
 import groq
 
-from libra.processors.llm.providers._errors import SdkErrors, provider_error
-from libra.processors.llm.providers.groq import CONNECTION_LIMITS, GROQ_URL
+from libra.processors.llm.providers._errors import provider_error
+from libra.processors.llm.providers.groq import CONNECTION_LIMITS, GROQ_ERRORS, GROQ_URL
 
 from .base import ModerationUnavailable, Verdict
 
@@ -57,13 +57,6 @@ GUARD_CODES = {
 }
 _CODE = re.compile(r"^S\d{1,2}$")
 _MAX_ANSWER_TOKENS = 20  # "unsafe" and a few codes; a longer answer is not a verdict anyway
-_SDK = SdkErrors(
-    status=groq.APIStatusError,
-    timeout=groq.APITimeoutError,
-    connection=groq.APIConnectionError,
-    validation=groq.APIResponseValidationError,
-    api=groq.GroqError,
-)
 
 
 def parse_guard_answer(answer: str) -> tuple[str, ...] | None:
@@ -113,7 +106,7 @@ class LlamaGuard:
                 temperature=0,
             )
         except Exception as exc:
-            error = provider_error(self.name, exc, _SDK, self._secrets)
+            error = provider_error(self.name, exc, GROQ_ERRORS, self._secrets)
             if error is None:
                 raise
             raise ModerationUnavailable(str(error)) from None

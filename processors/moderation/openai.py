@@ -26,8 +26,12 @@ from time import perf_counter
 import msgspec
 import openai
 
-from libra.processors.llm.providers._errors import SdkErrors, provider_error
-from libra.processors.llm.providers.openai_compat import CONNECTION_LIMITS, OPENAI_URL
+from libra.processors.llm.providers._errors import provider_error
+from libra.processors.llm.providers.openai_compat import (
+    CONNECTION_LIMITS,
+    OPENAI_ERRORS,
+    OPENAI_URL,
+)
 
 from .base import ModerationUnavailable, Verdict
 
@@ -49,13 +53,6 @@ OPENAI_CATEGORIES = {
     "violence": "violence",
     "violence/graphic": "violence",
 }
-_SDK = SdkErrors(
-    status=openai.APIStatusError,
-    timeout=openai.APITimeoutError,
-    connection=openai.APIConnectionError,
-    validation=openai.APIResponseValidationError,
-    api=openai.OpenAIError,
-)
 
 
 class _Result(msgspec.Struct):
@@ -106,7 +103,7 @@ class OpenAIModeration:
         except msgspec.DecodeError as exc:
             raise ModerationUnavailable(f"{self.name}: malformed answer: {exc}") from None
         except Exception as exc:
-            error = provider_error(self.name, exc, _SDK, self._secrets)
+            error = provider_error(self.name, exc, OPENAI_ERRORS, self._secrets)
             if error is None:
                 raise
             raise ModerationUnavailable(str(error)) from None

@@ -11,12 +11,12 @@ from ._errors import SdkErrors, provider_error
 from .base import ChatRequest, ChatUsage, ProviderError
 from .openai_compat import openai_messages
 
-__all__ = ["GROQ_URL", "GroqProvider"]
+__all__ = ["GROQ_ERRORS", "GROQ_URL", "GroqProvider"]
 
 GROQ_URL = "https://api.groq.com"
 # The SDK's default pool holds 100 connections; a processor streams more replies than that.
 CONNECTION_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-_SDK = SdkErrors(
+GROQ_ERRORS = SdkErrors(
     status=groq.APIStatusError,
     timeout=groq.APITimeoutError,
     connection=groq.APIConnectionError,
@@ -72,7 +72,7 @@ class GroqProvider:
         except ProviderError:
             raise
         except Exception as exc:
-            error = provider_error(self.name, exc, _SDK, self._secrets)
+            error = provider_error(self.name, exc, GROQ_ERRORS, self._secrets)
             if error is None:
                 raise
             raise error from None

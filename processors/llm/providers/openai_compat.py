@@ -23,12 +23,12 @@ import openai
 from ._errors import SdkErrors, provider_error
 from .base import ChatMessage, ChatRequest, ChatUsage, ProviderError
 
-__all__ = ["OPENAI_URL", "OpenAICompatProvider", "openai_messages"]
+__all__ = ["OPENAI_ERRORS", "OPENAI_URL", "OpenAICompatProvider", "openai_messages"]
 
 OPENAI_URL = "https://api.openai.com/v1"
 # One client serves every conversation of a processor; the SDK's default pool would queue them.
 CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=200)
-_SDK = SdkErrors(
+OPENAI_ERRORS = SdkErrors(
     status=openai.APIStatusError,
     timeout=openai.APITimeoutError,
     connection=openai.APIConnectionError,
@@ -136,7 +136,7 @@ class OpenAICompatProvider:
         except ProviderError:
             raise
         except Exception as exc:
-            error = provider_error(self.name, exc, _SDK, self._secrets)
+            error = provider_error(self.name, exc, OPENAI_ERRORS, self._secrets)
             if error is None:
                 raise
             raise error from None
