@@ -112,10 +112,36 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Returns a TCP port that is free right now (for tests and benchmarks)."""
-    with socket.socket() as sock:
+    """Returns a TCP port that is free right now (for tests and benchmarks).
+
+    It is taken below the range the kernel gives outgoing connections: a port from that range
+    (what binding port 0 returns) may go to some client's connection before the server that
+    was handed it binds it ("address already in use", seen in CI).
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = secrets.randbelow(_SPARE_PORTS) + low - _SPARE_PORTS
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded machine: the kernel's choice, as before
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+_SPARE_PORTS = 12_000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux; else the IANA range)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 49152
+    return max(low, 1024 + _SPARE_PORTS)
 
 
 def _check_port(host: str, port: int, what: str, hint: str) -> None:
