@@ -122,13 +122,15 @@ class Moderation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A moderation classifier's decision on a person's input (on a turn) or on Libra's reply
     (on ``llm.completed``), kept so replay and evals see what was flagged and why. ``engine``
     "none": no engine could answer (the fail policy decided); ``categories``: the flagged ones;
-    ``scores``: category -> 0..1, where known."""
+    ``scores``: category -> 0..1, where known; ``policy``: the server's policy that turned the
+    engine's answer into this decision (categories acted on, thresholds), "" for the default."""
 
     engine: str
     flagged: bool = False
     categories: tuple[str, ...] = ()
     scores: dict[str, float] = {}
     latency_ms: float = 0.0
+    policy: str = ""
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):

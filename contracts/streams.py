@@ -134,6 +134,9 @@ class ConsumerSpec(Struct, frozen=True, kw_only=True):
     # fold that is idempotent by event id: a server restart loses such a consumer, and it is
     # recreated after its saved position (runtime/positions.py) like any lost one.
     memory_state: bool = False
+    # Made by ``libra migrate``/``libra up`` with the rest; False: by its component when it
+    # runs, for an optional edge whose consumer would otherwise fill up while it is off.
+    provisioned: bool = True
 
     @property
     def filter_subjects(self) -> tuple[str, ...]:
@@ -210,8 +213,9 @@ CONSUMERS: dict[str, ConsumerSpec] = {
         ),
         ConsumerSpec(
             name="tts",
-            subjects=("libra.turn.accepted.>",),
-            description="speaks the replies to voice turns, sentence by sentence",
+            # the replies to voice turns, and the refusals a person in a call hears
+            subjects=("libra.turn.accepted.>", "libra.turn.rejected.>"),
+            description="speaks the replies to voice turns (and refusals), sentence by sentence",
             max_deliver=3,
             backoff_s=(1.0, 5.0),
             settled_by=("tts.synthesized",),  # the clip that says it is the last
@@ -242,6 +246,16 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             start_window_s=0,
             redrive=False,
             memory_state=True,
+        ),
+        ConsumerSpec(
+            name="discord",
+            # a server's moderation log channel: flagged messages and stopped replies
+            subjects=("libra.turn.rejected.>", "libra.llm.completed.>"),
+            description="reports flagged Discord turns in each server's moderation log channel",
+            max_deliver=5,
+            backoff_s=(1.0, 5.0, 15.0, 60.0),
+            memory_state=True,  # a report is claimed in Redis: a replayed delivery posts nothing
+            provisioned=False,  # Discord is optional: made by the gateway when it runs
         ),
         ConsumerSpec(
             name="sessions",

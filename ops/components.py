@@ -233,7 +233,26 @@ async def turns_processor(r: Resources) -> Processor:
         speculate=s.voice_speculative_reply,
         breaker=r.breaker("redis"),
         moderator=moderator(r),
+        policies=_server_policies(r),
     )
+
+
+def _server_policies(r: Resources):
+    """Each Discord server's moderation policy, read from the session settings once needed."""
+    from libra.processors.moderation.policy import ServerPolicies
+    from libra.runtime.sessions import SessionView
+
+    async def start_view() -> SessionView:
+        try:  # the projection's snapshot when PostgreSQL answers; else the log alone
+            pool = await asyncio.wait_for(r.read_pool(), 3.0)
+        except Exception as exc:
+            log.warning("moderation policies: no database (%r); reading them from the log", exc)
+            pool = None
+        view = SessionView(r.log, pool)
+        await view.start()
+        return view
+
+    return ServerPolicies(start_view)
 
 
 def moderator(r: Resources) -> Moderator:

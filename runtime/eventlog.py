@@ -225,7 +225,9 @@ class EventLog:
                 direct=True,
             )
         )
-        for spec in CONSUMERS.values() if consumers is None else consumers:
+        if consumers is None:
+            consumers = [spec for spec in CONSUMERS.values() if spec.provisioned]
+        for spec in consumers:
             await self.ensure_consumer(spec)
 
     async def _forbid_rollups(self, stream: str) -> None:

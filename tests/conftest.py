@@ -24,6 +24,7 @@ from libra.runtime.config import Settings
 from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
 
+from .discord_world import fake, gateways, world  # noqa: F401 - the Discord tests' fixtures
 from .helpers import postgres_folder
 
 TEMPLATE_DB = "libra_template"

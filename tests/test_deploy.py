@@ -272,7 +272,7 @@ async def test_migrate_provisions_the_log_and_loads_the_prices(
     js = nc.jetstream()
     assert (await js.stream_info("LIBRA")).config.num_replicas == 1
     assert {c.name for c in await js.consumers_info("LIBRA")} == {
-        s.name for s in CONSUMERS.values() if s.stream == "LIBRA"
+        s.name for s in CONSUMERS.values() if s.stream == "LIBRA" and s.provisioned
     }
     await nc.close()
     prices = await pool.fetchval("SELECT count(*) FROM llm_prices WHERE as_of = '2025-10-01'")

@@ -166,5 +166,7 @@ def test_the_moderation_bench_reports_what_the_classifier_adds() -> None:
         assert figures[f"added_{name}_p50_ms"] == pytest.approx(added)
         ratio = added / figures["classifier_bare_p50_ms"]
         assert figures[f"added_{name}_ratio_p50"] == pytest.approx(ratio)
+    per_check = figures["added_both_p50_ms"] / (2 * figures["classifier_bare_p50_ms"])
+    assert figures["added_both_per_check_ratio_p50"] == pytest.approx(per_check)
     # the classifier is on the path: checking the reply too waits for it once more
     assert figures["first_delta_both_p50_ms"] > figures["first_delta_off_p50_ms"]

@@ -16,7 +16,15 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from libra.contracts import LlmCompleted, LlmDelta, Origin, TtsSynthesized, TurnAccepted, make
+from libra.contracts import (
+    LlmCompleted,
+    LlmDelta,
+    Origin,
+    SessionSettings,
+    TtsSynthesized,
+    TurnAccepted,
+    make,
+)
 from libra.ops.fakes.llm_wire import MODERATIONS, Behaviour, FakeLlmWire
 from libra.processors.llm.chain import ChainResult
 from libra.processors.llm.processor import _STOPPED
@@ -211,3 +219,52 @@ async def test_with_the_classifier_down_the_fail_policy_decides(settings, wire) 
     assert completed.stopped_at is None
     assert wire.count(MODERATIONS) >= 3  # every sentence was asked about, and passed open
     print(f"\nclassifier down, fail open: reply whole in {time.monotonic() - started:.1f} s")
+
+
+async def test_a_servers_policy_decides_what_stops_its_replies(settings, wire, pool) -> None:
+    wire.reply = Behaviour.ok(CLEAN_FIRST + FLAGGED + AFTER, tokens_per_sec=200)
+    s = answering_with(settings, wire, **MODERATED)
+
+    def turn(guild: str) -> TurnAccepted:
+        origin = Origin(platform="discord", guild=guild, channel="9")
+        return make(
+            TurnAccepted,
+            conversation=f"discord-{guild}-9",
+            user=f"discord:p{guild}",
+            text="Plan my weekend please",
+            origin=origin,
+        )
+
+    async with running(s, ["llm", "sessions"]) as r:
+        # a tabletop server: violence in a story is fine there, hate is not
+        await r.log.publish(
+            make(
+                SessionSettings,
+                conversation="discord-1-9",
+                user="discord:admin",
+                scope="guild:1",
+                key="moderation.categories",
+                value="hate",
+                origin=Origin(platform="discord", guild="1", channel="9"),
+            )
+        )
+        await eventually(lambda: _setting_row(pool), timeout=15)
+        lenient, strict = turn("1"), turn("2")
+        for accepted in (lenient, strict):
+            await r.log.publish(accepted)
+
+        async def both() -> bool:
+            return len(await stream_events(r.log.js, "LIBRA", "libra.llm.completed.>")) == 2
+
+        await eventually(both, timeout=20)
+        done = {e.user: e for e in await stream_events(r.log.js, "LIBRA", "libra.llm.completed.>")}
+    kept, stopped = done["discord:p1"], done["discord:p2"]
+    assert kept.finish_reason != "moderated" and kept.text == CLEAN_FIRST + FLAGGED + AFTER
+    assert kept.moderation is not None and not kept.moderation.flagged
+    assert kept.moderation.policy == "guild:1 categories=hate"
+    assert stopped.finish_reason == "moderated" and stopped.moderation.policy == ""
+    assert "violence" in stopped.moderation.categories
+
+
+async def _setting_row(pool) -> bool:
+    return bool(await pool.fetchval("SELECT count(*) FROM settings WHERE scope = 'guild:1'"))

@@ -18,6 +18,8 @@ from libra.contracts import (
     AUDIO_BUCKET,
     LlmCompleted,
     Origin,
+    SessionSettings,
+    TextReceived,
     TtsSynthesized,
     TurnAccepted,
     derive,
@@ -353,3 +355,50 @@ async def test_replay_runs_as_its_own_user(
     assert _violations(caplog) == []
     assert encode_event(said)  # the input stayed where it was: nothing new in libra.>
     assert (await eventlog.js.stream_info("LIBRA")).state.messages == 1
+
+
+async def test_admission_reads_the_servers_policies_as_its_own_user(
+    settings: Settings, eventlog: EventLog, nats_server: EmbeddedNats, caplog
+) -> None:
+    caplog.set_level(logging.WARNING)
+    origin = Origin(platform="discord", guild="5", channel="6", message="7")
+    async with FakeLlmWire(reply=Behaviour.ok("ok")) as wire:
+        s = Settings.from_env(
+            {
+                "NATS_URL": settings.nats_url,
+                "DATABASE_URL": settings.database_url,
+                "REDIS_URL": settings.redis_url,
+                "OPENAI_API_KEY": "sk-test-key",
+                "OPENAI_BASE_URL": wire.env()["OPENAI_BASE_URL"],
+                "MODERATION_ENGINES": "openai",
+            }
+        )
+        await eventlog.publish(
+            make(
+                SessionSettings,
+                conversation="discord-5-6",
+                user="discord:admin",
+                scope="guild:5",
+                key="moderation.categories",
+                value="none",
+                origin=origin,
+            )
+        )
+        said = make(
+            TextReceived,
+            conversation="discord-5-6",
+            user="discord:ann",
+            text="I will stab it",  # violence, for the fake classifier
+            origin=origin,
+        )
+        async with _as_their_users(s, nats_server, ["turns"]):
+            await eventlog.publish(said)
+            await eventually(lambda: _decided(eventlog), timeout=20)
+    [decision] = await stream_events(eventlog.js, "LIBRA", "libra.turn.>")
+    assert isinstance(decision, TurnAccepted) and decision.moderation is not None
+    assert decision.moderation.policy == "guild:5 categories=none"
+    assert _violations(caplog) == []
+
+
+async def _decided(log: EventLog) -> bool:
+    return bool(await stream_events(log.js, "LIBRA", "libra.turn.>"))

@@ -17,8 +17,10 @@ from libra.contracts import (
     Origin,
     TtsSynthesized,
     TurnAccepted,
+    TurnRejected,
     derive,
     make,
+    new_id,
 )
 from libra.ops.fakes.cartesia import FakeCartesia
 from libra.ops.fakes.scripted import Behaviour
@@ -90,12 +92,14 @@ def _completed(turn: TurnAccepted, text: str) -> LlmCompleted:
     )
 
 
-async def _clips(log: EventLog, turn: TurnAccepted | None = None) -> list[TtsSynthesized]:
+async def _clips(
+    log: EventLog, turn: TurnAccepted | TurnRejected | None = None
+) -> list[TtsSynthesized]:
     clips = await stream_events(log.js, "LIBRA", "libra.tts.>")
     return [c for c in clips if turn is None or c.turn == turn.turn]
 
 
-async def _spoken(log: EventLog, turn: TurnAccepted, timeout: float = 15) -> list:
+async def _spoken(log: EventLog, turn: TurnAccepted | TurnRejected, timeout: float = 15) -> list:
     async def finished() -> bool:
         return any(c.final for c in await _clips(log, turn))
 
@@ -207,6 +211,31 @@ async def test_a_failed_reply_is_spoken_as_its_message(eventlog: EventLog) -> No
         clips = await _spoken(eventlog, turn)
     assert [c.text for c in clips if c.text] == ["Sorry, I could not answer that."]
     _check_order(clips)
+
+
+async def test_a_refused_voice_turn_in_a_call_hears_why(eventlog: EventLog) -> None:
+    def refused(platform: str, modality: str = "voice") -> TurnRejected:
+        return make(
+            TurnRejected,
+            conversation=f"{platform}-1-2",
+            user=f"{platform}:u1",
+            turn=new_id(),
+            reason="moderated",
+            message="I can't answer that (violence).",
+            modality=modality,
+            origin=Origin(platform=platform, guild="1", channel="2"),
+        )
+
+    call, api, typed = refused("discord"), refused("http"), refused("discord", "text")
+    async with _tts(eventlog):
+        for event in (api, typed, call):
+            await eventlog.publish(event)
+        clips = await _spoken(eventlog, call)
+    assert [c.text for c in clips if c.text] == ["I can't answer that (violence)."]
+    assert all(c.turn == call.turn and c.causation == call.id for c in clips)
+    _check_order(clips)
+    # the HTTP voice API answers its refusals in the response; a typed message is read
+    assert await _clips(eventlog, api) == [] and await _clips(eventlog, typed) == []
 
 
 async def test_a_reply_that_ends_after_its_last_clip_gets_an_empty_final_clip(

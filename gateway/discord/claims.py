@@ -9,7 +9,10 @@ it acts. The key expires long after any answer could still be under way.
 
 from __future__ import annotations
 
+import contextlib
+
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 __all__ = ["TurnClaims"]
 
@@ -27,3 +30,8 @@ class TurnClaims:
         return bool(
             await self.redis.set(f"libra:discord:claim:{key}", self.owner, nx=True, ex=self.ttl_s)
         )
+
+    async def release(self, key: str) -> None:
+        """Gives up ``key`` (its action failed), so that a retry may claim it; quietly."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(f"libra:discord:claim:{key}")

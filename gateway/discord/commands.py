@@ -1,4 +1,4 @@
-"""Libra's slash commands: /chat on|off, /reset, /model, /persona, /stats and /help.
+"""Libra's slash commands: /chat on|off, /reset, /model, /persona, /moderation, /stats, /help.
 
 The lightbulb classes only declare the commands (names and descriptions are localization keys,
 see :mod:`.strings`); :class:`SlashCommands` does what they mean, which for a change of state is
@@ -25,10 +25,20 @@ from libra.contracts import (
     user_id,
     well_formed,
 )
+from libra.processors.moderation.policy import (
+    CATEGORIES_KEY,
+    LOG_KEY,
+    SERVER_CATEGORIES,
+    THRESHOLDS_KEY,
+    PolicyError,
+    ServerPolicy,
+    format_thresholds,
+    parse_categories,
+)
 from libra.runtime.eventlog import EventLog
+from libra.runtime.sessions import SessionView
 
 from .access import AccessPolicy, Speaker
-from .sessions import SessionView
 from .strings import say
 
 __all__ = ["COMMANDS", "SlashCommands", "register_commands"]
@@ -42,6 +52,7 @@ _THREADS = (
     hikari.ChannelType.GUILD_PRIVATE_THREAD,
     hikari.ChannelType.GUILD_NEWS_THREAD,
 )
+_LOG_CHANNELS = (hikari.ChannelType.GUILD_TEXT, hikari.ChannelType.GUILD_NEWS)
 _STATS_TODAY = """
 SELECT count(*) AS turns,
        coalesce(sum(prompt_tokens), 0) AS prompt,
@@ -64,6 +75,7 @@ class SlashCommands:
         *,
         default_model: str,
         default_persona: str,
+        moderation_engines: str = "words",
     ) -> None:
         self.log = log_
         self.pool = pool
@@ -71,6 +83,7 @@ class SlashCommands:
         self.access = access
         self.default_model = default_model
         self.default_persona = default_persona
+        self.moderation_engines = moderation_engines  # MODERATION_ENGINES, as the operator set it
 
     async def chat(self, ctx: lightbulb.Context, *, enabled: bool) -> None:
         if not await self.may_talk(ctx):
@@ -97,6 +110,112 @@ class SlashCommands:
 
     async def persona(self, ctx: lightbulb.Context, *, prompt: str, clear: bool) -> None:
         await self._setting(ctx, "persona", prompt, clear, self.default_persona)
+
+    async def moderation_show(self, ctx: lightbulb.Context) -> None:
+        """The server's policy: engines, refused categories, thresholds, log channel."""
+        if (scope := await self._server(ctx)) is None:
+            return
+        locale = str(ctx.interaction.locale)
+        policy = self._policy(scope)
+        if policy.categories == frozenset(SERVER_CATEGORIES):
+            categories = say("moderation.all", locale)
+        elif not policy.categories:
+            categories = say("moderation.none", locale)
+        else:
+            categories = ", ".join(c for c in SERVER_CATEGORIES if c in policy.categories)
+        engines = self.moderation_engines
+        if engines == "words":
+            engines = say("moderation.words_only", locale)
+        text = say(
+            "moderation.policy",
+            locale,
+            engines=engines,
+            categories=categories,
+            thresholds=format_thresholds(policy.thresholds).replace(",", ", ")
+            or say("moderation.own", locale),
+            log=f"<#{policy.log_channel}>"
+            if policy.log_channel
+            else say("moderation.no_log", locale),
+        )
+        await ctx.respond(text, ephemeral=True)
+
+    async def moderation_categories(self, ctx: lightbulb.Context, *, listed: str) -> None:
+        """Sets the categories the server refuses."""
+        if (scope := await self._server(ctx, admin=True)) is None:
+            return
+        locale = str(ctx.interaction.locale)
+        try:
+            chosen = parse_categories(listed)
+        except PolicyError as exc:
+            await ctx.respond(say("moderation.bad", locale, error=exc), ephemeral=True)
+            return
+        if chosen == frozenset(SERVER_CATEGORIES):
+            value, shown = "", say("moderation.all", locale)
+        else:
+            value = ",".join(c for c in SERVER_CATEGORIES if c in chosen) or "none"
+            shown = value.replace(",", ", ") if chosen else say("moderation.none", locale)
+        await self._publish(ctx, SessionSettings, scope=scope, key=CATEGORIES_KEY, value=value)
+        text = say("moderation.categories.set", locale, categories=shown)
+        await ctx.respond(text, ephemeral=True)
+
+    async def moderation_threshold(
+        self, ctx: lightbulb.Context, *, category: str, score: float | None
+    ) -> None:
+        """Sets (or, with no score, clears) the score from which ``category`` is refused."""
+        if (scope := await self._server(ctx, admin=True)) is None:
+            return
+        locale = str(ctx.interaction.locale)
+        if category not in SERVER_CATEGORIES or not (score is None or 0.0 <= score <= 1.0):
+            error = f"{category}={score}"
+            await ctx.respond(say("moderation.bad", locale, error=error), ephemeral=True)
+            return
+        thresholds = dict(self._policy(scope).thresholds)
+        if score is None:
+            thresholds.pop(category, None)
+        else:
+            thresholds[category] = score
+        value = format_thresholds(thresholds)
+        await self._publish(ctx, SessionSettings, scope=scope, key=THRESHOLDS_KEY, value=value)
+        if score is None:
+            text = say("moderation.threshold.cleared", locale, category=category)
+        else:
+            text = say("moderation.threshold.set", locale, category=category, score=f"{score:g}")
+        await ctx.respond(text, ephemeral=True)
+
+    async def moderation_log(
+        self, ctx: lightbulb.Context, *, channel: hikari.PartialChannel | None
+    ) -> None:
+        """Sets (or, with no channel, clears) where flagged messages are reported."""
+        if (scope := await self._server(ctx, admin=True)) is None:
+            return
+        locale = str(ctx.interaction.locale)
+        if channel is not None and channel.type not in _LOG_CHANNELS:
+            await ctx.respond(say("moderation.log.bad", locale), ephemeral=True)
+            return
+        value = "" if channel is None else str(channel.id)
+        await self._publish(ctx, SessionSettings, scope=scope, key=LOG_KEY, value=value)
+        if channel is None:
+            text = say("moderation.log.cleared", locale)
+        else:
+            text = say("moderation.log.set", locale, channel=value)
+        await ctx.respond(text, ephemeral=True)
+
+    def _policy(self, scope: str) -> ServerPolicy:
+        return ServerPolicy.from_settings(scope, self.view.settings(scope, "moderation."))
+
+    async def _server(self, ctx: lightbulb.Context, *, admin: bool = False) -> str | None:
+        """The server's scope (``guild:<id>``) when the person may do this here; else None,
+        and they are told why."""
+        if not await self.may_talk(ctx):
+            return None
+        locale = str(ctx.interaction.locale)
+        if ctx.guild_id is None:
+            await ctx.respond(say("guild.only", locale), ephemeral=True)
+            return None
+        if admin and not self.access.is_admin(*_rights(ctx)):
+            await ctx.respond(say("refused.admin", locale), ephemeral=True)
+            return None
+        return f"guild:{ctx.guild_id}"
 
     async def stats(self, ctx: lightbulb.Context) -> None:
         row = await self.pool.fetchrow(_STATS_TODAY, user_id("discord", str(ctx.user.id)))
@@ -251,6 +370,84 @@ class Persona(lightbulb.SlashCommand, name="persona", description="persona.desc"
         await run.persona(ctx, prompt=self.prompt, clear=self.clear)
 
 
+moderation = lightbulb.Group("moderation", "moderation.desc", localize=True)
+
+
+@moderation.register
+class ModerationShow(
+    lightbulb.SlashCommand,
+    name="moderation.show",
+    description="moderation.show.desc",
+    localize=True,
+):
+    @lightbulb.invoke
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
+        await run.moderation_show(ctx)
+
+
+@moderation.register
+class ModerationCategories(
+    lightbulb.SlashCommand,
+    name="moderation.categories",
+    description="moderation.categories.desc",
+    localize=True,
+):
+    listed = lightbulb.string(
+        "moderation.categories.list",
+        "moderation.categories.list.desc",
+        max_length=200,
+        localize=True,
+    )
+
+    @lightbulb.invoke
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
+        await run.moderation_categories(ctx, listed=self.listed)
+
+
+@moderation.register
+class ModerationThreshold(
+    lightbulb.SlashCommand,
+    name="moderation.threshold",
+    description="moderation.threshold.desc",
+    localize=True,
+):
+    category = lightbulb.string(
+        "moderation.threshold.category",
+        "moderation.threshold.category.desc",
+        choices=[lightbulb.Choice(c, c) for c in SERVER_CATEGORIES],
+        localize=True,
+    )
+    score = lightbulb.number(
+        "moderation.threshold.score",
+        "moderation.threshold.score.desc",
+        default=None,
+        min_value=0.0,
+        max_value=1.0,
+        localize=True,
+    )
+
+    @lightbulb.invoke
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
+        await run.moderation_threshold(ctx, category=self.category, score=self.score)
+
+
+@moderation.register
+class ModerationLogChannel(
+    lightbulb.SlashCommand, name="moderation.log", description="moderation.log.desc", localize=True
+):
+    channel = lightbulb.channel(
+        "moderation.log.channel",
+        "moderation.log.channel.desc",
+        default=None,
+        channel_types=list(_LOG_CHANNELS),
+        localize=True,
+    )
+
+    @lightbulb.invoke
+    async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
+        await run.moderation_log(ctx, channel=self.channel)
+
+
 class Stats(lightbulb.SlashCommand, name="stats", description="stats.desc", localize=True):
     @lightbulb.invoke
     async def invoke(self, ctx: lightbulb.Context, run: SlashCommands = INJECTED) -> None:
@@ -263,7 +460,7 @@ class Help(lightbulb.SlashCommand, name="help", description="help.desc", localiz
         await run.help(ctx)
 
 
-COMMANDS = (chat, Reset, Model, Persona, Stats, Help)
+COMMANDS = (chat, Reset, Model, Persona, moderation, Stats, Help)
 
 
 def register_commands(client: lightbulb.Client, commands: SlashCommands) -> None:

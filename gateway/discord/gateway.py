@@ -32,19 +32,22 @@ from nats.js.errors import NoStreamResponseError
 from redis.exceptions import RedisError
 
 from libra.contracts import LlmCompleted, LlmDelta, LlmFailed, TextReceived, TurnRejected, new_id
+from libra.processors.moderation.chain import engine_names
 from libra.runtime.config import ConfigError, Settings
+from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.eventlog import EventLog
 from libra.runtime.follow import ReplyTimeout, TurnFollower
 from libra.runtime.logs import bind
+from libra.runtime.sessions import SessionView
 
 from .access import AccessPolicy, parse_ids
 from .claims import TurnClaims
 from .commands import SlashCommands, register_commands
 from .live_reply import LiveReply
 from .messages import MessageReader
+from .modlog import ModerationLog
 from .outcome import deliver, notice
 from .recovery import Recovery
-from .sessions import SessionView
 from .strings import localization, say
 from .voice_calls import VoiceCalls
 from .voice_commands import VoiceCommands, register_voice_commands
@@ -169,6 +172,7 @@ class DiscordGateway:
             self.access,
             default_model=settings.primary_model,
             default_persona=settings.libra_persona,
+            moderation_engines=",".join(engine_names(settings)),
         )
         register_commands(self.commands, slash)
         self.recovery = Recovery(
@@ -181,6 +185,9 @@ class DiscordGateway:
             mine=self._on_my_shards,
         )
         self.voice = VoiceCalls(self.bot, log_, settings, self.access, ssl=voice_ssl)
+        self.modlog = ConsumerRunner(
+            log_, ModerationLog(self.bot.rest, self.view, self.claims), concurrency=8
+        )
         register_voice_commands(self.commands, VoiceCommands(log_, self.voice, self.claims, slash))
         self.bot.subscribe(hikari.StartedEvent, self._on_started)
         self.bot.subscribe(hikari.MessageCreateEvent, self._on_message)
@@ -192,6 +199,7 @@ class DiscordGateway:
         """Connects to Discord and answers until :meth:`stop`, then finishes replies under way."""
         await self.view.start()
         shard_ids, shard_count = self.shards
+        modlog = asyncio.create_task(self.modlog.run(), name="moderation-log")
         try:
             await self.voice.start()
             connected_at = datetime.now(UTC)
@@ -210,8 +218,10 @@ class DiscordGateway:
                 closed.cancel()
         finally:
             self._stopping.set()
+            await self.modlog.stop()
             await self.voice.stop()
             await self._drain()
+            await asyncio.gather(modlog, return_exceptions=True)
             await self.commands.stop()
             if self.bot.is_alive:
                 await self.bot.close()

@@ -25,10 +25,10 @@ from libra.contracts import (
     user_id,
     well_formed,
 )
+from libra.runtime.sessions import SessionView
 
 from .access import AccessPolicy, Speaker
 from .attachments import can_see, read_attachments
-from .sessions import SessionView
 
 __all__ = ["MessageReader", "Place", "event_id_of", "snowflake_ms"]
 

@@ -81,6 +81,45 @@ COMMAND_TEXTS: dict[str, tuple[str, str]] = {
         "Libra listens only between /record and /stop",
         "/record와 /stop 사이에만 Libra가 듣습니다",
     ),
+    "moderation": ("moderation", "검토"),
+    "moderation.desc": (
+        "What this server refuses, and where flagged messages are reported",
+        "이 서버가 거절하는 내용과 신고된 메시지를 알릴 채널",
+    ),
+    "moderation.show": ("show", "보기"),
+    "moderation.show.desc": (
+        "Show this server's moderation policy",
+        "이 서버의 검토 정책을 봅니다",
+    ),
+    "moderation.categories": ("categories", "분류"),
+    "moderation.categories.desc": (
+        "Admins: the categories to refuse (all, none, or a list)",
+        "관리자: 거절할 분류 (all, none 또는 목록)",
+    ),
+    "moderation.categories.list": ("list", "목록"),
+    "moderation.categories.list.desc": (
+        "e.g. hate, sexual_minors, self_harm; all; none",
+        "예: hate, sexual_minors, self_harm; all; none",
+    ),
+    "moderation.threshold": ("threshold", "기준"),
+    "moderation.threshold.desc": (
+        "Admins: the score at which a category is refused",
+        "관리자: 분류를 거절하는 점수",
+    ),
+    "moderation.threshold.category": ("category", "분류"),
+    "moderation.threshold.category.desc": ("The category", "분류"),
+    "moderation.threshold.score": ("score", "점수"),
+    "moderation.threshold.score.desc": (
+        "0 to 1 (lower is stricter); leave out to use the engine's own judgement",
+        "0부터 1 (낮을수록 엄격). 비우면 엔진의 판단을 따릅니다",
+    ),
+    "moderation.log": ("log", "기록"),
+    "moderation.log.desc": (
+        "Admins: the channel where flagged messages are reported",
+        "관리자: 신고된 메시지를 알릴 채널",
+    ),
+    "moderation.log.channel": ("channel", "채널"),
+    "moderation.log.channel.desc": ("A text channel of this server", "이 서버의 텍스트 채널"),
 }
 
 _REPLIES: dict[str, tuple[str, str]] = {
@@ -145,14 +184,16 @@ _REPLIES: dict[str, tuple[str, str]] = {
         "chat mode on (`/chat on`) I answer every message, and in DMs always. Replying to a "
         "message makes its chain of replies my context; a thread is a conversation of its own.\n"
         "`/reset` forgets our conversation, `/stats` shows your usage today, `/model` and "
-        "`/persona` show this server's model and system prompt (admins can set them).\n"
+        "`/persona` show this server's model and system prompt, `/moderation show` what it "
+        "refuses (admins can set them).\n"
         "In voice: `/join` your voice channel and talk; `/voice manual` to talk between "
         "`/record` and `/stop`; `/leave` when you're done.",
         "저는 Libra예요. 저를 멘션하거나 제 메시지에 답장하면 답해요. 채팅 모드가 켜진 "
         "채널(`/chat on`)에서는 모든 메시지에, DM에서는 항상 답해요. 메시지에 답장하면 그 답장 "
         "흐름을 맥락으로 삼고, 스레드는 따로 하나의 대화예요.\n"
         "`/reset`은 대화를 잊고, `/stats`는 오늘 사용량을, `/model`과 `/persona`는 이 서버의 "
-        "모델과 시스템 프롬프트를 보여 줘요 (관리자는 바꿀 수 있어요).\n"
+        "모델과 시스템 프롬프트를, `/moderation show`는 거절하는 내용을 보여 줘요 "
+        "(관리자는 바꿀 수 있어요).\n"
         "음성: 음성 채널에서 `/join`을 쓰고 말하세요. `/voice manual`이면 `/record`와 `/stop` "
         "사이에만 들어요. 끝나면 `/leave`를 써 주세요.",
     ),
@@ -215,6 +256,59 @@ _REPLIES: dict[str, tuple[str, str]] = {
         "Voice mode: manual. I listen only between /record and /stop.",
         "음성 모드: 수동. /record와 /stop 사이에만 들을게요.",
     ),
+    "moderation.policy": (
+        "Moderation here\n- engines: {engines}\n- refused categories: {categories}\n"
+        "- thresholds: {thresholds}\n- log channel: {log}",
+        "이 서버의 검토 정책\n- 엔진: {engines}\n- 거절하는 분류: {categories}\n"
+        "- 기준: {thresholds}\n- 기록 채널: {log}",
+    ),
+    "moderation.words_only": (
+        "the word list only (the operator sets classifiers with MODERATION_ENGINES)",
+        "금칙어 목록만 (분류기는 운영자가 MODERATION_ENGINES로 설정해요)",
+    ),
+    "moderation.all": ("all", "전체"),
+    "moderation.none": ("none (the word list only)", "없음 (금칙어 목록만)"),
+    "moderation.own": ("the engines' own", "엔진의 판단"),
+    "moderation.no_log": ("none", "없음"),
+    "moderation.bad": ("That isn't a policy I can use: {error}", "쓸 수 없는 값이에요: {error}"),
+    "moderation.categories.set": (
+        "This server now refuses: {categories}.",
+        "이제 이 서버는 다음을 거절해요: {categories}.",
+    ),
+    "moderation.threshold.set": (
+        "{category} is now refused from a score of {score}.",
+        "이제 {category}는 점수 {score}부터 거절해요.",
+    ),
+    "moderation.threshold.cleared": (
+        "{category} follows the engine's own judgement again.",
+        "{category}는 다시 엔진의 판단을 따라요.",
+    ),
+    "moderation.log.set": (
+        "Flagged messages will be reported in <#{channel}>, with a link, never their text.",
+        "신고된 메시지는 <#{channel}>에 알릴게요. 링크만 남기고 내용은 남기지 않아요.",
+    ),
+    "moderation.log.cleared": (
+        "Flagged messages won't be reported in a channel.",
+        "신고된 메시지를 채널에 알리지 않아요.",
+    ),
+    "moderation.log.bad": (
+        "Choose a text channel of this server.",
+        "이 서버의 텍스트 채널을 골라 주세요.",
+    ),
+    "modlog.text": (
+        "Flagged message from <@{person}> in <#{channel}>: {categories}.",
+        "<#{channel}>에서 <@{person}>의 메시지가 걸렸어요: {categories}.",
+    ),
+    "modlog.voice": (
+        "Flagged speech from <@{person}> in <#{channel}>: {categories}.",
+        "<#{channel}>에서 <@{person}>의 음성이 걸렸어요: {categories}.",
+    ),
+    "modlog.reply": (
+        "Stopped my reply to <@{person}> in <#{channel}>: {categories}.",
+        "<#{channel}>에서 <@{person}>에게 하던 답을 멈췄어요: {categories}.",
+    ),
+    "modlog.engine": ("Engine: {engine}.", "엔진: {engine}."),
+    "modlog.policy": ("Policy: {policy}.", "정책: {policy}."),
 }
 
 

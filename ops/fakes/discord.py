@@ -267,6 +267,11 @@ _LIMITS = {"msg-create": (5, 5.0), "msg-edit": (5, 5.0), "typing": (5, 5.0)}
 _DEFAULT_LIMIT = (50, 1.0)
 
 
+def _flat(options: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A command's options with those of its subcommands."""
+    return [x for o in options for x in (o, *_flat(o.get("options") or []))]
+
+
 class FakeDiscord:
     """Discord on 127.0.0.1: guilds, channels and people, REST calls recorded, events sent."""
 
@@ -284,6 +289,8 @@ class FakeDiscord:
         self.token = f"{base64.b64encode(str(self.bot.id).encode()).decode()}.fake.loopback"
         self.calls: list[RestCall] = []
         self.messages: dict[int, dict[str, Any]] = {}
+        # what each message the bot posted allowed to ping (Discord does not echo it back)
+        self.allowed_mentions: dict[int, Any] = {}
         self.interactions: dict[int, Interaction] = {}
         self.commands: dict[int | None, list[dict[str, Any]]] = {}
         self.dispatched_at: dict[int, float] = {}
@@ -479,6 +486,14 @@ class FakeDiscord:
         }
         if command.get("guild_id"):
             data["guild_id"] = command["guild_id"]
+        chosen = [o["value"] for o in _flat(options or []) if o.get("type") == 7]
+        if chosen:  # channel options come with the channels themselves, as Discord sends them
+            data["resolved"] = {
+                "channels": {
+                    str(c): {**self._channel_payload(self.channels[int(c)]), "permissions": "0"}
+                    for c in chosen
+                }
+            }
         payload: dict[str, Any] = {
             "id": str(interaction_id),
             "application_id": str(self.application_id),
@@ -874,6 +889,7 @@ class FakeDiscord:
             target, content, author=self.bot, reply_to=int(reference) if reference else None
         )
         self.messages[int(payload["id"])] = payload
+        self.allowed_mentions[int(payload["id"])] = body.get("allowed_mentions")
         # Discord sends a bot its own messages too; Libra must ignore them.
         await self.dispatch("MESSAGE_CREATE", payload, guild_id=target["guild_id"])
         return web.json_response(payload)

@@ -26,6 +26,7 @@ import asyncpg
 
 from libra.contracts import Attachment, TurnAccepted
 from libra.processors.memory.store import MemoryStore
+from libra.processors.moderation.policy import DEFAULT_POLICY, ServerPolicy
 from libra.runtime.outage import Breaker, Unavailable
 
 from .providers.base import ChatMessage
@@ -84,6 +85,7 @@ class Prompt:
     messages: tuple[ChatMessage, ...]
     model: str | None  # a server's /model choice, "provider:model" or "model"; None: default
     degraded: tuple[str, ...] = ()
+    moderation: ServerPolicy = DEFAULT_POLICY  # the server's, for the reply's checks
 
 
 def _attachment_note(attachment: Attachment, can_see: bool) -> str:
@@ -152,7 +154,15 @@ class PromptBuilder:
             if budget < 0:
                 break
             kept.append(message)
-        return Prompt(messages=(system, *reversed(kept), current), model=model, degraded=degraded)
+        policy = DEFAULT_POLICY
+        if turn.origin.guild:
+            policy = ServerPolicy.from_settings(f"guild:{turn.origin.guild}", settings)
+        return Prompt(
+            messages=(system, *reversed(kept), current),
+            model=model,
+            degraded=degraded,
+            moderation=policy,
+        )
 
     async def context(self, turn: TurnAccepted) -> Context:
         """Reads what the turn's prompt is made of: settings, recent history and memories;
@@ -203,7 +213,7 @@ class PromptBuilder:
         rows, history = await asyncio.gather(
             self.pool.fetch(
                 "SELECT key, value FROM settings WHERE scope = ANY($1::text[])"
-                " AND key IN ('model', 'persona') AND value <> ''"
+                " AND (key IN ('model', 'persona') OR key LIKE 'moderation.%') AND value <> ''"
                 " ORDER BY (scope LIKE 'channel:%') ASC",
                 scopes,
             ),

@@ -257,7 +257,7 @@ class LlmProcessor:
         )
         gate = None
         if self.moderator is not None:
-            gate = ReleaseGate(self.moderator)
+            gate = ReleaseGate(self.moderator, prompt.moderation)
             stream = gate.release(stream)
         deltas = _Deltas(turn, sentences=gate is not None)
         result: ChainResult | None = None

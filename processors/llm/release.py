@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from libra.contracts import Moderation
 from libra.processors.moderation.base import Verdict
+from libra.processors.moderation.policy import DEFAULT_POLICY, ServerPolicy
 from libra.processors.tts.sentences import SentenceSplitter
 
 from .chain import ChainResult
@@ -47,8 +48,9 @@ _END = object()
 class ReleaseGate:
     """Releases one reply's stream a sentence at a time, each once its verdict is clean."""
 
-    def __init__(self, moderator: SentenceCheck) -> None:
+    def __init__(self, moderator: SentenceCheck, policy: ServerPolicy = DEFAULT_POLICY) -> None:
         self.moderator = moderator
+        self.policy = policy  # the server's: which categories stop a reply, at what scores
         self.stopped: Stopped | None = None
         self.engines: list[str] = []  # who answered, in the order of the sentences
         self.first_wait_ms = 0.0  # how long the first sentence waited for its verdict
@@ -92,22 +94,26 @@ class ReleaseGate:
                 categories=v.categories,
                 scores=dict(v.scores),
                 latency_ms=v.latency_ms,
+                policy=self.policy.describe(),
             )
         if not self.engines:
             return None
         return Moderation(
-            engine=",".join(dict.fromkeys(self.engines)), latency_ms=self.first_wait_ms
+            engine=",".join(dict.fromkeys(self.engines)),
+            latency_ms=self.first_wait_ms,
+            policy=self.policy.describe(),
         )
 
     async def _verdict(
         self, check: asyncio.Task[Verdict], complete: float, index: int
     ) -> Verdict | None:
-        """Waits for a sentence's verdict; returns it when flagged."""
+        """Waits for a sentence's verdict; returns it when the server's policy refuses it."""
         verdict = await check
         if index == 0:
             self.first_wait_ms = round((time.perf_counter() - complete) * 1000, 2)
         self.engines.append(verdict.engine)
-        return verdict if verdict.flagged else None
+        categories = self.policy.judge(verdict)
+        return replace(verdict, flagged=True, categories=categories) if categories else None
 
     async def _read(self, stream: AsyncIterator[str | ChainResult]) -> None:
         result = None

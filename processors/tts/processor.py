@@ -16,6 +16,9 @@ its last audio went out, an empty clip carries ``final``. A failed reply (``llm.
 its message. Clip ids derive from the turn's id and the index: a redelivered turn is spoken
 again, and the clips the log already has are dropped as duplicates.
 
+A voice turn that admission refuses (``turn.rejected``: moderated, rate-limited, ...) in a call
+is answered aloud with the refusal's message, as a person in a text channel reads it.
+
 A speculative turn (answered before the end of the turn is certain) is spoken at once too, but
 into a buffer: its clips are stored as they come and published only once ``turn.confirmed``
 arrives, the ones made by then all at once, stamped with that moment. ``turn.abandoned`` or
@@ -97,6 +100,14 @@ class _Script:
         self.error: BaseException | None = None
         self._changed = asyncio.Event()
 
+    @classmethod
+    def of(cls, text: str) -> _Script:
+        """A whole text, known at once (a refusal)."""
+        script, splitter = cls(), SentenceSplitter()
+        script.add(splitter.push(text) + splitter.flush())
+        script.finish()
+        return script
+
     def add(self, sentences: list[str]) -> None:
         if sentences:
             self.sentences.extend(sentences)
@@ -134,6 +145,10 @@ class TtsProcessor:
         self.chain = chain
 
     async def handle(self, event: AnyEvent) -> AsyncIterator[TtsSynthesized]:
+        if isinstance(event, TurnRejected) and _heard_live(event):
+            async for clip in self._speak(event, _Script.of(event.message)):
+                yield clip
+            return
         if not isinstance(event, TurnAccepted) or event.modality != "voice":
             return
         script = _Script()
@@ -161,7 +176,9 @@ class TtsProcessor:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
 
-    async def _speak(self, turn: TurnAccepted, script: _Script) -> AsyncIterator[TtsSynthesized]:
+    async def _speak(
+        self, turn: TurnAccepted | TurnRejected, script: _Script
+    ) -> AsyncIterator[TtsSynthesized]:
         """Yields the turn's clips: pieces of each sentence's audio as it streams in."""
         index = sent = 0  # clips and bytes of audio sent so far in this turn
         final = False
@@ -193,7 +210,7 @@ class TtsProcessor:
 
     async def _clip(
         self,
-        turn: TurnAccepted,
+        turn: TurnAccepted | TurnRejected,
         index: int,
         text: str,
         language: str,
@@ -309,6 +326,12 @@ async def _read_reply(
             confirmed.set_exception(exc)
         return
     script.finish()
+
+
+def _heard_live(rejected: TurnRejected) -> bool:
+    """Whether a refusal is said aloud: a voice turn in a call (Discord); the HTTP voice API
+    answers its refusals in its response."""
+    return rejected.modality == "voice" and rejected.origin.platform != "http"
 
 
 def _settle(confirmed: asyncio.Future[bool], value: bool) -> None:

@@ -23,7 +23,9 @@ word) are :class:`.checks.InputChecks`, which the llm's prefetch runs too.
 
 Moderation (``moderator``: the classifier chain) comes after the input checks and after the rate
 limit: a flood of flagged input is cut off by the limit like any other, and costs no classifier
-call past it (a flagged turn counts toward the limit). Its decision, flagged or not, is recorded
+call past it (a flagged turn counts toward the limit). A Discord server's own policy
+(``/moderation``: the categories it refuses, its thresholds) turns the classifier's answer into
+the decision, which names the policy it applied. The decision, flagged or not, is recorded
 on the turn's ``turn.accepted`` or ``turn.rejected`` (``moderated``). The llm's prefetch reads
 the prompt context meanwhile, so the classifier's time overlaps it. A speculative transcript is
 moderated once, when it arrives (while the silence is being confirmed), and its verdict travels
@@ -57,6 +59,7 @@ from libra.contracts import (
     derive,
 )
 from libra.processors.moderation.base import ModerationEngine
+from libra.processors.moderation.policy import DEFAULT_POLICY, ServerPolicies
 from libra.runtime.outage import Breaker, Unavailable
 
 from .checks import InputChecks
@@ -98,12 +101,14 @@ class TurnsProcessor:
         speculate: bool = False,
         breaker: Breaker | None = None,
         moderator: ModerationEngine | None = None,
+        policies: ServerPolicies | None = None,
     ) -> None:
         self.limiter = limiter
         self.local = LocalRateLimiter(limit=limiter.limit, window_s=limiter.window_ms / 1000)
         self.checks = InputChecks(max_chars=max_chars, blocked_words=blocked_words)
         self.speculate = speculate
         self.moderator = moderator
+        self.policies = policies  # each Discord server's own (``/moderation``); else the default
         self.breaker = breaker or Breaker("redis")
         self._join = Join(redis, self.breaker)
 
@@ -141,7 +146,7 @@ class TurnsProcessor:
     async def _heard(self, event: AsrTranscribed) -> Event | None:
         """A speculative transcript: moderated now, answered early when all lets it through."""
         passes = self.checks.refusal(event.text) is None
-        moderation = await self._moderate(event.text) if passes else None
+        moderation = await self._moderate(event.text, event.origin) if passes else None
         early = self.speculate and passes and not (moderation and moderation.flagged)
         heard = msgspec.json.encode(_Heard(transcript=event, moderation=moderation))
         return await self._meet(event, "transcript", early, heard)
@@ -243,7 +248,7 @@ class TurnsProcessor:
                 degraded=degraded,
             )
         if moderation is None:
-            moderation = await self._moderate(text, attachments)
+            moderation = await self._moderate(text, origin, attachments)
         if moderation is not None and moderation.flagged:
             return self._rejected(
                 event,
@@ -265,20 +270,24 @@ class TurnsProcessor:
         )
 
     async def _moderate(
-        self, text: str, attachments: tuple[Attachment, ...] = ()
+        self, text: str, origin: Origin, attachments: tuple[Attachment, ...] = ()
     ) -> Moderation | None:
-        """The classifier's decision on the input and its files' text (the model reads both);
-        None without a classifier. Its failure is the chain's fail policy's to decide."""
+        """The decision on the input and its files' text (the model reads both) under the
+        server's policy; None without a classifier. An engine's failure is the chain's fail
+        policy's to decide."""
         if self.moderator is None:
             return None
         parts = [text, *(a.text for a in attachments if a.text)]
         verdict = await self.moderator.check("\n\n".join(p for p in parts if p.strip()))
+        policy = DEFAULT_POLICY if self.policies is None else await self.policies.of(origin)
+        categories = policy.judge(verdict)
         return Moderation(
             engine=verdict.engine,
-            flagged=verdict.flagged,
-            categories=tuple(verdict.categories),
+            flagged=bool(categories),
+            categories=categories,
             scores=dict(verdict.scores),
             latency_ms=verdict.latency_ms,
+            policy=policy.describe(),
         )
 
     def _accepted(

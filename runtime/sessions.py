@@ -1,10 +1,15 @@
-"""Chat mode per channel and settings per server, as the gateway needs them for every message.
+"""Chat mode per channel and settings per server, as a component needs them for every input.
 
-At start the gateway reads the sessions projection (``chat_channels``, ``settings``) and the
-projection's checkpoint in one snapshot, then follows ``libra.session.>`` in the log from just
-after that checkpoint: the events the projection has not folded yet, and every one after. Both
-are applied last-writer-wins by (time, id), as the projection does, so the order they arrive in
-does not matter and a restart of the gateway finds what it knew.
+The Discord gateway (chat mode, model, persona, the moderation log channel) and admission (each
+server's moderation policy) read them on every message, so they keep them in memory: at start the
+view reads the sessions projection (``chat_channels``, ``settings``) and the projection's
+checkpoint in one snapshot, then follows ``libra.session.>`` in the log from just after that
+checkpoint: the events the projection has not folded yet, and every one after. Both are applied
+last-writer-wins by (time, id), as the projection does, so the order they arrive in does not
+matter and a restart finds what it knew.
+
+With PostgreSQL out of reach at start, the view reads every session event in the log instead:
+the same state unless ``LIBRA_LOG_MAX_AGE`` has aged some out, which beats not starting.
 """
 
 from __future__ import annotations
@@ -31,26 +36,36 @@ from libra.runtime.eventlog import EventLog
 
 __all__ = ["SessionView"]
 
-log = logging.getLogger("libra.discord.sessions")
+log = logging.getLogger("libra.sessions")
 
 _Stamp = tuple[datetime, str]
 _CAUGHT_UP_WAIT_S = 10.0
+_LOAD_WITHIN_S = 5.0
 
 
 class SessionView:
     """Which conversations are in chat mode, and each scope's settings (model, persona)."""
 
-    def __init__(self, log_: EventLog, pool: asyncpg.Pool) -> None:
+    def __init__(self, log_: EventLog, pool: asyncpg.Pool | None) -> None:
+        """``pool`` reads the projection's snapshot; None: the log alone is read."""
         self.log = log_
         self.pool = pool
         self._chat: dict[str, tuple[bool, _Stamp]] = {}
-        self._settings: dict[tuple[str, str], tuple[str, _Stamp]] = {}
+        self._settings: dict[str, dict[str, tuple[str, _Stamp]]] = {}  # scope -> key -> value
         self._sub = None
         self._caught_up = asyncio.Event()
 
     async def start(self) -> None:
         """Loads the projection, then follows the log from its checkpoint on."""
-        checkpoint = await self._load()
+        try:
+            checkpoint = 0
+            if self.pool is not None:
+                checkpoint = await asyncio.wait_for(self._load(), _LOAD_WITHIN_S)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("sessions projection unreadable (%r); reading the log's sessions", exc)
+            self._chat.clear()
+            self._settings.clear()
+            checkpoint = 0
         policy = DeliverPolicy.BY_START_SEQUENCE if checkpoint else DeliverPolicy.ALL
         self._sub = await self.log.js.subscribe(
             "libra.session.>",
@@ -79,7 +94,7 @@ class SessionView:
 
     def setting(self, scope: str, key: str) -> str:
         """The value set for ``key`` in ``scope`` (e.g. ``guild:1``, ``model``), or ""."""
-        found = self._settings.get((scope, key))
+        found = self._settings.get(scope, {}).get(key)
         return found[0] if found else ""
 
     def apply(self, event: AnyEvent) -> None:
@@ -91,12 +106,18 @@ class SessionView:
                 if old is None or old[1] < stamp:
                     self._chat[event.conversation] = (event.enabled, stamp)
             case SessionSettings():
-                key = (event.scope, event.key)
-                old_setting = self._settings.get(key)
+                scope = self._settings.setdefault(event.scope, {})
+                old_setting = scope.get(event.key)
                 if old_setting is None or old_setting[1] < stamp:
-                    self._settings[key] = (event.value, stamp)
+                    scope[event.key] = (event.value, stamp)
+
+    def settings(self, scope: str, prefix: str = "") -> dict[str, str]:
+        """The keys set in ``scope`` that start with ``prefix``, with their values (set ones)."""
+        found = self._settings.get(scope, {})
+        return {k: v for k, (v, _) in found.items() if k.startswith(prefix) and v}
 
     async def _load(self) -> int:
+        assert self.pool is not None
         async with (
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
@@ -105,7 +126,7 @@ class SessionView:
             for row in chat:
                 self._chat[row["conversation"]] = (row["enabled"], (row["at"], row["event_id"]))
             for row in await conn.fetch("SELECT scope, key, value, at, event_id FROM settings"):
-                self._settings[(row["scope"], row["key"])] = (
+                self._settings.setdefault(row["scope"], {})[row["key"]] = (
                     row["value"],
                     (row["at"], row["event_id"]),
                 )
