@@ -189,6 +189,7 @@ class VoiceCaptured(Event, frozen=True, kw_only=True, tag="voice.captured"):
     speculative: bool = False
     reply: bool = True
     utterance: str = ""  # the key of its ``voice.partial`` events, when there were any
+    speech_ms: int = 0  # where in the audio the speech ends (the rest is the pause); 0: unknown
 
 
 class VoicePartial(Event, frozen=True, kw_only=True, tag="voice.partial"):
@@ -196,13 +197,16 @@ class VoicePartial(Event, frozen=True, kw_only=True, tag="voice.partial"):
 
     ``audio`` holds the speech from ``offset_ms`` (within the utterance) on; the pieces of one
     ``utterance`` key, in order, are the start of its ``voice.captured`` audio. Never a turn,
-    history or context: only the asr reads it, and a capture transcribes without it.
+    history or context: only the asr reads it, and a capture transcribes without it. A piece
+    with ``pause`` set came at the start of a pause: the asr transcribes the whole utterance at
+    once, and a capture whose speech ends within that audio reuses the transcript.
     """
 
     utterance: str
     offset_ms: int
     audio: AudioRef
     origin: Origin
+    pause: bool = False  # sent at the start of a pause: the whole utterance may end here
 
 
 class VoiceEnded(Event, frozen=True, kw_only=True, tag="voice.ended"):

@@ -405,7 +405,8 @@ async def asr_processor(r: Resources) -> Processor:
     chain = r.shared("asr-chain", lambda: AsrChain(build_engines(s), timeout_s=s.asr_timeout_sec))
     await chain.prepare()  # the local model loads once per process, before the first utterance
     audio = await AudioStore.open(r.log, max_bytes=s.max_audio_bytes)
-    return AsrProcessor(audio, chain, language=s.asr_language, partials=s.asr_partials)
+    partials = s.asr_partials or s.asr_early_decode_ms > 0
+    return AsrProcessor(audio, chain, language=s.asr_language, partials=partials)
 
 
 async def _asr(r: Resources) -> Component:

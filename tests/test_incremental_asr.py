@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Awaitable
 
+import msgspec
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
@@ -93,7 +94,7 @@ async def test_partials_follow_audio_time_and_only_the_tail_is_decoded_at_the_pa
     await chain.prepare()
     samples = _spoken()
     events = await _speak(eventlog, samples)
-    partials = [e for e in events if isinstance(e, VoicePartial)]
+    partials = [e for e in events if isinstance(e, VoicePartial) and not e.pause]
     captured = [e for e in events if isinstance(e, VoiceCaptured)][-1]
     # one partial per second of the utterance, fed at any speed: they follow the audio's clock
     speech_s = len(speech(SENTENCE, "en-us")) / 16_000
@@ -129,6 +130,35 @@ async def test_partials_follow_audio_time_and_only_the_tail_is_decoded_at_the_pa
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_pause_is_transcribed_before_the_cut_and_the_capture_takes_it(
+    eventlog: EventLog, chain: AsrChain
+) -> None:
+    await chain.prepare()
+    settings = Settings.from_env({"WHISPER_DEVICE": "cpu"})  # the defaults, with no key
+    assert settings.asr_early_decode_ms == 60 and not settings.asr_partials
+    events = await _speak(eventlog, _spoken(), settings)
+    [early] = [e for e in events if isinstance(e, VoicePartial)]
+    captured = [e for e in events if isinstance(e, VoiceCaptured)][-1]
+    assert early.pause and early.offset_ms == 0 and early.utterance == captured.utterance
+    assert captured.speculative  # the early decode comes before the speculative cut
+    # the speech ends within what was sent at the pause; the capture adds only silence
+    assert 0 < captured.speech_ms <= early.audio.duration_ms < captured.audio.duration_ms
+
+    audio = await AudioStore.open(eventlog)
+    whole = await _transcribe(AsrProcessor(audio, chain), captured)
+    processor = AsrProcessor(audio, chain, partials=True)
+    assert [e async for e in processor.handle(early)] == []
+    started = time.perf_counter()
+    taken = await _transcribe(processor, captured)  # waits for the decode begun at the pause
+    print(f"at the cut: {time.perf_counter() - started:.2f}s; whole: {whole.latency_ms} ms")
+    assert taken.decoded_ms == 0 and whole.decoded_ms == captured.audio.duration_ms
+    assert taken.id == whole.id and taken.text == whole.text
+    assert taken.language == whole.language and taken.engine == "whisper"
+    # a capture whose speech goes on past that audio (another pause's) is decoded itself
+    later = msgspec.structs.replace(captured, speech_ms=early.audio.duration_ms + 200)
+    assert (await _transcribe(processor, later)).decoded_ms == captured.audio.duration_ms
 
 
 async def test_a_capture_with_no_partial_state_is_decoded_whole(

@@ -40,7 +40,7 @@ from libra.runtime.eventlog import EventLog
 
 from .factories import text
 from .helpers import eventually, stream_events
-from .stack import TEXT_PIPELINE
+from .stack import TEXT_PIPELINE, answering_with
 
 ORIGIN = Origin(platform="discord", guild="1", channel="2")
 VIOLATION = "permissions violation"
@@ -363,16 +363,7 @@ async def test_admission_reads_the_servers_policies_as_its_own_user(
     caplog.set_level(logging.WARNING)
     origin = Origin(platform="discord", guild="5", channel="6", message="7")
     async with FakeLlmWire(reply=Behaviour.ok("ok")) as wire:
-        s = Settings.from_env(
-            {
-                "NATS_URL": settings.nats_url,
-                "DATABASE_URL": settings.database_url,
-                "REDIS_URL": settings.redis_url,
-                "OPENAI_API_KEY": "sk-test-key",
-                "OPENAI_BASE_URL": wire.env()["OPENAI_BASE_URL"],
-                "MODERATION_ENGINES": "openai",
-            }
-        )
+        s = answering_with(settings, wire, MODERATION_ENGINES="openai")
         await eventlog.publish(
             make(
                 SessionSettings,

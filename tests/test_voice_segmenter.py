@@ -10,6 +10,7 @@ import pytest
 from libra.gateway.voice import (
     Confirmed,
     FrameSplitter,
+    Partial,
     Resumed,
     Segmenter,
     SegmenterConfig,
@@ -72,6 +73,26 @@ def test_talking_on_gives_a_new_longer_capture_and_the_old_one_is_never_confirme
     assert second.start_ms == first.start_ms == 0  # the whole utterance, from its start
     assert second.speech_end_ms == 1200 and len(second.pcm) > len(first.pcm)
     assert isinstance(done, Confirmed) and done.seq == second.seq
+
+
+def test_a_pause_is_sent_to_be_transcribed_before_the_speculative_cut() -> None:
+    got = _run("30v 40s", early_ms=60)
+    (t0, early), (t1, cut), (_, done) = got
+    assert isinstance(early, Partial) and early.pause and early.offset_ms == 0
+    assert t0 == 600 + 60 and t1 == 600 + 160  # 60 ms of silence, then the cut at 150 ms
+    assert cut.speculative and cut.pcm.startswith(early.pcm)
+    assert len(early.pcm) >= 2 * 16 * (cut.speech_end_ms - cut.start_ms)  # all of the speech
+    assert isinstance(done, Confirmed) and done.seq == cut.seq
+
+
+def test_talking_on_after_an_early_decode_sends_the_rest_at_the_next_pause() -> None:
+    first, second, cut, _ = [d for _, d in _run("30v 5s 20v 40s", early_ms=60)]
+    assert isinstance(first, Partial) and isinstance(second, Partial)
+    assert first.pause and second.pause and second.offset_ms == len(first.pcm) // 32
+    assert isinstance(cut, Utterance) and cut.pcm.startswith(first.pcm + second.pcm)
+    # no decode before a speculative cut that is not sooner than it, nor without speech
+    assert not [d for _, d in _run("30v 40s", early_ms=150) if isinstance(d, Partial)]
+    assert _run("5v 40s", early_ms=60) == []
 
 
 def test_without_speculation_the_utterance_comes_once_the_silence_is_confirmed() -> None:

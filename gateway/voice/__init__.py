@@ -7,7 +7,15 @@ that stores the audio and publishes ``voice.captured`` and ``voice.ended``.
 
 from .capture import VoiceCapture, segmenter_config
 from .frames import FrameSplitter
-from .segmenter import Confirmed, Decision, Resumed, Segmenter, SegmenterConfig, Utterance
+from .segmenter import (
+    Confirmed,
+    Decision,
+    Partial,
+    Resumed,
+    Segmenter,
+    SegmenterConfig,
+    Utterance,
+)
 from .vad import FRAME_SAMPLES, SAMPLE_RATE, SileroVad
 
 __all__ = [
@@ -16,6 +24,7 @@ __all__ = [
     "Confirmed",
     "Decision",
     "FrameSplitter",
+    "Partial",
     "Resumed",
     "Segmenter",
     "SegmenterConfig",

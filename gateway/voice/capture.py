@@ -14,7 +14,9 @@ Events: an utterance becomes ``voice.captured`` (its id is also its turn), its a
 16 kHz mono s16le under ``voice/<conversation>/<id>``. While it is spoken, with
 ``ASR_INCREMENTAL`` on, each second of it goes out as ``voice.partial`` (its audio stored the
 same way), all of them and the capture sharing one ``utterance`` key, so that a local recogniser
-has heard most of it by the time the person pauses. A confirmation becomes ``voice.ended``
+has heard most of it by the time the person pauses. With the local whisper first, a pause of
+``ASR_EARLY_MS`` sends the rest of the utterance as a ``voice.partial`` with ``pause`` set, so
+that it is transcribed before the speculative cut. A confirmation becomes ``voice.ended``
 for that turn, and talking on after a speculative cut ``voice.resumed`` for it.
 ``speech_ended_at`` is the wall-clock time of the end of the last voiced frame.
 """
@@ -72,6 +74,7 @@ def segmenter_config(settings: Settings) -> SegmenterConfig:
         min_speech_ms=settings.vad_min_speech_ms,
         threshold=settings.vad_threshold,
         partial_ms=PARTIAL_MS if settings.asr_partials else 0,
+        early_ms=settings.asr_early_decode_ms,
     )
 
 
@@ -218,6 +221,7 @@ class VoiceCapture:
             speech_ended_at=speech_ended_at,
             speculative=utterance.speculative,
             utterance=self._utterance[1] if self._utterance[0] == utterance.start_ms else "",
+            speech_ms=utterance.speech_end_ms - utterance.start_ms,
         )
         await self.log.publish(captured)
         self._captured.clear()  # only the newest capture can still be confirmed
@@ -244,6 +248,7 @@ class VoiceCapture:
                 offset_ms=partial.offset_ms,
                 audio=ref,
                 origin=self.origin,
+                pause=partial.pause,
             )
         )
 

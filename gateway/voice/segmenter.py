@@ -26,6 +26,11 @@ The rules, in stream time (20 ms per frame fed):
   the audio since the last one is emitted as ``Partial`` at a voiced frame, so that a local
   recogniser hears the utterance while it is spoken. The pieces of one utterance, joined in
   order, are the start of its ``Utterance`` audio; they share its ``start_ms``.
+- *Early decode*: with ``early_ms`` set (shorter than ``speculative_ms``), a pause of that long
+  sends what the utterance has not sent yet as a ``Partial`` with ``pause`` set: a local
+  recogniser transcribes the whole utterance at once, and the speculative cut that may follow
+  reuses the transcript instead of starting over. A person who goes on talking costs only that
+  decode; the next pause sends the rest.
 - *Manual mode* (``/record`` then ``/stop``): between :meth:`Segmenter.start_recording` and
   :meth:`Segmenter.stop_recording` every frame is kept and automatic cuts are suspended; stop
   emits one non-speculative ``Utterance(manual=True)``, unless it holds no speech at all.
@@ -70,6 +75,7 @@ class SegmenterConfig:
     threshold: float = 0.5
     preroll_ms: int = 200
     partial_ms: int = 0  # 0: no partials
+    early_ms: int = 0  # 0: no decode at the start of a pause
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,7 @@ class Partial:
     start_ms: int
     offset_ms: int
     pcm: bytes
+    pause: bool = False  # sent at the start of a pause: the whole utterance may end here
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +149,8 @@ class Segmenter:
         self._silence = max(1, _frames(c.silence_ms))
         spec = _frames(c.speculative_ms)
         self._speculative = spec if 0 < spec < self._silence else 0
+        early = _frames(c.early_ms)
+        self._early = early if 0 < early < (self._speculative or self._silence) else 0
         self._max_frames = max(1, c.max_utterance_ms // FRAME_MS)
         self._min_voiced = _frames(c.min_speech_ms)
         self._partial = _frames(c.partial_ms)
@@ -230,6 +239,7 @@ class Segmenter:
             self._last_voiced = index
             self._peak_db = max(self._peak_db, self._energy[-1])
             self._in_pause = False
+            self._early_sent = False
             if self._pending is not None:  # they went on talking: that cut is not the turn
                 out.append(Resumed(self._pending))
                 self._pending = None
@@ -257,6 +267,10 @@ class Segmenter:
                 out.append(self._cut())
             self._end_utterance(silent)
             return out
+        if self._early and silent >= self._early and not self._early_sent and enough:
+            self._early_sent = True
+            if self._pending is None and len(self._frames) > self._sent:
+                return [self._next_partial(pause=True)]
         if self._speculative and silent >= self._speculative and self._pending is None and enough:
             cut = self._cut(speculative=True)
             self._pending = cut.seq
@@ -283,12 +297,13 @@ class Segmenter:
         self._reset_utterance()
         return out
 
-    def _next_partial(self) -> Partial:
+    def _next_partial(self, *, pause: bool = False) -> Partial:
         offset, self._sent = self._sent, len(self._frames)
         return Partial(
             start_ms=self._start * FRAME_MS,
             offset_ms=offset * FRAME_MS,
             pcm=np.concatenate(self._frames[offset:]).tobytes(),
+            pause=pause,
         )
 
     def _end_utterance(self, silent: int) -> None:
@@ -335,4 +350,5 @@ class Segmenter:
         self._last_voiced = self._index - 1
         self._peak_db = _SILENT_DB
         self._in_pause = False
+        self._early_sent = False
         self._pending: int | None = None

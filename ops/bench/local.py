@@ -19,7 +19,7 @@ import psutil
 
 from libra.contracts import TurnAccepted
 from libra.processors.llm.context import Context, PromptBuilder
-from libra.processors.llm.providers.embedded import model_path
+from libra.processors.llm.providers.embedded import MODEL_NAME, model_path
 from libra.processors.tts.espeak import speak
 from libra.processors.tts.sentences import SentenceSplitter
 
@@ -91,9 +91,10 @@ class BareLlama:
 
     @staticmethod
     async def messages(turn: TurnAccepted) -> list[dict[str, str]]:
-        """The turn's prompt as Libra builds it for a person with no history or memories."""
+        """The turn's prompt as Libra builds it for the embedded model (its short persona) and a
+        person with no history or memories."""
         builder = PromptBuilder(None, None, max_tokens=MAX_TOKENS)
-        prompt = await builder.build(turn, default_model="", context=Context({}, [], []))
+        prompt = await builder.build(turn, default_model=MODEL_NAME, context=Context({}, [], []))
         return [{"role": m.role, "content": m.content} for m in prompt.messages]
 
     def generate(self, messages: list[dict[str, str]], *, whole: bool) -> Generation:

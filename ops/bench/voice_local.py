@@ -23,8 +23,9 @@ espeak-ng speaking that sentence. ``first_audio_floor_ratio`` is first audio p50
 ``floor_same_first_sentence`` counts the turns whose first clip said what the bare model wrote.
 
 ``--with-text`` adds the HTTP gateway and text turns on a provider fake (:mod:`.voice_text`),
-alone after the warm-up and then during the measured voice turns; their CPU counts in the
-processes' then.
+alone after the warm-up, then during the measured voice turns (their CPU counts in the
+processes' then), then alone again: the baseline is both alone windows, before and after, so
+that the machine's drift over the run does not read as the voice turns' cost.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ async def _speak_turns(
     text: TextTurns | None,
 ) -> tuple[list[_Measured], dict[str, float]]:
     """The warm-up and measured turns, each a new person, with ``text`` turns alone after the
-    warm-up and then during the measured ones; returns them and the CPU they took."""
+    warm-up, during the measured ones, and alone again after them; returns the turns and the CPU
+    they took."""
     packets, last_voiced = _speech()
 
     async def spoken(n: int) -> _Turn:
@@ -183,7 +185,10 @@ async def _speak_turns(
     before = cpu_seconds(pids)
     async with text.running("with_voice") if text else contextlib.nullcontext():
         measured = [_measured(await spoken(n)) for n in range(_WARM_UP, _WARM_UP + turns)]
-    return measured, cpu_spent(before, cpu_seconds(pids))
+    spent = cpu_spent(before, cpu_seconds(pids))
+    if text is not None:  # alone again: the baseline spans the voice turns, as the machine drifts
+        await text.alone(_TEXT_ALONE_S)
+    return measured, spent
 
 
 async def _floor(audio: AudioStore, settings: Settings, turns: list[_Measured]) -> _Floor:

@@ -7,6 +7,11 @@ that come meanwhile are heard by the next decode, never one by one). The words t
 capture comes, only the audio after them is decoded, with them as the prompt, and the texts are
 joined: the work at the pause is the last second or so, whatever the utterance's length.
 
+A piece sent at the start of a pause (``pause``) is different: the utterance may end there, so
+the whole of it so far is transcribed at once, as a capture would be. A capture whose speech
+ends within that audio (``speech_ms``) takes that transcript instead of decoding again: at the
+speculative cut, the transcript is ready or nearly so.
+
 This lives in the process's memory only. A capture that finds nothing here (another instance
 heard the partials, a restart, a redelivery, a missing piece) is decoded whole, so a transcript
 never depends on it.
@@ -78,6 +83,8 @@ class _Utterance:
     heard: Heard | None = None
     decoded: bytes = b""  # the audio that ``heard`` was heard in
     decoding: asyncio.Task[None] | None = None
+    # the whole utterance as heard at its last pause: its audio, and the transcript of it
+    at_pause: asyncio.Task[tuple[bytes, Transcript] | None] | None = None
     touched: float = field(default_factory=time.monotonic)
 
     def audio(self) -> bytes:
@@ -98,15 +105,51 @@ class PartialTranscripts:
         self.language = language
         self._utterances: dict[str, _Utterance] = {}
 
-    def add(self, utterance: str, offset_ms: int, pcm16k: bytes) -> None:
-        """Takes the piece of ``utterance`` at ``offset_ms``; decodes the newest audio soon."""
+    def add(self, utterance: str, offset_ms: int, pcm16k: bytes, *, pause: bool = False) -> None:
+        """Takes the piece of ``utterance`` at ``offset_ms``; decodes the newest audio soon (the
+        whole utterance at once when the piece came at a pause)."""
         self._forget_old()
         state = self._utterances.pop(utterance, None) or _Utterance()
         self._utterances[utterance] = state  # the newest last
         state.pieces[offset_ms] = pcm16k
         state.touched = time.monotonic()
-        if state.decoding is None or state.decoding.done():
+        if pause:
+            if state.at_pause is not None:
+                state.at_pause.cancel()  # an earlier pause's: the person went on talking
+            state.at_pause = asyncio.create_task(self._whole(state.audio()))
+        elif state.decoding is None or state.decoding.done():
             state.decoding = asyncio.create_task(self._decode(state))
+
+    async def transcript(self, utterance: str, pcm16k: bytes, speech_ms: int) -> Transcript | None:
+        """The transcript made at the utterance's last pause, when ``pcm16k`` (a capture) holds
+        that audio and its speech ends within it; once that decode is done. Else None."""
+        state = self._utterances.get(utterance)
+        if state is None or state.at_pause is None or speech_ms <= 0:
+            return None
+        try:
+            made = await asyncio.shield(state.at_pause)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            return None  # replaced by a later pause's, which is not this capture's
+        if made is None:
+            return None
+        audio, transcript = made
+        if len(audio) < speech_ms * _BYTES_PER_MS or not pcm16k.startswith(audio):
+            return None
+        return transcript
+
+    async def _whole(self, audio: bytes) -> tuple[bytes, Transcript] | None:
+        if not audio:
+            return None
+        started = time.perf_counter()
+        try:
+            transcript = await self.engine.transcribe(audio, self.language or None)
+        except Exception as exc:  # the capture is decoded itself instead
+            log.warning("asr: the decode at a pause failed: %s", exc)
+            return None
+        VOICE_PROCESSING_SECONDS.labels("asr_pause").observe(time.perf_counter() - started)
+        return audio, transcript
 
     async def heard(self, utterance: str, pcm16k: bytes) -> Heard | None:
         """Returns the start of ``pcm16k`` heard for good, once the decode in flight is done."""

@@ -8,7 +8,9 @@ processor makes no turn of it.
 
 With ``ASR_INCREMENTAL`` on and the local whisper first, ``voice.partial`` events are heard while
 the person speaks (:mod:`.partial`), and a capture decodes only what came after the words heard
-for good (``decoded_ms`` says how much); a partial itself never becomes an event.
+for good (``decoded_ms`` says how much); a partial itself never becomes an event. A partial sent
+at a pause (``ASR_EARLY_MS``) is transcribed whole at once, and the capture cut at that pause
+takes its transcript (``decoded_ms`` 0).
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class AsrProcessor:
             return
         started = time.perf_counter()
         pcm16k = _to_16k(await self.audio.get(event.audio), event.audio)
-        transcript, engine_name, decoded = await self._transcribe(pcm16k, event.utterance)
+        transcript, engine_name, decoded = await self._transcribe(
+            pcm16k, event.utterance, event.speech_ms
+        )
         latency = time.perf_counter() - started
         VOICE_PROCESSING_SECONDS.labels("asr").observe(latency)
         yield derive(
@@ -93,13 +97,20 @@ class AsrProcessor:
         if self.partials is None or (datetime.now(UTC) - partial.at).total_seconds() > KEEP_S:
             return
         pcm16k = _to_16k(await self.audio.get(partial.audio), partial.audio)
-        self.partials.add(partial.utterance, partial.offset_ms, pcm16k)
+        self.partials.add(partial.utterance, partial.offset_ms, pcm16k, pause=partial.pause)
 
-    async def _transcribe(self, pcm16k: bytes, utterance: str) -> tuple[Transcript, str, int]:
-        """Returns the transcript, the engine's name and how many bytes of audio it decoded."""
+    async def _transcribe(
+        self, pcm16k: bytes, utterance: str, speech_ms: int
+    ) -> tuple[Transcript, str, int]:
+        """Returns the transcript, the engine's name and how many bytes of audio it decoded
+        (0: the transcript made at the pause was the capture's)."""
         if not pcm16k:
             return Transcript(text=""), "none", 0
         hint = self.language or None
+        if self.partials is not None and utterance:
+            made = await self.partials.transcript(utterance, pcm16k, speech_ms)
+            if made is not None:
+                return made, self.partials.engine.name, 0
         heard = await self.partials.heard(utterance, pcm16k) if self.partials else None
         if heard is None:
             transcript, engine = await self.chain.transcribe(pcm16k, hint)
@@ -134,6 +145,7 @@ def build_engines(settings: Settings) -> list[AsrEngine]:
                     device=settings.whisper_device,
                     compute_type=settings.whisper_compute_type,
                     beam_size=settings.whisper_beam_size,
+                    nice=settings.local_model_nice,
                 )
             )
         elif name == "groq":

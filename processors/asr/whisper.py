@@ -17,18 +17,23 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
 from faster_whisper.utils import download_model
 
+from libra.runtime.compute import compute_threads
+
 from . import packaged
 from .base import Transcript, confidence
 
 __all__ = ["WhisperEngine", "WhisperModelUnavailable", "Word", "model_label", "resolve_device"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("libra.asr.whisper")
 
@@ -111,12 +116,16 @@ class WhisperEngine:
         compute_type: str = "",
         beam_size: int = 1,
         temperature: float = 0.0,
+        nice: int = 0,
     ) -> None:
+        """``nice``: the CPU priority of its decoding threads (see ``runtime/compute.py``)."""
         self.model = model
         self.label = model_label(model)
         self.device, self.compute_type = resolve_device(device, compute_type)
         self.beam_size = beam_size
         self.temperature = temperature
+        # CTranslate2 decodes one utterance at a time per model: a second thread would only wait
+        self._threads = compute_threads(1, "libra-whisper", nice=nice)
 
     async def load(self) -> None:
         """Loads the model now (in a thread) rather than on the first utterance."""
@@ -125,11 +134,14 @@ class WhisperEngine:
     async def transcribe(
         self, pcm16k: bytes, language_hint: str | None, *, prompt: str = ""
     ) -> Transcript:
-        return await asyncio.to_thread(self._transcribe, pcm16k, language_hint, prompt)
+        return await self._run(self._transcribe, pcm16k, language_hint, prompt)
 
     async def words(self, pcm16k: bytes, language_hint: str | None) -> tuple[list[Word], str]:
         """Returns the words heard in the audio with their times, and the language."""
-        return await asyncio.to_thread(self._words, pcm16k, language_hint)
+        return await self._run(self._words, pcm16k, language_hint)
+
+    async def _run(self, work: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, work, *args)
 
     def _decode(self, pcm16k: bytes, language_hint: str | None, **options: Any) -> tuple:
         model = _model(self.model, self.device, self.compute_type)

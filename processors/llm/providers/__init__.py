@@ -206,7 +206,7 @@ def _local(settings: Settings) -> ChatProvider:
 
 
 def _embedded(settings: Settings) -> ChatProvider:
-    return EmbeddedProvider()
+    return EmbeddedProvider(nice=settings.local_model_nice)
 
 
 _FACTORIES: dict[str, Callable[[Settings], ChatProvider]] = {

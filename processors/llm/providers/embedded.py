@@ -19,10 +19,10 @@ import importlib.util
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from libra.runtime.compute import compute_threads
 from libra.runtime.config import ConfigError
 
 from .base import ChatMessage, ChatRequest, ChatUsage, ProviderError
@@ -160,14 +160,16 @@ class EmbeddedProvider:
         slots: int = 0,
         path: Path | None = None,
         sha256: str = MODEL_SHA256,
+        nice: int = 0,
     ) -> None:
-        """``slots``: generations at a time (0: one per core this process may use)."""
+        """``slots``: generations at a time (0: one per core this process may use); ``nice``:
+        the CPU priority of the generating threads (see ``runtime/compute.py``)."""
         self.default_model = MODEL_NAME
         self.slots = slots or _cores()
         self._path = path
         self._sha256 = sha256
         self._free = asyncio.Semaphore(self.slots)
-        self._threads = ThreadPoolExecutor(self.slots, thread_name_prefix="libra-embedded-llm")
+        self._threads = compute_threads(self.slots, "libra-embedded-llm", nice=nice)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[str | ChatUsage]:
         """Yields the reply's text pieces as the model makes them, then one ChatUsage."""
