@@ -397,6 +397,35 @@ async def test_members_joining_and_leaving_move_the_epoch_and_audio_keeps_flowin
         assert carol.undecryptable == 0 and not carol.errors
 
 
+async def _read_all(server: FakeVoiceServer) -> None:
+    """Waits until Libra has read every message sent so far (its heartbeat acknowledges it)."""
+    sent = server.bot.seq
+    await until(lambda: server.seq_acks and server.seq_acks[-1] >= sent, "Libra reading them")
+
+
+async def test_a_repeated_or_broken_external_sender_leaves_the_group_as_it_is() -> None:
+    frames = encode_pcm(speech("Hello everyone."), bitrate=64_000)
+    async with call(heartbeat_interval_ms=100) as c:
+        server, session, alice = c.server, c.session, c.members[0]
+        epoch = server.epoch
+        server.to_bot(fake.EXTERNAL_SENDER, server._sender.package)  # op 25 again, as libdave
+        server.to_bot(fake.EXTERNAL_SENDER, b"not an external sender")  # takes a repeat: no-op
+        await _read_all(server)
+        assert session.dave.ready and session.dave.epoch == server.epoch == epoch
+        assert server.invalid == [] and len(server.commits) == 1  # no group formed again
+        await session.player.play(Clip.from_opus("still", frames))
+        assert spoken(alice)[: len(frames)] == frames
+
+
+async def test_a_commit_too_short_to_read_gets_op_31_and_a_fresh_key_package() -> None:
+    async with call(heartbeat_interval_ms=100) as c:
+        server, session = c.server, c.session
+        server.to_bot(fake.ANNOUNCE_COMMIT, b"\x01")  # no room for its transition id
+        await until(lambda: server.invalid == [0], "op 31")  # refused, as any broken commit
+        await until(lambda: LIBRA in server._key_packages, "Libra's new key package")
+        assert not session.dave.ready  # it starts over, to be added to the group again
+
+
 async def test_a_session_the_server_ends_or_refuses_is_over() -> None:
     ended: list[int | None] = []
     async with call(on_end=_record(ended)) as c:

@@ -38,7 +38,7 @@ from libra.gateway.discord.gateway import DiscordGateway
 from libra.gateway.discord.voice.opus import encode_pcm
 from libra.gateway.discord.voice.rtp import OPUS_SILENCE
 from libra.ops.fakes import discord_voice
-from libra.ops.fakes.discord import FakeDiscord, FakeUser, Interaction
+from libra.ops.fakes.discord import MANAGE_GUILD, FakeDiscord, FakeUser, Interaction
 from libra.ops.fakes.discord_voice import FakeMember, FakeVoiceServer
 from libra.ops.fakes.groq_whisper import FakeGroqWhisper
 from libra.ops.fakes.llm_wire import Behaviour, FakeLlmWire
@@ -250,6 +250,42 @@ async def test_join_is_refused_to_someone_not_in_a_voice_channel(
         assert refused.content == "Join a voice channel first, then use /join there."
         korean = await r.command("join", r.bob, locale="ko")
         assert korean.content == "먼저 음성 채널에 들어간 다음 /join을 써 주세요."
+        assert r.fake.voice_updates == [] and r.server.identifies == 0
+        assert await read(eventlog, "libra.session.>") == []
+
+
+async def test_leave_and_voice_are_for_people_in_the_call_or_admins(
+    settings: Settings, eventlog: EventLog, database_url: str
+) -> None:
+    manual = [{"type": 1, "name": "manual"}]
+    async with room(settings, database_url) as r:
+        await r.enter(r.alice)
+        await r.joined(r.alice)
+        for name, options in (("leave", None), ("voice", manual)):
+            refused = await r.command(name, r.bob, options=options)  # bob is in no call
+            assert refused.ephemeral and refused.content == f"Join me in <#{r.channel}> first."
+        assert r.gateway.voice.call(r.guild) is not None
+        switched = await r.command("voice", r.alice, options=manual)  # alice is in the call
+        assert switched.content.startswith("Voice mode: manual.")
+        left = await r.command("leave", r.bob, permissions=MANAGE_GUILD)  # an admin may
+        assert left.content == f"Left <#{r.channel}>."
+        events = await logged(eventlog, "libra.session.voice.>", SessionVoice, 3)
+        assert [(e.state, e.user) for e in events] == [
+            ("joined", f"discord:{r.alice.id}"),
+            ("manual", f"discord:{r.alice.id}"),
+            ("left", f"discord:{r.bob.id}"),
+        ]
+
+
+async def test_join_is_refused_where_the_voice_channel_is_blocked(
+    settings: Settings, eventlog: EventLog, database_url: str, tmp_path
+) -> None:
+    rules = tmp_path / "access.toml"
+    async with room(settings, database_url, discord_access_file=str(rules)) as r:
+        rules.write_text(f"[block]\nchannels = [{r.channel}]\n")  # the call, not the text chat
+        await r.fake.move_voice(r.alice, r.guild, r.channel)
+        refused = await r.command("join", r.alice)
+        assert refused.ephemeral and refused.content == "Libra isn't available to you here."
         assert r.fake.voice_updates == [] and r.server.identifies == 0
         assert await read(eventlog, "libra.session.>") == []
 

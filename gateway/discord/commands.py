@@ -92,7 +92,7 @@ class SlashCommands:
         if ctx.guild_id is None:
             await ctx.respond(say("chat.dm", locale), ephemeral=True)
             return
-        if not self.access.may_set_chat_mode(*_rights(ctx)):
+        if not self.access.may_set_chat_mode(*rights(ctx)):
             await ctx.respond(say("refused.chat", locale), ephemeral=True)
             return
         await self._publish(ctx, SessionChat, enabled=enabled)
@@ -212,7 +212,7 @@ class SlashCommands:
         if ctx.guild_id is None:
             await ctx.respond(say("guild.only", locale), ephemeral=True)
             return None
-        if admin and not self.access.is_admin(*_rights(ctx)):
+        if admin and not self.access.is_admin(*rights(ctx)):
             await ctx.respond(say("refused.admin", locale), ephemeral=True)
             return None
         return f"guild:{ctx.guild_id}"
@@ -251,7 +251,7 @@ class SlashCommands:
             shown = self.view.setting(scope, key) or default or say("default", locale)
             await ctx.respond(say(f"{key}.show", locale, value=shown), ephemeral=True)
             return
-        if not self.access.is_admin(*_rights(ctx)):
+        if not self.access.is_admin(*rights(ctx)):
             await ctx.respond(say("refused.admin", locale), ephemeral=True)
             return
         value = "" if clear else well_formed(value).strip()
@@ -262,15 +262,16 @@ class SlashCommands:
         text = say("cleared", locale) if not value else say(f"{key}.set", locale, value=value)
         await ctx.respond(text, ephemeral=True)
 
-    async def may_talk(self, ctx: lightbulb.Context) -> bool:
-        """Whether the access lists let this person use Libra here; if not, they are told."""
+    async def may_talk(self, ctx: lightbulb.Context, *, place: str = "") -> bool:
+        """Whether the access lists let this person use Libra here (or in channel ``place``, a
+        voice channel to join, say); if not, they are told."""
         channel, thread = _where(ctx)
         roles = frozenset(str(r) for r in ctx.member.role_ids) if ctx.member else frozenset()
         speaker = Speaker(
             user=str(ctx.user.id),
             guild=str(ctx.guild_id or ""),
-            channel=thread or channel,
-            parent=channel if thread else "",
+            channel=place or thread or channel,
+            parent=channel if thread and not place else "",
             roles=roles,
         )
         if self.access.may_talk(speaker):
@@ -304,7 +305,8 @@ class SlashCommands:
         self.view.apply(event)  # the next message here must see it, before the log echoes it
 
 
-def _rights(ctx: lightbulb.Context) -> tuple[hikari.Permissions, list[str]]:
+def rights(ctx: lightbulb.Context) -> tuple[hikari.Permissions, list[str]]:
+    """The permissions and roles of the person who ran the command (none in a DM)."""
     member = ctx.member
     if member is None:
         return hikari.Permissions.NONE, []

@@ -19,7 +19,7 @@ from libra.contracts import Origin, SessionVoice, conversation_id, make, user_id
 from libra.runtime.eventlog import EventLog
 
 from .claims import TurnClaims
-from .commands import SlashCommands
+from .commands import SlashCommands, rights
 from .strings import say
 from .voice import VoiceConnectError
 from .voice_calls import VoiceCalls
@@ -52,6 +52,8 @@ class VoiceCommands:
         if channel is None:
             await ctx.respond(say("voice.not_in_channel", locale), ephemeral=True)
             return
+        if not await self.slash.may_talk(ctx, place=str(channel)):  # the channel to be joined
+            return
         call = self.calls.call(guild)
         if call is not None and call.channel == channel:
             await ctx.respond(say("voice.already", locale, channel=channel), ephemeral=True)
@@ -67,7 +69,7 @@ class VoiceCommands:
         await ctx.respond(say("voice.joined", locale, channel=channel))
 
     async def leave(self, ctx: lightbulb.Context) -> None:
-        channel = await self._libras_channel(ctx)
+        channel = await self._libras_channel(ctx, caller_there=not self._admin(ctx))
         if channel is None:
             return
         await self._publish(ctx, channel, "left")
@@ -82,12 +84,16 @@ class VoiceCommands:
         await ctx.respond(say(key, str(ctx.interaction.locale)), ephemeral=True)
 
     async def mode(self, ctx: lightbulb.Context, *, automatic: bool) -> None:
-        channel = await self._libras_channel(ctx)
+        channel = await self._libras_channel(ctx, caller_there=not self._admin(ctx))
         if channel is None:
             return
         state: State = "auto" if automatic else "manual"
         await self._publish(ctx, channel, state)
         await ctx.respond(say(f"voice.{state}", str(ctx.interaction.locale)))
+
+    def _admin(self, ctx: lightbulb.Context) -> bool:
+        """Server admins may end or switch a call they are not in; others only their own."""
+        return self.slash.access.is_admin(*rights(ctx))
 
     async def _ours(self, ctx: lightbulb.Context) -> bool:
         """Claims the command for this process and checks that it may be used here."""

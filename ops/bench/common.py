@@ -178,31 +178,38 @@ async def libra_processes(
 ) -> AsyncIterator[None]:
     """Runs each group of components as a `libra run` process, as production does; returns
     once every one says it is ready, and stops them (SIGTERM, they drain) at the end."""
-    procs = []
-    try:
-        for names in groups:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "libra.ops", "run", *names],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    text=True,
+    procs: list[subprocess.Popen] = []
+    with contextlib.ExitStack() as files:
+        # what each process says on stderr, shown if it fails to start
+        errors = [files.enter_context(tempfile.TemporaryFile()) for _ in groups]
+        try:
+            for names, stderr in zip(groups, errors, strict=True):
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "libra.ops", "run", *names],
+                        env=env,
+                        stdout=subprocess.PIPE,
+                        stderr=stderr,
+                        text=True,
+                    )
                 )
-            )
-        for proc in procs:
-            line = await asyncio.to_thread(proc.stdout.readline)
-            while line and "Libra is ready" not in line:
+            for names, proc, stderr in zip(groups, procs, errors, strict=True):
                 line = await asyncio.to_thread(proc.stdout.readline)
-            if not line:
-                raise RuntimeError(f"`libra run` exited with {proc.wait()}")
-        yield
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(30)
+                while line and "Libra is ready" not in line:
+                    line = await asyncio.to_thread(proc.stdout.readline)
+                if not line:
+                    stderr.seek(0)
+                    said = stderr.read().decode(errors="replace")[-3000:]
+                    raise RuntimeError(
+                        f"`libra run {' '.join(names)}` exited with {proc.wait()}:\n{said}"
+                    )
+            yield
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(30)
 
 
 def rss_mb(pid: int) -> float:

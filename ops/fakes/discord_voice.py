@@ -480,6 +480,7 @@ class FakeVoiceServer:
         self.identifies = 0
         self.resumes = 0
         self.seq_acks: list[int] = []
+        self.invalid: list[int] = []  # the transitions Libra refused (op 31)
         self.bot_speaking: list[tuple[float, int]] = []
         self.executed: list[int] = []
         self._sender = ExternalSender()
@@ -674,6 +675,7 @@ class FakeVoiceServer:
         elif op == TRANSITION_READY:
             self._ready(self.bot.user_id, int(data["transition_id"]))
         elif op == INVALID_COMMIT_WELCOME:
+            self.invalid.append(int(data["transition_id"]))
             self._depart(self.bot.user_id)
 
     async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:

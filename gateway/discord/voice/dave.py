@@ -56,6 +56,7 @@ class DaveState:
         self.protocol_version = protocol_version
         self.members: set[int] = set()
         self._pending: dict[int, int] = {}
+        self._external_sender: bytes | None = None  # the one in force, if any
         self._session = (
             davey.DaveSession(protocol_version, user_id, channel_id) if protocol_version else None
         )
@@ -122,7 +123,9 @@ class DaveState:
         return [Reply(Op.DAVE_MLS_KEY_PACKAGE, self._session.get_serialized_key_package())]
 
     def _reinit(self) -> list[Reply]:
-        """Drops the group and starts over; the server re-adds Libra with the new key package."""
+        """Drops the group and starts over; the server re-adds Libra with the new key package.
+        The external sender stays the one in force: the server does not send it again."""
+        sender, self._external_sender = self._external_sender, None
         if self.protocol_version:
             if self._session is None:
                 self._session = davey.DaveSession(
@@ -130,6 +133,9 @@ class DaveState:
                 )
             else:
                 self._session.reinit(self.protocol_version, self.user_id, self.channel_id)
+            if sender is not None:
+                self._session.set_external_sender(sender)
+                self._external_sender = sender
             return self._key_package()
         if self._session is not None:
             self._session.reset()
@@ -137,13 +143,31 @@ class DaveState:
         return []
 
     def _on_external_sender(self, payload: bytes) -> list[Reply]:
+        if payload == self._external_sender:
+            return []  # a repeat, as libdave takes it: the group stays as it is
+        replies: list[Reply] = []
+        if self._external_sender is not None:
+            if not self._readable_sender(payload):
+                return []  # broken: the group in force stays
+            self._external_sender = None  # replaced: the new group gets the new one
+            replies = self._reinit()  # a new external sender means a new group
         try:
             self._session.set_external_sender(payload)
-        except Exception:  # already in a group: a new external sender means a new group
-            replies = self._reinit()
-            self._session.set_external_sender(payload)
+        except Exception as exc:  # not an external sender at all: wait for a good one
+            _log.warning("DAVE external sender refused: %s", exc)
             return replies
-        return []
+        self._external_sender = payload
+        return replies
+
+    def _readable_sender(self, payload: bytes) -> bool:
+        """Whether ``payload`` is an external sender, tried on a session of its own."""
+        try:
+            trial = davey.DaveSession(self.protocol_version or 1, self.user_id, self.channel_id)
+            trial.set_external_sender(payload)
+        except Exception as exc:
+            _log.warning("DAVE external sender refused, the group stays: %s", exc)
+            return False
+        return True
 
     def _on_proposals(self, payload: bytes) -> list[Reply]:
         if not payload:
@@ -162,8 +186,11 @@ class DaveState:
         return self._apply(payload, self._session.process_welcome)
 
     def _apply(self, payload: bytes, process: Any) -> list[Reply]:
-        (transition_id,) = struct.unpack_from(">H", payload)
+        # Too short to name its transition: refused as any broken commit is, under id 0.
+        transition_id = struct.unpack_from(">H", payload)[0] if len(payload) >= 2 else _IMMEDIATE
         try:
+            if len(payload) < 2:
+                raise ValueError(f"{len(payload)} byte(s): no transition id")
             process(payload[2:])
         except Exception as exc:
             _log.warning("DAVE transition %s could not be applied: %s", transition_id, exc)
