@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import hikari
 import msgspec
 import numpy as np
 import pytest
@@ -290,13 +291,51 @@ async def test_join_is_refused_where_the_voice_channel_is_blocked(
         assert await read(eventlog, "libra.session.>") == []
 
 
-async def test_libra_dragged_into_another_channel_leaves(
+async def test_libra_dragged_into_another_channel_follows_in_the_same_mode(
     settings: Settings, eventlog: EventLog, database_url: str
 ) -> None:
     async with room(settings, database_url) as r:
         await r.enter(r.alice)
         await r.joined(r.alice)
+        await r.command("voice", r.alice, options=[{"type": 1, "name": "manual"}])
         elsewhere = r.fake.add_voice_channel(r.guild, "elsewhere")
+        tls_server, _ = tls()
+        async with FakeVoiceServer(guild_id=r.guild, channel_id=elsewhere, tls=tls_server) as other:
+            r.fake.voice_server(elsewhere, other.endpoint, other.token)
+            await other.join(r.alice.id)
+            await r.fake.move_voice(r.fake.bot, r.guild, elsewhere)
+            await until(lambda: _call_in(r, elsewhere), "Libra in the other channel")
+            call = r.gateway.voice.call(r.guild)
+            await until(lambda: in_sync(other, call.connection.session), "its DAVE group")
+            assert not call.automatic  # still manual, as it was set
+            assert not r.server.connected and other.connected
+            events = await logged(eventlog, "libra.session.voice.>", SessionVoice, 4)
+        assert [(e.state, e.channel) for e in events] == [
+            ("joined", str(r.channel)),
+            ("manual", str(r.channel)),
+            ("left", str(r.channel)),
+            ("joined", str(elsewhere)),
+        ]
+        assert events[-1].conversation == conversation_id("discord", r.guild, elsewhere)
+
+
+def _call_in(r: Room, channel: int) -> bool:
+    call = r.gateway.voice.call(r.guild)
+    return call is not None and call.channel == channel and call.connection is not None
+
+
+async def test_libra_dragged_into_a_channel_closed_to_it_leaves(
+    settings: Settings, eventlog: EventLog, database_url: str, tmp_path
+) -> None:
+    rules = tmp_path / "access.toml"
+    async with room(settings, database_url, discord_access_file=str(rules)) as r:
+        await r.enter(r.alice)
+        await r.joined(r.alice)
+        elsewhere = r.fake.add_voice_channel(r.guild, "elsewhere")
+        rules.write_text(f"[block]\nchannels = [{elsewhere}]\n")
+        await until(
+            lambda: not r.gateway.access.channel_open(str(r.guild), str(elsewhere)), "rules"
+        )
         await r.fake.move_voice(r.fake.bot, r.guild, elsewhere)
         await until(lambda: r.fake.voice_updates[-1] == (r.guild, None), "Libra to leave")
         assert r.gateway.voice.call(r.guild) is None
@@ -516,3 +555,21 @@ async def test_a_spoken_question_is_answered_aloud_in_the_channel(
     spoken_ms = sum(c.audio.duration_ms for c in clips)
     assert "".join(c.text for c in clips).strip() == answer
     assert abs(len(voiced(alice)) * 20 - spoken_ms) <= 20 * len(clips) + 40
+
+
+def test_a_speaker_whose_roles_are_unknown_is_not_heard_where_roles_are_listed(
+    tmp_path,
+) -> None:
+    from libra.gateway.discord.access import AccessPolicy
+    from libra.gateway.discord.voice_calls import VoiceCalls
+
+    rules = tmp_path / "access.toml"
+    token = FakeDiscord().token  # a well-formed token; the bot never connects: an empty cache
+    bot = hikari.GatewayBot(token, banner=None, logs=None, suppress_optimization_warning=True)
+    access = AccessPolicy(file=str(rules), recheck_s=0)
+    calls = VoiceCalls(bot, None, Settings.from_env({}), access)  # type: ignore[arg-type]
+    assert calls._may_hear(1, 2, 3)  # no lists: everyone is heard
+    rules.write_text('[block]\nroles = ["666"]\n')
+    assert not calls._may_hear(1, 2, 3)  # a blocked role may be theirs: not until known
+    rules.write_text('[block]\nusers = ["4"]\n')
+    assert calls._may_hear(1, 2, 3) and not calls._may_hear(1, 2, 4)

@@ -116,6 +116,16 @@ class AccessPolicy:
             return who.user in rules.allow.users or bool(who.roles & rules.allow.roles)
         return True
 
+    def channel_open(self, guild: str, channel: str) -> bool:
+        """Whether Libra may be in this channel at all, whoever talks (the server and channel
+        lists; the people lists apply to each speaker)."""
+        if self.guilds and guild not in self.guilds:
+            return False
+        rules = self.rules()
+        if channel in rules.block.channels:
+            return False
+        return not rules.allow.channels or channel in rules.allow.channels
+
     def is_admin(self, permissions: hikari.Permissions, roles: Iterable[str]) -> bool:
         """Manage Server (or Administrator), or a role named in ``DISCORD_ADMIN_ROLES``."""
         return bool(permissions & _ADMIN) or not self.admin_roles.isdisjoint(roles)

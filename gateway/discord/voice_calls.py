@@ -12,8 +12,10 @@ process published to them:
   that answered the command.
 
 A call ends when a person uses ``/leave``, when it has had nobody else in it for
-``DISCORD_VOICE_LEAVE_EMPTY_SEC``, when Discord ends it or someone moves Libra elsewhere, and when
-the gateway stops; Libra's own reasons are logged as ``session.voice`` ``left`` too.
+``DISCORD_VOICE_LEAVE_EMPTY_SEC``, when Discord ends it, and when the gateway stops; Libra's own
+reasons are logged as ``session.voice`` ``left`` too. Someone who drags Libra into another
+channel moves the call: ``left`` for the old channel, ``joined`` for the new one, in the same
+listening mode (unless the access lists close that channel to Libra).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
 from .access import AccessPolicy, Speaker
-from .voice import LibraVoiceConnection, VoiceOptions
+from .voice import LibraVoiceConnection, VoiceConnectError, VoiceOptions
 from .voice_call import VoiceCall
 
 __all__ = ["VoiceCalls"]
@@ -190,8 +192,17 @@ class VoiceCalls:
         return True
 
     def _may_hear(self, guild: int, channel: int, user: int) -> bool:
+        """Whether a speaker is heard, by the access lists and their roles as Discord last
+        said. Roles Libra does not know (a cache miss) never let someone through a list of
+        roles: they are not heard until Discord says who they are."""
         state = self.bot.cache.get_voice_state(guild, user)
         member = state.member if state is not None else None
+        member = member or self.bot.cache.get_member(guild, user)
+        if member is None:
+            rules = self.access.rules()
+            if rules.block.roles or rules.allow.roles:
+                log.info("roles of %s in %s unknown: not heard until Discord says", user, guild)
+                return False
         roles = frozenset(str(r) for r in member.role_ids) if member is not None else frozenset()
         speaker = Speaker(user=str(user), guild=str(guild), channel=str(channel), roles=roles)
         return self.access.may_talk(speaker)
@@ -214,10 +225,36 @@ class VoiceCalls:
         me = self.bot.get_me()
         if call is None or me is None or state.user_id != me.id:
             return
-        if state.channel_id is not None and int(state.channel_id) != call.channel:
-            # Moved by someone: the conversation was the old channel's, so this call is over.
-            log.info("moved out of voice channel %s: leaving", call.channel)
-            await self.leave(call.guild)
+        if state.channel_id is None or int(state.channel_id) == call.channel:
+            return
+        # Moved by someone: the call goes on there, as a new conversation in the same mode,
+        # unless the access lists keep Libra out of that channel.
+        guild, channel, automatic = call.guild, int(state.channel_id), call.automatic
+        allowed = self.access.channel_open(str(guild), str(channel))
+        log.info("moved from voice channel %s to %s", call.channel, channel)
+        await self.leave(guild)
+        if not allowed:
+            log.info("voice channel %s is closed to Libra: not following", channel)
+            return
+        self._background(self._follow(guild, channel, automatic))
+
+    async def _follow(self, guild: int, channel: int, automatic: bool) -> None:
+        try:
+            call = await self.join(guild, channel)
+        except (VoiceConnectError, hikari.VoiceError, hikari.HTTPError) as exc:
+            log.warning("could not follow into voice channel %s: %s", channel, exc)
+            return
+        call.set_automatic(automatic)
+        await self.log.publish(
+            make(
+                SessionVoice,
+                conversation=call.conversation,
+                user="",
+                state="joined",
+                channel=str(channel),
+                origin=call.origin,
+            )
+        )
 
     def _held(self, conversation: str) -> VoiceCall | None:
         return next((c for c in self._calls.values() if c.conversation == conversation), None)
