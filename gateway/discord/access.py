@@ -102,15 +102,10 @@ class AccessPolicy:
 
     def may_talk(self, who: Speaker) -> bool:
         """Tells whether Libra answers this person in this place."""
-        if who.guild and self.guilds and who.guild not in self.guilds:
-            return False
         rules = self.rules()
-        places = {who.channel, who.parent} - {""}
+        if not self._open(rules, who.guild, {who.channel, who.parent} - {""}):
+            return False
         if who.user in rules.block.users or who.roles & rules.block.roles:
-            return False
-        if places & rules.block.channels:
-            return False
-        if rules.allow.channels and not places & rules.allow.channels:
             return False
         if rules.allow.users or rules.allow.roles:
             return who.user in rules.allow.users or bool(who.roles & rules.allow.roles)
@@ -119,12 +114,15 @@ class AccessPolicy:
     def channel_open(self, guild: str, channel: str) -> bool:
         """Whether Libra may be in this channel at all, whoever talks (the server and channel
         lists; the people lists apply to each speaker)."""
-        if self.guilds and guild not in self.guilds:
+        return self._open(self.rules(), guild, {channel})
+
+    def _open(self, rules: AccessRules, guild: str, places: set[str]) -> bool:
+        """The server and channel lists: a DM (no guild) passes the server list."""
+        if guild and self.guilds and guild not in self.guilds:
             return False
-        rules = self.rules()
-        if channel in rules.block.channels:
+        if places & rules.block.channels:
             return False
-        return not rules.allow.channels or channel in rules.allow.channels
+        return not rules.allow.channels or bool(places & rules.allow.channels)
 
     def is_admin(self, permissions: hikari.Permissions, roles: Iterable[str]) -> bool:
         """Manage Server (or Administrator), or a role named in ``DISCORD_ADMIN_ROLES``."""

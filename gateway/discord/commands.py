@@ -201,7 +201,7 @@ class SlashCommands:
         await ctx.respond(text, ephemeral=True)
 
     def _policy(self, scope: str) -> ServerPolicy:
-        return ServerPolicy.from_settings(scope, self.view.settings(scope, "moderation."))
+        return ServerPolicy.in_view(self.view, scope)
 
     async def _server(self, ctx: lightbulb.Context, *, admin: bool = False) -> str | None:
         """The server's scope (``guild:<id>``) when the person may do this here; else None,

@@ -32,7 +32,7 @@ from nats.js.errors import NoStreamResponseError
 from redis.exceptions import RedisError
 
 from libra.contracts import LlmCompleted, LlmDelta, LlmFailed, TextReceived, TurnRejected, new_id
-from libra.processors.moderation.chain import engine_names
+from libra.processors.moderation.base import engine_names
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.eventlog import EventLog

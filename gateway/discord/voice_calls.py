@@ -25,7 +25,7 @@ import contextlib
 import logging
 import ssl as ssl_module
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import hikari
 from nats.aio.msg import Msg
@@ -178,16 +178,7 @@ class VoiceCalls:
                 await call.connection.disconnect()
         await call.close()
         if publish:
-            await self.log.publish(
-                make(
-                    SessionVoice,
-                    conversation=call.conversation,
-                    user=user,
-                    state="left",
-                    channel=str(call.channel),
-                    origin=call.origin,
-                )
-            )
+            await self._say(call, "left", user)
         log.info("left voice channel %s in %s", call.channel, guild)
         return True
 
@@ -245,13 +236,17 @@ class VoiceCalls:
             log.warning("could not follow into voice channel %s: %s", channel, exc)
             return
         call.set_automatic(automatic)
+        await self._say(call, "joined")
+
+    async def _say(self, call: VoiceCall, state: Literal["joined", "left"], user: str = "") -> None:
+        """Logs what happened to a call (``user``: who made it happen; "" for Libra itself)."""
         await self.log.publish(
             make(
                 SessionVoice,
                 conversation=call.conversation,
-                user="",
-                state="joined",
-                channel=str(channel),
+                user=user,
+                state=state,
+                channel=str(call.channel),
                 origin=call.origin,
             )
         )

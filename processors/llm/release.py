@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from libra.contracts import Moderation
@@ -36,10 +36,10 @@ class SentenceCheck(Protocol):
 
 @dataclass(frozen=True)
 class Stopped:
-    """The sentence that stopped the reply: its index and the verdict on it."""
+    """The sentence that stopped the reply: its index and the decision on it."""
 
     index: int
-    verdict: Verdict
+    decision: Moderation
 
 
 _END = object()
@@ -71,8 +71,8 @@ class ReleaseGate:
                     yield item
                     continue
                 sentence, check, complete = item
-                if check is not None and (verdict := await self._verdict(check, complete, index)):
-                    self.stopped = Stopped(index, verdict)
+                if check is not None and (refused := await self._verdict(check, complete, index)):
+                    self.stopped = Stopped(index, refused)
                     return
                 yield sentence
                 index += 1
@@ -87,15 +87,7 @@ class ReleaseGate:
         one the engines that answered and how long the first sentence waited; None when
         nothing was checked."""
         if self.stopped is not None:
-            v = self.stopped.verdict
-            return Moderation(
-                engine=v.engine,
-                flagged=True,
-                categories=v.categories,
-                scores=dict(v.scores),
-                latency_ms=v.latency_ms,
-                policy=self.policy.describe(),
-            )
+            return self.stopped.decision
         if not self.engines:
             return None
         return Moderation(
@@ -106,14 +98,15 @@ class ReleaseGate:
 
     async def _verdict(
         self, check: asyncio.Task[Verdict], complete: float, index: int
-    ) -> Verdict | None:
-        """Waits for a sentence's verdict; returns it when the server's policy refuses it."""
+    ) -> Moderation | None:
+        """Waits for a sentence's verdict; returns the decision when the server's policy
+        refuses the sentence."""
         verdict = await check
         if index == 0:
             self.first_wait_ms = round((time.perf_counter() - complete) * 1000, 2)
         self.engines.append(verdict.engine)
-        categories = self.policy.judge(verdict)
-        return replace(verdict, flagged=True, categories=categories) if categories else None
+        decision = self.policy.decide(verdict)
+        return decision if decision.flagged else None
 
     async def _read(self, stream: AsyncIterator[str | ChainResult]) -> None:
         result = None

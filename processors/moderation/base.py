@@ -8,9 +8,12 @@ policies, events and dashboards speak one language.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["CATEGORIES", "ModerationEngine", "ModerationUnavailable", "Verdict"]
+if TYPE_CHECKING:
+    from libra.runtime.config import Settings
+
+__all__ = ["CATEGORIES", "ModerationEngine", "ModerationUnavailable", "Verdict", "engine_names"]
 
 # Libra's categories: OpenAI's moderation categories, coarsened; Llama Guard's S1-S14 map onto
 # them (see the engines).
@@ -50,3 +53,11 @@ class ModerationEngine(Protocol):
     async def check(self, text: str) -> Verdict:
         """The verdict on ``text``; raises :class:`ModerationUnavailable` when it cannot say."""
         ...
+
+
+def engine_names(settings: Settings) -> list[str]:
+    """``MODERATION_ENGINES``; unset, the word list alone. A classifier is the owner's choice,
+    not a key's side effect: it sends every message to one more vendor, and adds its round trip
+    to every turn."""
+    names = [n.strip() for n in settings.moderation_engines.split(",") if n.strip()]
+    return names or ["words"]

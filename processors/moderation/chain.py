@@ -38,7 +38,7 @@ from libra.processors.llm.providers.groq import GROQ_URL
 from libra.processors.llm.providers.openai_compat import OPENAI_URL
 from libra.runtime.config import ConfigError, Settings
 
-from .base import CATEGORIES, ModerationEngine, ModerationUnavailable, Verdict
+from .base import CATEGORIES, ModerationEngine, ModerationUnavailable, Verdict, engine_names
 from .llama_guard import LlamaGuard
 from .openai import OpenAIModeration
 from .words import WordListEngine, parse_blocklist
@@ -84,14 +84,6 @@ def parse_fail_policy(value: str) -> frozenset[str]:
             f"(categories: {', '.join(CLASSIFIED)})"
         )
     return frozenset(names)
-
-
-def engine_names(settings: Settings) -> list[str]:
-    """``MODERATION_ENGINES``; unset, the word list alone. A classifier is the owner's choice,
-    not a key's side effect: it sends every message to one more vendor, and adds its round trip
-    to every turn."""
-    names = [n.strip() for n in settings.moderation_engines.split(",") if n.strip()]
-    return names or ["words"]
 
 
 def build_engines(settings: Settings) -> list[ModerationEngine]:

@@ -25,7 +25,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from libra.contracts import Origin
+from libra.contracts import Moderation, Origin
 from libra.runtime.sessions import SessionView
 
 from .base import CATEGORIES, Verdict
@@ -119,6 +119,11 @@ class ServerPolicy:
             policy = replace(policy, thresholds=parse_thresholds(settings.get(THRESHOLDS_KEY, "")))
         return policy
 
+    @classmethod
+    def in_view(cls, view: SessionView, scope: str) -> ServerPolicy:
+        """The policy of ``scope`` as ``view`` holds its settings."""
+        return cls.from_settings(scope, view.settings(scope, POLICY_PREFIX))
+
     @property
     def is_default(self) -> bool:
         return self.categories == frozenset(SERVER_CATEGORIES) and not self.thresholds
@@ -138,6 +143,19 @@ class ServerPolicy:
             if hit:
                 flagged.append(category)
         return tuple(flagged)
+
+    def decide(self, verdict: Verdict) -> Moderation:
+        """The decision on ``verdict``'s text as a turn or a reply records it: the categories
+        this server refuses it for, with the engine's scores and the policy applied."""
+        categories = self.judge(verdict)
+        return Moderation(
+            engine=verdict.engine,
+            flagged=bool(categories),
+            categories=categories,
+            scores=dict(verdict.scores),
+            latency_ms=verdict.latency_ms,
+            policy=self.describe(),
+        )
 
     def describe(self) -> str:
         """The policy in one line, as a turn records it: ``""`` for the default."""
@@ -173,24 +191,15 @@ class ServerPolicies:
             return DEFAULT_POLICY
         if self._view is None:
             self._view = asyncio.create_task(self._start_view(), name="moderation-policies")
-        try:
-            view = await asyncio.wait_for(asyncio.shield(self._view), self.wait_s)
-        except TimeoutError:
+        started = self._view
+        if not started.done():  # only until the view has read the settings once
+            await asyncio.wait([started], timeout=self.wait_s)
+        if not started.done():
             log.warning("server moderation policies not read yet; the default one applies")
             return DEFAULT_POLICY
-        except Exception as exc:
-            log.warning("server moderation policies unreadable (%r); the default applies", exc)
-            self._view = None
+        if started.cancelled() or started.exception() is not None:
+            why = "cancelled" if started.cancelled() else repr(started.exception())
+            log.warning("server moderation policies unreadable (%s); the default applies", why)
+            self._view = None  # the next input starts it again
             return DEFAULT_POLICY
-        scope = f"guild:{origin.guild}"
-        return ServerPolicy.from_settings(scope, view.settings(scope, POLICY_PREFIX))
-
-    async def stop(self) -> None:
-        """Stops following the settings."""
-        view, self._view = self._view, None
-        if view is None:
-            return
-        if not view.done():
-            view.cancel()
-        elif not view.cancelled() and view.exception() is None:
-            await view.result().stop()
+        return ServerPolicy.in_view(started.result(), f"guild:{origin.guild}")

@@ -103,8 +103,8 @@ class _Script:
     @classmethod
     def of(cls, text: str) -> _Script:
         """A whole text, known at once (a refusal)."""
-        script, splitter = cls(), SentenceSplitter()
-        script.add(splitter.push(text) + splitter.flush())
+        script = cls()
+        script.add(_sentences(text))
         script.finish()
         return script
 
@@ -313,8 +313,7 @@ async def _read_reply(
                     script.add(splitter.flush())
                 case LlmFailed():
                     script.add(splitter.flush())
-                    apology = SentenceSplitter()  # what the person would have read: say it
-                    script.add(apology.push(event.message) + apology.flush())
+                    script.add(_sentences(event.message))  # what they would have read: say it
                 case TurnAbandoned() | TurnRejected():
                     _settle(confirmed, False)
             # (the llm ends a speculative turn's reply only once the turn is confirmed)
@@ -326,6 +325,12 @@ async def _read_reply(
             confirmed.set_exception(exc)
         return
     script.finish()
+
+
+def _sentences(text: str) -> list[str]:
+    """A whole text's sentences, cut as a streamed reply's are."""
+    splitter = SentenceSplitter()
+    return splitter.push(text) + splitter.flush()
 
 
 def _heard_live(rejected: TurnRejected) -> bool:

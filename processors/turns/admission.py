@@ -280,15 +280,7 @@ class TurnsProcessor:
         parts = [text, *(a.text for a in attachments if a.text)]
         verdict = await self.moderator.check("\n\n".join(p for p in parts if p.strip()))
         policy = DEFAULT_POLICY if self.policies is None else await self.policies.of(origin)
-        categories = policy.judge(verdict)
-        return Moderation(
-            engine=verdict.engine,
-            flagged=bool(categories),
-            categories=categories,
-            scores=dict(verdict.scores),
-            latency_ms=verdict.latency_ms,
-            policy=policy.describe(),
-        )
+        return policy.decide(verdict)
 
     def _accepted(
         self,

@@ -186,21 +186,24 @@ class DaveState:
         return self._apply(payload, self._session.process_welcome)
 
     def _apply(self, payload: bytes, process: Any) -> list[Reply]:
-        # Too short to name its transition: refused as any broken commit is, under id 0.
-        transition_id = struct.unpack_from(">H", payload)[0] if len(payload) >= 2 else _IMMEDIATE
+        if len(payload) < 2:  # no room for its transition: refused as any broken one, as id 0
+            return self._refuse(_IMMEDIATE, f"{len(payload)} byte(s), no transition id")
+        (transition_id,) = struct.unpack_from(">H", payload)
         try:
-            if len(payload) < 2:
-                raise ValueError(f"{len(payload)} byte(s): no transition id")
             process(payload[2:])
         except Exception as exc:
-            _log.warning("DAVE transition %s could not be applied: %s", transition_id, exc)
-            invalid = Reply(Op.DAVE_MLS_INVALID_COMMIT_WELCOME, {"transition_id": transition_id})
-            return [invalid, *self._reinit()]
+            return self._refuse(transition_id, exc)
         _log.info("DAVE epoch %s (transition %s)", self.epoch, transition_id)
         if transition_id == _IMMEDIATE:
             return []
         self._pending[transition_id] = self.protocol_version
         return [Reply(Op.DAVE_TRANSITION_READY, {"transition_id": transition_id})]
+
+    def _refuse(self, transition_id: int, why: object) -> list[Reply]:
+        """Op 31 for a commit or welcome that cannot be applied, and a fresh start."""
+        _log.warning("DAVE transition %s could not be applied: %s", transition_id, why)
+        invalid = Reply(Op.DAVE_MLS_INVALID_COMMIT_WELCOME, {"transition_id": transition_id})
+        return [invalid, *self._reinit()]
 
     def _on_prepare_transition(self, data: dict[str, Any]) -> list[Reply]:
         transition_id = int(data["transition_id"])
