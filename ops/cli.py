@@ -573,12 +573,25 @@ def bench_load(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--seconds", default=60.0, show_default=True, help="Length of the run.")
 @click.option("--speakers", default=10, show_default=True, help="People talking at once.")
-def bench_voice_transport(as_json: bool, seconds: float, speakers: int) -> None:
-    """The voice transport: receive latency, send jitter, CPU per speaker (loopback fake)."""
+@click.option(
+    "--intelligibility/--no-intelligibility",
+    default=True,
+    show_default=True,
+    help="Word error of speech under 5% and 15% loss, with and without concealment (Whisper).",
+)
+def bench_voice_transport(
+    as_json: bool, seconds: float, speakers: int, intelligibility: bool
+) -> None:
+    """The voice transport: receive latency, send jitter, CPU per speaker, DAVE key changes,
+    speech under packet loss (loopback fake)."""
     from .bench.voice_transport import run_bench_voice_transport
 
     _settings()
-    asyncio.run(run_bench_voice_transport(seconds=seconds, speakers=speakers, as_json=as_json))
+    asyncio.run(
+        run_bench_voice_transport(
+            seconds=seconds, speakers=speakers, intelligibility=intelligibility, as_json=as_json
+        )
+    )
 
 
 @bench.command(name="voice")

@@ -26,3 +26,9 @@ def test_bench_voice_transport_prints_its_figures_as_one_json_object() -> None:
     assert 0 < figures["recv_p99_ms"] < 20
     assert 0 < figures["send_jitter_p99_ms"] < 20
     assert 0 < figures["cores_for_10_speakers"] < 2
+    # DAVE key changes: nothing lost with a fifth of the packets late across a member's key
+    # change; no gap in Libra's speech while people join and leave (strict libdave members).
+    assert figures["frames_late_on_key_change"] >= 20
+    assert figures["frames_lost_on_key_change"] == 0
+    assert figures["gap_on_member_change_ms"] <= 40
+    assert figures["undecryptable_on_member_change"] == 0

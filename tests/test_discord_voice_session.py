@@ -557,19 +557,85 @@ async def test_a_spoken_question_is_answered_aloud_in_the_channel(
     assert abs(len(voiced(alice)) * 20 - spoken_ms) <= 20 * len(clips) + 40
 
 
-def test_a_speaker_whose_roles_are_unknown_is_not_heard_where_roles_are_listed(
-    tmp_path,
+async def test_a_speaker_the_cache_lacks_is_judged_by_their_roles_fetched_from_discord(
+    fake: FakeDiscord, tmp_path
 ) -> None:
     from libra.gateway.discord.access import AccessPolicy
     from libra.gateway.discord.voice_calls import VoiceCalls
 
+    guild = fake.add_guild()
+    muted, friends = fake.add_role(guild, "muted"), fake.add_role(guild, "friends")
+    alice, mallory = fake.user("alice"), fake.user("mallory")
+    fake.member_roles[(guild, alice.id)] = (friends,)
+    fake.member_roles[(guild, mallory.id)] = (muted,)
     rules = tmp_path / "access.toml"
-    token = FakeDiscord().token  # a well-formed token; the bot never connects: an empty cache
-    bot = hikari.GatewayBot(token, banner=None, logs=None, suppress_optimization_warning=True)
+    # The bot never connects: its cache is empty, and only REST can say who is who.
+    bot = hikari.GatewayBot(
+        fake.token,
+        rest_url=fake.rest_url,
+        banner=None,
+        logs=None,
+        suppress_optimization_warning=True,
+    )
     access = AccessPolicy(file=str(rules), recheck_s=0)
     calls = VoiceCalls(bot, None, Settings.from_env({}), access)  # type: ignore[arg-type]
-    assert calls._may_hear(1, 2, 3)  # no lists: everyone is heard
-    rules.write_text('[block]\nroles = ["666"]\n')
-    assert not calls._may_hear(1, 2, 3)  # a blocked role may be theirs: not until known
-    rules.write_text('[block]\nusers = ["4"]\n')
-    assert calls._may_hear(1, 2, 3) and not calls._may_hear(1, 2, 4)
+    assert calls._may_hear(guild, 2, alice.id) is True  # no lists: no need to know the roles
+    rules.write_text(f'[block]\nroles = ["{muted}"]\n')
+    bot.rest.start()
+    try:
+        assert await calls._may_hear(guild, 2, alice.id) is True
+        assert await calls._may_hear(guild, 2, mallory.id) is False  # the cache miss: asked
+        members = rf"/guilds/{guild}/members/\d+"
+        assert len(fake.calls_to("GET", members)) == 2
+        # Known for a while: the next talk spurts ask Discord no more.
+        assert calls._may_hear(guild, 2, alice.id) is True
+        assert calls._may_hear(guild, 2, mallory.id) is False
+        assert len(fake.calls_to("GET", members)) == 2
+    finally:
+        await bot.rest.close()
+    # Discord unreachable: someone unknown is not heard where roles are listed.
+    stranger = fake.user("stranger")
+    assert await calls._may_hear(guild, 2, stranger.id) is False
+
+
+async def test_a_speakers_frames_wait_for_their_roles_and_are_heard_or_dropped(
+    settings: Settings, eventlog: EventLog
+) -> None:
+    from libra.gateway.discord.voice_call import VoiceCall
+    from libra.gateway.voice import segmenter_config
+
+    verdicts: dict[int, asyncio.Future[bool]] = {}
+
+    def may_hear(user: int) -> asyncio.Future[bool]:
+        verdicts[user] = asyncio.get_running_loop().create_future()
+        return verdicts[user]
+
+    call = VoiceCall(
+        eventlog,
+        await AudioStore.open(eventlog),
+        guild=1,
+        channel=2,
+        segmenter=segmenter_config(settings),
+        on_empty=lambda _: None,
+        may_hear=may_hear,
+    )
+    stereo = speech("What is the weather like in Seoul today")
+    said = as_captured(stereo)
+    pcm = resample_pcm(stereo, rate=48_000, channels=2, to_rate=48_000, to_channels=1)
+    frames = [pcm[i : i + 1920] for i in range(0, len(pcm), 1920)]
+    for user in (3, 4):
+        call.on_speaking(user, True)
+        for frame in frames[:50]:  # a second of speech while Discord is asked who they are
+            call.on_frame(user, frame, 0)
+    verdicts[3].set_result(True)
+    verdicts[4].set_result(False)
+    await asyncio.sleep(0)  # the verdicts are applied as the calls' tasks resume
+    for frame in frames[50:]:
+        for user in (3, 4):
+            call.on_frame(user, frame, 0)
+    await call.close()
+    [captured] = await logged(eventlog, "libra.voice.captured.>", VoiceCaptured)
+    assert captured.user == "discord:3"  # the one whose roles let them in; all they said
+    heard = np.frombuffer(await (await AudioStore.open(eventlog)).get(captured.audio), np.int16)
+    assert abs(len(heard) - len(said)) < 16_000 * 0.6
+    assert similarity(heard.astype(float), said) > 0.8

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,8 @@ _RATE, _SEND_CHANNELS = 48_000, 2  # Discord's audio is 48 kHz both ways; Libra 
 # Replies remembered after they were delivered, so that an interrupted reply's late clips are
 # recognised and dropped.
 _KEEP_REPLIES = 256
+# A speaker's frames kept while Discord is asked for their roles (5 s at 20 ms).
+_HOLD_FRAMES = 250
 
 
 @dataclass
@@ -78,7 +80,7 @@ class VoiceCall:
         bitrate: int = 64_000,
         leave_empty_s: float = 60.0,
         on_empty: Callable[[VoiceCall], None],
-        may_hear: Callable[[int], bool],
+        may_hear: Callable[[int], bool | Awaitable[bool]],
     ) -> None:
         self.log = log_
         self.audio = audio
@@ -96,6 +98,8 @@ class VoiceCall:
         self._on_empty = on_empty
         self._may_hear = may_hear
         self._unheard: set[int] = set()  # people Libra may not answer (access lists)
+        # Speakers whose roles Discord is being asked for, and their frames meanwhile.
+        self._deciding: dict[int, list[bytes]] = {}
         self._captures: dict[int, VoiceCapture] = {}
         self._present: set[int] = set()
         self._empty_timer: asyncio.TimerHandle | None = None
@@ -127,14 +131,38 @@ class VoiceCall:
     # --- what people say (VoiceSink) ---------------------------------------------------------
 
     def on_frame(self, user_id: int, pcm: bytes, rtp_timestamp: int) -> None:
-        if not self._closed and user_id not in self._unheard:
+        if self._closed or user_id in self._unheard:
+            return
+        held = self._deciding.get(user_id)
+        if held is None:
             self._capture(user_id).feed(pcm)
+        elif len(held) < _HOLD_FRAMES:
+            held.append(pcm)
 
     def on_speaking(self, user_id: int, speaking: bool) -> None:
-        if not speaking:
+        if not speaking or user_id in self._deciding:
             return
         # Checked at each talk spurt, so that a change of the access lists applies.
-        if not self._may_hear(user_id):
+        verdict = self._may_hear(user_id)
+        if isinstance(verdict, bool):
+            self._admit(user_id, verdict)
+            return
+        self._deciding[user_id] = []  # unknown roles: held until Discord says who they are
+        self._background(self._decide(user_id, verdict))
+
+    async def _decide(self, user_id: int, verdict: Awaitable[bool]) -> None:
+        try:
+            heard = await verdict
+        finally:
+            held = self._deciding.pop(user_id, [])
+        self._admit(user_id, heard)
+        if heard and not self._closed:
+            capture = self._capture(user_id)
+            for pcm in held:
+                capture.feed(pcm)
+
+    def _admit(self, user_id: int, heard: bool) -> None:
+        if not heard:
             self._unheard.add(user_id)
             return
         self._unheard.discard(user_id)

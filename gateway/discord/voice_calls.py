@@ -24,6 +24,8 @@ import asyncio
 import contextlib
 import logging
 import ssl as ssl_module
+import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -57,6 +59,10 @@ log = logging.getLogger("libra.discord.voice")
 # A speaker's capture fills the silence of a pause itself once no audio came for this long
 # beyond the jitter window (Discord sends nothing while a person is quiet).
 _FILL_AFTER_JITTER_MS = 40
+# Roles fetched over REST for a speaker the cache lacks are trusted this long, so that a talk
+# spurt does not cost a request each; a change of roles applies after it.
+_FETCHED_ROLES_TTL_S = 60.0
+_FETCHED_ROLES_MAX = 1024
 
 
 class VoiceCalls:
@@ -82,6 +88,7 @@ class VoiceCalls:
         self._audio: AudioStore | None = None
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fetched: dict[tuple[int, int], tuple[float, frozenset[str]]] = {}
         bot.subscribe(hikari.VoiceStateUpdateEvent, self._on_voice_state)
 
     async def start(self) -> None:
@@ -182,19 +189,36 @@ class VoiceCalls:
         log.info("left voice channel %s in %s", call.channel, guild)
         return True
 
-    def _may_hear(self, guild: int, channel: int, user: int) -> bool:
+    def _may_hear(self, guild: int, channel: int, user: int) -> bool | Awaitable[bool]:
         """Whether a speaker is heard, by the access lists and their roles as Discord last
-        said. Roles Libra does not know (a cache miss) never let someone through a list of
-        roles: they are not heard until Discord says who they are."""
+        said. Where the lists name roles and the cache lacks the speaker, the answer is to be
+        awaited: their roles are fetched over REST, and they are not heard if that fails."""
         state = self.bot.cache.get_voice_state(guild, user)
         member = state.member if state is not None else None
         member = member or self.bot.cache.get_member(guild, user)
-        if member is None:
+        if member is not None:
+            roles = frozenset(str(r) for r in member.role_ids)
+        else:
+            fetched = self._fetched.get((guild, user))
+            fresh = fetched is not None and time.monotonic() - fetched[0] < _FETCHED_ROLES_TTL_S
             rules = self.access.rules()
-            if rules.block.roles or rules.allow.roles:
-                log.info("roles of %s in %s unknown: not heard until Discord says", user, guild)
-                return False
-        roles = frozenset(str(r) for r in member.role_ids) if member is not None else frozenset()
+            if not fresh and (rules.block.roles or rules.allow.roles):
+                return self._fetch_and_decide(guild, channel, user)
+            roles = fetched[1] if fresh and fetched is not None else frozenset()
+        speaker = Speaker(user=str(user), guild=str(guild), channel=str(channel), roles=roles)
+        return self.access.may_talk(speaker)
+
+    async def _fetch_and_decide(self, guild: int, channel: int, user: int) -> bool:
+        """Asks Discord for a speaker's roles, then decides as for a cached member."""
+        try:
+            member = await self.bot.rest.fetch_member(guild, user)
+        except (hikari.HTTPError, hikari.ComponentStateConflictError) as exc:
+            log.warning("roles of %s in %s unknown (%s): not heard", user, guild, exc)
+            return False
+        if len(self._fetched) >= _FETCHED_ROLES_MAX:
+            self._fetched.clear()
+        roles = frozenset(str(r) for r in member.role_ids)
+        self._fetched[(guild, user)] = (time.monotonic(), roles)
         speaker = Speaker(user=str(user), guild=str(guild), channel=str(channel), roles=roles)
         return self.access.may_talk(speaker)
 

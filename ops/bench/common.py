@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from libra.contracts import (
     LIVE_STREAM,
@@ -125,15 +126,26 @@ async def servers(
                 await server.stop()
 
 
-def report(results: dict[str, float | int | str], *, as_json: bool, title: str) -> None:
+def report(results: dict[str, Any], *, as_json: bool, title: str) -> None:
     """Prints the figures: one JSON object with --json, else a readable table."""
     if as_json:
         print(json.dumps(results, sort_keys=True))
         return
     print(title)
-    for key, value in results.items():
+    for key, value in _flat(results):
         shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
-        print(f"  {key:<32} {shown:>14}")
+        print(f"  {key:<40} {shown:>14}")
+
+
+def _flat(results: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested figures as dotted names, for the table."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in results.items():
+        if isinstance(value, dict):
+            rows.extend(_flat(value, f"{prefix}{key}."))
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
 
 
 def _serve_fake_llm(port: int, text: str, ttft: float, tokens_per_sec: float, ready) -> None:

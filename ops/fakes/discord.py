@@ -301,6 +301,8 @@ class FakeDiscord:
         self.voice_states: dict[int, dict[int, tuple[FakeUser, int]]] = {}
         self.voice_servers: dict[int, tuple[str, str]] = {}  # voice channel -> endpoint, token
         self.voice_updates: list[tuple[int, int | None]] = []  # the bot's op 4: guild, channel
+        # (guild, user) -> role ids, for GET /guilds/{guild}/members/{user}
+        self.member_roles: dict[tuple[int, int], tuple[int, ...]] = {}
         self.sessions: list[_Session] = []
         self.identifies = 0
         self.heartbeats = 0
@@ -991,8 +993,9 @@ class FakeDiscord:
         return await self._followup(body, app, token)
 
     async def _member(self, _body: Any, guild: str, user: str) -> web.Response:
+        roles = self.member_roles.get((int(guild), int(user)), ())
         return web.json_response(
-            {**self._member_payload(()), "user": FakeUser(int(user), "someone").payload()}
+            {**self._member_payload(roles), "user": FakeUser(int(user), "someone").payload()}
         )
 
     async def _roles(self, _body: Any, guild: str) -> web.Response:

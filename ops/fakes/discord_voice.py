@@ -64,7 +64,7 @@ MODES = ("aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize")
 # Voice gateway opcodes, as Discord documents them.
 IDENTIFY, SELECT_PROTOCOL, READY, HEARTBEAT, SESSION_DESCRIPTION, SPEAKING = 0, 1, 2, 3, 4, 5
 HEARTBEAT_ACK, RESUME, HELLO, RESUMED, CLIENTS_CONNECT, CLIENT_DISCONNECT = 6, 7, 8, 9, 11, 13
-EXECUTE_TRANSITION, TRANSITION_READY = 22, 23
+EXECUTE_TRANSITION, TRANSITION_READY, PREPARE_EPOCH = 22, 23, 24
 EXTERNAL_SENDER, KEY_PACKAGE, PROPOSALS, COMMIT_WELCOME = 25, 26, 27, 28
 ANNOUNCE_COMMIT, WELCOME, INVALID_COMMIT_WELCOME = 29, 30, 31
 # Messages about the connection itself carry no sequence number and are never replayed.
@@ -238,11 +238,16 @@ class _DaveyMls:
         result = self._session.process_proposals(operation, payload[1:], list(known))
         return None if result is None else result.commit + (result.welcome or b"")
 
-    def process_commit(self, commit: bytes) -> None:
+    def process_commit(self, commit: bytes, transition: int) -> None:
         self._session.process_commit(commit)
+        self._session.prepare_transition(transition, 1)
 
-    def process_welcome(self, welcome: bytes, known: Iterable[int]) -> None:
+    def process_welcome(self, welcome: bytes, known: Iterable[int], transition: int) -> None:
         self._session.process_welcome(welcome)
+        self._session.prepare_transition(transition, 1)
+
+    def execute(self, transition: int) -> None:
+        self._session.execute_transition(transition)
 
     def encrypt(self, opus: bytes, ssrc: int) -> bytes:
         return self._session.encrypt_opus(opus)
@@ -252,7 +257,11 @@ class _DaveyMls:
 
 
 class _LibdaveMls:
-    """A member's DAVE session with Discord's libdave (``dave.py``)."""
+    """A member's DAVE session with Discord's libdave (``dave.py``).
+
+    A strict member: it takes an epoch's keys, its own and the others', only at its own
+    execute transition (op 22), so anyone who switched earlier is not heard by it meanwhile.
+    """
 
     def __init__(self, user_id: int, channel_id: int) -> None:
         import dave  # optional: only the scenarios run against libdave need it
@@ -264,6 +273,7 @@ class _LibdaveMls:
         self._session.init(1, channel_id, str(user_id), None)
         self._encryptor = dave.Encryptor()
         self._decryptors: dict[int, Any] = {}
+        self._prepared: dict[int, dict[int, list[int]]] = {}
 
     def key_package(self) -> bytes:
         return self._session.get_marshalled_key_package()
@@ -275,17 +285,28 @@ class _LibdaveMls:
         # libdave reads the operation type itself, in front of the proposals.
         return self._session.process_proposals(payload, {str(user) for user in known})
 
-    def process_commit(self, commit: bytes) -> None:
+    def process_commit(self, commit: bytes, transition: int) -> None:
         roster = self._session.process_commit(commit)
         if not isinstance(roster, dict):
             raise RuntimeError(f"libdave rejected the commit: {roster!r}")
-        self._rekey(roster)
+        self._prepare(transition, roster)
 
-    def process_welcome(self, welcome: bytes, known: Iterable[int]) -> None:
+    def process_welcome(self, welcome: bytes, known: Iterable[int], transition: int) -> None:
         roster = self._session.process_welcome(welcome, {str(user) for user in known})
         if roster is None:
             raise RuntimeError("libdave rejected the welcome")
-        self._rekey(roster)
+        self._prepare(transition, roster)
+
+    def _prepare(self, transition: int, roster: dict[int, list[int]]) -> None:
+        if transition == 0:
+            self._rekey(roster)
+        else:
+            self._prepared[transition] = roster
+
+    def execute(self, transition: int) -> None:
+        roster = self._prepared.pop(transition, None)
+        if roster is not None:
+            self._rekey(roster)
 
     def _rekey(self, roster: dict[int, list[int]]) -> None:
         # The roster lists what changed: members added (with a key) and removed (without).
@@ -483,6 +504,10 @@ class FakeVoiceServer:
         self.invalid: list[int] = []  # the transitions Libra refused (op 31)
         self.bot_speaking: list[tuple[float, int]] = []
         self.executed: list[int] = []
+        # A test's lever: when set, a transition every participant is ready for waits (in
+        # ``held``) until ``release_transition``, so what is sent between commit and op 22 shows.
+        self.hold_transitions = False
+        self.held: int | None = None
         self._sender = ExternalSender()
         self._group_id = channel_id.to_bytes(8, "big")
         self._epoch: int | None = None
@@ -775,15 +800,15 @@ class FakeVoiceServer:
                         self.member_commit_delay, self._commit_welcome, member.user_id, result
                     )
                 return
+            transition = struct.unpack_from(">H", payload)[0]
             if op == ANNOUNCE_COMMIT:
-                member.mls.process_commit(payload[2:])
+                member.mls.process_commit(payload[2:], transition)
             else:
-                member.mls.process_welcome(payload[2:], known)
+                member.mls.process_welcome(payload[2:], known, transition)
         except Exception as exc:  # a member that fails is what the test looks at
             member.errors.append(repr(exc))
             return
         member.epoch = epoch
-        transition = struct.unpack_from(">H", payload)[0]
         if transition:
             self._ready(member.user_id, transition)
 
@@ -870,8 +895,28 @@ class FakeVoiceServer:
         self._transition[1].discard(user_id)
         if self._transition[1]:
             return
+        if self.hold_transitions:
+            self.held = transition
+            return
+        self._execute()
+
+    def release_transition(self) -> None:
+        """Executes the transition held back by ``hold_transitions``."""
+        self.hold_transitions = False
+        if self.held is not None:
+            self.held = None
+            self._execute()
+
+    def _execute(self) -> None:
+        """Op 22 to everyone in the transition: each switches its own sending key now."""
+        assert self._transition is not None
+        transition, _, participants = self._transition
         self.executed.append(transition)
-        if self.bot.user_id in self._transition[2]:
+        for user in participants:
+            member = self.members.get(user)
+            if member is not None:
+                member.mls.execute(transition)
+        if self.bot.user_id in participants:
             self.to_bot(EXECUTE_TRANSITION, {"transition_id": transition})
         self._transition = None
         self._propose()

@@ -6,6 +6,11 @@ external sender: it sends the external sender (op 25), proposals to add or remov
 (op 26), a commit for the proposals (op 28), readiness for a transition (op 23), or op 31 when a
 commit or welcome cannot be applied, after which it starts over with a fresh key package.
 
+Keys move as Discord's clients (libdave) move them: a commit or welcome gives Libra the new
+keys of the others at once (the old ones stay valid a while), and Libra's own sending key
+switches only when the transition is executed (op 22), when every member holds the new keys.
+Until then, and while a group is re-created, Libra keeps sending under the key in force.
+
 ``DaveState`` does no I/O: each handler returns the messages to send back.
 """
 
@@ -68,8 +73,8 @@ class DaveState:
 
     @property
     def ready(self) -> bool:
-        """Whether the group is established and media keys exist."""
-        return self._session is not None and self._session.ready
+        """Whether Libra holds a sending key (a group was formed and its transition executed)."""
+        return self._session is not None and self._session.can_encrypt
 
     @property
     def epoch(self) -> int | None:
@@ -101,7 +106,7 @@ class DaveState:
             return []
 
     def encrypt(self, opus: bytes) -> bytes:
-        """Encrypts one Opus frame for the group; raises DaveError while there are no keys."""
+        """Encrypts one Opus frame under the key in force; raises DaveError before the first."""
         if not self.active or opus == OPUS_SILENCE:
             return opus
         if not self.ready:
@@ -124,7 +129,8 @@ class DaveState:
 
     def _reinit(self) -> list[Reply]:
         """Drops the group and starts over; the server re-adds Libra with the new key package.
-        The external sender stays the one in force: the server does not send it again."""
+        The external sender stays the one in force: the server does not send it again. The
+        sending key in force stays too, until the new group's transition: no silence meanwhile."""
         sender, self._external_sender = self._external_sender, None
         if self.protocol_version:
             if self._session is None:
@@ -191,12 +197,15 @@ class DaveState:
         (transition_id,) = struct.unpack_from(">H", payload)
         try:
             process(payload[2:])
+            # The others' new keys now; Libra's own at execution (at once for id 0).
+            self._session.prepare_transition(transition_id, self.protocol_version)
         except Exception as exc:
             return self._refuse(transition_id, exc)
         _log.info("DAVE epoch %s (transition %s)", self.epoch, transition_id)
-        if transition_id == _IMMEDIATE:
-            return []
         self._pending[transition_id] = self.protocol_version
+        if transition_id == _IMMEDIATE:
+            self._execute(transition_id)
+            return []
         return [Reply(Op.DAVE_TRANSITION_READY, {"transition_id": transition_id})]
 
     def _refuse(self, transition_id: int, why: object) -> list[Reply]:
@@ -224,6 +233,8 @@ class DaveState:
         version = self._pending.pop(transition_id, None)
         if version is None:
             return
+        if self._session is not None and version:
+            self._session.execute_transition(transition_id)  # Libra's sending key switches
         if version != self.protocol_version:
             _log.info("DAVE protocol version %s -> %s", self.protocol_version, version)
         self.protocol_version = version

@@ -1,4 +1,8 @@
-"""Received RTP to each speaker's PCM: decrypt both layers, reorder, decode, hand to the sink."""
+"""Received RTP to each speaker's PCM: decrypt both layers, reorder, decode, hand to the sink.
+
+A lost packet is rebuilt from the in-band FEC of the packet after it when that one is already
+here (the jitter buffer releases them together), or else by libopus's concealment.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,11 @@ import logging
 import time
 from dataclasses import dataclass
 
-import av
-
 from .cipher import TransportCipher
 from .dave import DaveError, DaveState
 from .jitter import JitterBuffer, Late
 from .metrics import PACKETS_RECEIVED, RECEIVE_SECONDS, VoiceStats
-from .opus import OpusDecoder
+from .opus import OpusDecoder, OpusInvalid
 from .rtp import FRAME_SAMPLES, FRAME_SECONDS, OPUS_PAYLOAD_TYPE, MalformedPacket, is_rtcp
 from .rtp import parse_header as parse_rtp
 from .sink import VoiceSink
@@ -120,33 +122,34 @@ class Receiver:
             speaker.speaking = True
             self.sink.on_speaking(speaker.user_id, True)
         speaker.last_packet = now
-        for item in speaker.jitter.push(header.sequence, (header.timestamp, opus), now):
-            self._emit(speaker, item)
+        self._emit(speaker, speaker.jitter.push(header.sequence, (header.timestamp, opus), now))
 
-    def _emit(self, speaker: _Speaker, item: tuple[int, bytes] | None) -> None:
-        if item is None:
-            timestamp, pcm = speaker.next_timestamp, speaker.decoder.conceal()
-        else:
-            timestamp, opus = item
-            try:
-                pcm = speaker.decoder.decode(opus)
-            except av.FFmpegError:
-                self.stats.drop("opus_invalid")
-                pcm = speaker.decoder.conceal()
-        speaker.next_timestamp = (timestamp + FRAME_SAMPLES) & 0xFFFFFFFF
-        self.sink.on_frame(speaker.user_id, pcm, timestamp)
+    def _emit(self, speaker: _Speaker, items: list[tuple[int, bytes] | None]) -> None:
+        """Decodes what the jitter buffer released, in order; ``None`` is a lost packet."""
+        for index, item in enumerate(items):
+            if item is None:
+                after = items[index + 1] if index + 1 < len(items) else None
+                timestamp = speaker.next_timestamp
+                pcm = speaker.decoder.conceal(after[1] if after is not None else None)
+            else:
+                timestamp, opus = item
+                try:
+                    pcm = speaker.decoder.decode(opus)
+                except OpusInvalid:
+                    self.stats.drop("opus_invalid")
+                    pcm = speaker.decoder.conceal()
+            speaker.next_timestamp = (timestamp + FRAME_SAMPLES) & 0xFFFFFFFF
+            self.sink.on_frame(speaker.user_id, pcm, timestamp)
 
     def tick(self, now: float) -> None:
         """Gives up on packets that did not come in time, and ends talk spurts gone quiet."""
         for speaker in self._speakers.values():
-            for item in speaker.jitter.expire(now, self._jitter_seconds):
-                self._emit(speaker, item)
+            self._emit(speaker, speaker.jitter.expire(now, self._jitter_seconds))
             if speaker.speaking and now - speaker.last_packet > self._idle_seconds:
                 self._stop(speaker)
 
     def _stop(self, speaker: _Speaker) -> None:
-        for item in speaker.jitter.expire(float("inf"), 0.0):
-            self._emit(speaker, item)
+        self._emit(speaker, speaker.jitter.expire(float("inf"), 0.0))
         speaker.jitter.reset()
         if speaker.speaking:
             speaker.speaking = False
