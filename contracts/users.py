@@ -11,7 +11,8 @@ from __future__ import annotations
 
 __all__ = ["PLATFORMS", "platform_of", "raw_user", "user_id"]
 
-PLATFORMS = frozenset({"discord", "http", "console"})  # the platforms people talk to Libra on
+# the platforms people talk to Libra on
+PLATFORMS = frozenset({"discord", "http", "web", "console"})
 
 
 def user_id(platform: str, raw: str) -> str:

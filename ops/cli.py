@@ -594,6 +594,21 @@ def bench_voice_transport(
     )
 
 
+@bench.command(name="ws")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--turns", default=20, show_default=True, help="Spoken turns timed, each way.")
+@click.option("--sockets", default=200, show_default=True, help="Sockets streaming at once.")
+@click.option("--seconds", default=20.0, show_default=True, help="Length of the load.")
+def bench_ws(as_json: bool, turns: int, sockets: int, seconds: float) -> None:
+    """The WebSocket API: end of speech to first audio on the socket beside libra bench voice;
+    CPU, memory and frame handling with many sockets streaming at once."""
+    from .bench.ws import run_bench_ws
+
+    asyncio.run(
+        run_bench_ws(_settings(), turns=turns, sockets=sockets, seconds=seconds, as_json=as_json)
+    )
+
+
 @bench.command(name="voice")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--turns", type=int, help="Spoken turns measured (30; 5 with --local).")

@@ -391,6 +391,7 @@ async def _http(r: Resources) -> Component:
         ),
         host=s.http_host,
         max_concurrent=s.http_max_concurrent,
+        ws_idle_s=s.http_ws_idle_sec,
     )
     return HttpGateway(app, host=s.http_host, port=s.http_port)
 

@@ -30,9 +30,9 @@ from libra.contracts import (
 )
 from libra.runtime.projection import Recorded
 
-__all__ = ["TurnsProjection"]
+__all__ = ["COLUMNS", "STAGE_RANK", "TurnsProjection"]
 
-_STAGE = {
+STAGE_RANK = {
     "received": 0,
     "speculative": 1,
     "accepted": 2,
@@ -42,7 +42,7 @@ _STAGE = {
     "failed": 3,
     "delivered": 4,
 }
-_RANK = "CASE {} " + " ".join(f"WHEN '{s}' THEN {r}" for s, r in _STAGE.items()) + " ELSE 0 END"
+_RANK = "CASE {} " + " ".join(f"WHEN '{s}' THEN {r}" for s, r in STAGE_RANK.items()) + " ELSE 0 END"
 
 
 def _origin(event: Any) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def _moderation(event: TurnAccepted | TurnRejected) -> dict[str, Any]:
 
 
 # What each event knows of its turn's row.
-_COLUMNS: dict[type, Callable[[Any], dict[str, Any]]] = {
+COLUMNS: dict[type, Callable[[Any], dict[str, Any]]] = {
     TextReceived: lambda e: {
         **_origin(e),
         "modality": "text",
@@ -158,7 +158,7 @@ class TurnsProjection:
     async def apply(self, conn: asyncpg.Connection, batch: Sequence[Recorded]) -> None:
         statements: dict[tuple[str, ...], list[tuple]] = {}
         for _, event in batch:
-            make = _COLUMNS.get(type(event))
+            make = COLUMNS.get(type(event))
             columns = make(event) if make else None
             if not columns:
                 continue

@@ -133,6 +133,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     http_max_body_bytes: int = 1_048_576
     http_decision_timeout_sec: float = 4.0
     http_max_concurrent: int = 256
+    http_ws_idle_sec: float = 300.0
     bff_api_key: str = ""
     jwt_secret: str = ""
     jwt_audience: str = ""

@@ -7,6 +7,9 @@
 - ``GET /api/health``: llm, database, redis and nats
 - ``GET /metrics``: Prometheus
 - ``POST /api/stt/transcribe`` and ``POST /voice/process``: speech in (:mod:`.voice`)
+- ``/ws``: the WebSocket API, voice and text both ways in real time (:mod:`.ws`)
+- ``/turns``, ``/turns/{turn}`` and ``/api/turns[/{turn}]``: a turn's events drawn on a time
+  line, for operators (:mod:`.turns_view`)
 
 While a dependency is down the routes answer within seconds (README, "When a dependency is
 down"): without NATS, or when a message is neither admitted nor refused within
@@ -192,6 +195,7 @@ def create_app(
     voice: VoiceOptions | None = None,
     host: str = "127.0.0.1",
     max_concurrent: int = 0,
+    ws_idle_s: float = 300.0,
 ) -> FastAPI:
     """Returns the API wired to the log and the read models; with ``voice``, speech too.
 
@@ -211,11 +215,29 @@ def create_app(
     _install_chat(app, log, reply_idle_s, decision_s)
     database = database or Breaker("postgres", timeout_s=2.0)
     _install_reads(app, log, pool=pool, redis=redis, llm_status=llm_status, database=database)
+    from .page import install_page
+    from .turns_view import install_turns_view  # (it builds on this module's helpers)
+
+    install_page(app)
+    install_turns_view(app, log, auth=auth, pool=pool, database=database)
     body_limits: dict[str, int] = {}
     if voice is not None:
         from .voice import install_voice  # (it builds on this module's helpers)
 
         body_limits = install_voice(app, log, voice, reply_idle_s=reply_idle_s)
+    from .ws import WsOptions, install_ws  # (it builds on the voice capture)
+
+    install_ws(
+        app,
+        log,
+        WsOptions(
+            auth=auth,
+            audio=voice.audio if voice is not None else None,
+            segmentation=voice.segmentation if voice is not None else None,
+            reply_idle_s=reply_idle_s,
+            idle_s=ws_idle_s,
+        ),
+    )
     app.add_middleware(BodyLimit, limit=max_body_bytes, routes=body_limits)
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(ConcurrencyCap, limit=max_concurrent)

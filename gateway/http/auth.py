@@ -17,7 +17,8 @@ import ipaddress
 from dataclasses import dataclass
 
 import jwt
-from fastapi import HTTPException, Request
+from fastapi import HTTPException
+from starlette.requests import HTTPConnection
 
 from libra.contracts import PLATFORMS, platform_of, user_id
 
@@ -71,12 +72,19 @@ class Authenticator:
     def open(self) -> bool:
         return not self.api_key and not self.jwt_secret
 
-    def __call__(self, request: Request) -> Principal:
-        if self.open:
-            return Principal(user=None)
+    def __call__(self, request: HTTPConnection) -> Principal:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        key = request.headers.get("x-api-key", "") or token
+        return self._check(request.headers.get("x-api-key", "") or token, token)
+
+    def from_token(self, token: str) -> Principal:
+        """The caller a ``?token=`` names (a service key or a user's token): what a browser's
+        WebSocket can send, as it cannot set headers."""
+        return self._check(token, token)
+
+    def _check(self, key: str, token: str) -> Principal:
+        if self.open:
+            return Principal(user=None)
         if self.api_key and key and hmac.compare_digest(key.encode(), self.api_key.encode()):
             return Principal(user=None)
         if self.jwt_secret and token:

@@ -54,8 +54,11 @@ class HostCheck:
         self.app, self.host = app, _hostname(host)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._allowed(scope):
+        if scope["type"] not in ("http", "websocket") or self._allowed(scope):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # closed before it is accepted: a 403 to the client
+            await send({"type": "websocket.close", "code": 1008, "reason": "wrong_host"})
             return
         await send_error(
             send,

@@ -187,9 +187,10 @@ def fake_llm_provider(
 @contextlib.asynccontextmanager
 async def libra_processes(
     env: dict[str, str], groups: Sequence[Sequence[str]]
-) -> AsyncIterator[None]:
+) -> AsyncIterator[list[subprocess.Popen]]:
     """Runs each group of components as a `libra run` process, as production does; returns
-    once every one says it is ready, and stops them (SIGTERM, they drain) at the end."""
+    once every one says it is ready (the processes, in the groups' order), and stops them
+    (SIGTERM, they drain) at the end."""
     procs: list[subprocess.Popen] = []
     with contextlib.ExitStack() as files:
         # what each process says on stderr, shown if it fails to start
@@ -215,7 +216,7 @@ async def libra_processes(
                     raise RuntimeError(
                         f"`libra run {' '.join(names)}` exited with {proc.wait()}:\n{said}"
                     )
-            yield
+            yield procs
         finally:
             for proc in procs:
                 proc.terminate()

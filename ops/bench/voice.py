@@ -86,9 +86,17 @@ from libra.runtime.database import migrate
 from libra.runtime.eventlog import EventLog
 
 from ..embedded import free_port
-from .common import fake_llm_provider, libra_processes, median, percentile, report, servers
+from .common import (
+    BenchServers,
+    fake_llm_provider,
+    libra_processes,
+    median,
+    percentile,
+    report,
+    servers,
+)
 
-__all__ = ["run_bench_voice"]
+__all__ = ["GROUPS", "Edge", "fake_vendors", "run_bench_voice", "speech_packets", "vendor_env"]
 
 UTTERANCE = "What is the weather like in Seoul today?"
 REPLY = (
@@ -118,7 +126,7 @@ def _sentence_token() -> int:
     return next(i for i, w in enumerate(words) if w.endswith((".", "!", "?"))) + 1
 
 
-def _speech() -> tuple[list[bytes], int]:
+def speech_packets() -> tuple[list[bytes], int]:
     """The utterance as 20 ms packets of 48 kHz stereo, and the index of its last voiced one."""
     said = np.frombuffer(utterance(UTTERANCE, "en-us", rate=48_000), np.int16)
     rng = np.random.default_rng(7)
@@ -175,7 +183,7 @@ def _serve_vendors(whisper_port: int, cartesia_port: int, ready) -> None:
 
 
 @contextlib.contextmanager
-def _fake_vendors() -> Iterator[tuple[str, str]]:
+def fake_vendors() -> Iterator[tuple[str, str]]:
     """Groq Whisper and Cartesia in a process of their own; yields their base URLs."""
     whisper_port, cartesia_port = free_port(), free_port()
     ctx = multiprocessing.get_context("spawn")
@@ -273,7 +281,7 @@ class _Turn:
             self.done.set()
 
 
-class _Edge:
+class Edge:
     """One speaker: a capture fed in real time, and a subscription to their conversation."""
 
     def __init__(
@@ -316,7 +324,7 @@ class _Edge:
         return turn
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[_Edge]:
+    async def running(self) -> AsyncIterator[Edge]:
         sub = await self.log.nc.subscribe(f"libra.*.*.{self.conversation}", cb=self._on_msg)
         try:
             async with self.capture:
@@ -427,12 +435,12 @@ def _ts(at: datetime) -> float:
 async def _measure(
     env: dict[str, str], settings: Settings, urls: tuple[str, str, str], *, turns: int
 ) -> _Figures:
-    packets, last_voiced = _speech()
+    packets, last_voiced = speech_packets()
     wav = wav_bytes(utterance(UTTERANCE, "en-us", rate=16_000), sample_rate=16_000)
     log = await EventLog.connect(env["NATS_URL"], name="bench-voice-edge")
     try:
         audio = await AudioStore.open(log, max_bytes=settings.max_audio_bytes)
-        async with _Edge(log, audio, settings).running() as edge:
+        async with Edge(log, audio, settings).running() as edge:
             for _ in range(_WARM_UP):
                 await edge.speak(packets, last_voiced)
             figures = _Figures(
@@ -458,30 +466,15 @@ async def run_bench_voice(
     async with servers(settings, postgres=True, redis=True) as urls:
         await migrate(urls.database_url)
         with (
-            _fake_vendors() as (whisper_url, cartesia_url),
+            fake_vendors() as (whisper_url, cartesia_url),
             fake_llm_provider(REPLY, ttft=LLM_TTFT_S, tokens_per_sec=TOKENS_PER_S) as llm_url,
         ):
-            env = {
-                **{k: v for k, v in os.environ.items() if not k.endswith(("_KEY", "_URL"))},
-                "NATS_URL": urls.nats_url if sync else urls.nats_nosync_url,
-                "DATABASE_URL": urls.database_url,
-                "REDIS_URL": urls.redis_url,
-                "LOG_LEVEL": "WARNING",
-                "LLM_CACHE_ENABLED": "0",
-                "RATE_LIMIT_TURNS": "1000000",
-                # the OpenAI-compatible path through the official SDK; without an OpenAI key,
-                # memories use the local embedder (an embedding API is not among the vendors
-                # simulated here)
-                "LLM_PROVIDERS": "local",
-                "LLM_BASE_URL": llm_url,
-                "ASR_ENGINES": "groq",
-                "GROQ_API_KEY": "gsk-bench",
-                "GROQ_BASE_URL": whisper_url,
-                "TTS_ENGINES": "cartesia",
-                "CARTESIA_API_KEY": "sk-bench",
-                "CARTESIA_BASE_URL": cartesia_url,
-                "VOICE_SPECULATIVE_REPLY": "1" if speculate else "0",
-            }
+            env = vendor_env(
+                urls,
+                (whisper_url, cartesia_url, llm_url),
+                speculate=speculate,
+                sync=sync,
+            )
             async with libra_processes(env, GROUPS):
                 vendors = (whisper_url, cartesia_url, llm_url)
                 figures = await _measure(env, settings, vendors, turns=turns)
@@ -494,3 +487,32 @@ async def run_bench_voice(
         "stages: own time along the generation path, p50)",
     )
     return results
+
+
+def vendor_env(
+    urls: BenchServers, vendors: tuple[str, str, str], *, speculate: bool = True, sync: bool = True
+) -> dict[str, str]:
+    """The environment of Libra's processes against the simulated vendors (whisper, cartesia,
+    llm URLs) and the bench's servers."""
+    whisper_url, cartesia_url, llm_url = vendors
+    return {
+        **{k: v for k, v in os.environ.items() if not k.endswith(("_KEY", "_URL"))},
+        "NATS_URL": urls.nats_url if sync else urls.nats_nosync_url,
+        "DATABASE_URL": urls.database_url,
+        "REDIS_URL": urls.redis_url,
+        "LOG_LEVEL": "WARNING",
+        "LLM_CACHE_ENABLED": "0",
+        "RATE_LIMIT_TURNS": "1000000",
+        # the OpenAI-compatible path through the official SDK; without an OpenAI key,
+        # memories use the local embedder (an embedding API is not among the vendors
+        # simulated here)
+        "LLM_PROVIDERS": "local",
+        "LLM_BASE_URL": llm_url,
+        "ASR_ENGINES": "groq",
+        "GROQ_API_KEY": "gsk-bench",
+        "GROQ_BASE_URL": whisper_url,
+        "TTS_ENGINES": "cartesia",
+        "CARTESIA_API_KEY": "sk-bench",
+        "CARTESIA_BASE_URL": cartesia_url,
+        "VOICE_SPECULATIVE_REPLY": "1" if speculate else "0",
+    }
