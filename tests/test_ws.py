@@ -17,14 +17,13 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from libra.contracts import ReplyDelivered, TextReceived, VoiceCaptured
-from libra.ops.embedded import free_port
 from libra.ops.fakes.groq_whisper import FakeGroqWhisper
 from libra.ops.fakes.llm_wire import Behaviour, FakeLlmWire
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
 from .helpers import eventually, stream_events
-from .stack import TEXT_PIPELINE, running
+from .stack import TEXT_PIPELINE, answering_with, running
 from .voice_samples import silence, speech
 
 pytestmark = pytest.mark.timeout(90)
@@ -36,22 +35,16 @@ PIPELINE = [*TEXT_PIPELINE, "asr", "tts", "http"]
 
 
 def _settings(settings: Settings, wire: FakeLlmWire, whisper: FakeGroqWhisper, **extra: str):
-    return Settings.from_env(
-        {
-            "NATS_URL": settings.nats_url,
-            "DATABASE_URL": settings.database_url,
-            "REDIS_URL": settings.redis_url,
-            "HTTP_PORT": str(free_port()),
-            "LLM_CACHE_ENABLED": "0",
-            "LLM_PROVIDERS": "openai",
-            "OPENAI_API_KEY": "sk-test-key",
-            "OPENAI_BASE_URL": wire.env()["OPENAI_BASE_URL"],
-            "GROQ_API_KEY": "gsk-test-key",
-            **whisper.env(),
-            "ASR_ENGINES": "groq",
-            "TTS_ENGINES": "espeak",
-            **extra,
-        }
+    """The OpenAI wire's fake answering, Groq Whisper's hearing, espeak-ng speaking."""
+    return answering_with(
+        settings,
+        wire,
+        LLM_PROVIDERS="openai",
+        GROQ_API_KEY="gsk-test-key",
+        **whisper.env(),
+        ASR_ENGINES="groq",
+        TTS_ENGINES="espeak",
+        **extra,
     )
 
 
