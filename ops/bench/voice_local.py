@@ -64,7 +64,7 @@ from .common import (
     servers,
 )
 from .local import BareLlama, cpu_seconds, cpu_spent, espeak_seconds, local_env
-from .voice import GROUPS, _Edge, _sentence_delta, _speech, _Turn
+from .voice import GROUPS, Edge, _sentence_delta, _Turn, speech_packets
 from .voice_text import TEXT_REPLY, TextTurns
 
 __all__ = ["run_bench_voice_local"]
@@ -169,10 +169,10 @@ async def _speak_turns(
     """The warm-up and measured turns, each a new person, with ``text`` turns alone after the
     warm-up, during the measured ones, and alone again after them; returns the turns and the CPU
     they took."""
-    packets, last_voiced = _speech()
+    packets, last_voiced = speech_packets()
 
     async def spoken(n: int) -> _Turn:
-        edge = _Edge(log, audio, settings, conversation=f"bench-local-{n}", user=f"speaker-{n}")
+        edge = Edge(log, audio, settings, conversation=f"bench-local-{n}", user=f"speaker-{n}")
         async with edge.running():
             turn = await edge.speak(packets, last_voiced)
         await asyncio.sleep(0.3)  # the person listens, then speaks again
