@@ -25,8 +25,11 @@ __all__ = [
     "ContextMessage",
     "DeadLetter",
     "DeadRetried",
+    "DocumentRef",
     "Event",
     "EventDecodeError",
+    "KnowledgeAdded",
+    "KnowledgeRemoved",
     "LlmCompleted",
     "LlmDelta",
     "LlmFailed",
@@ -36,6 +39,7 @@ __all__ = [
     "ProviderAttempt",
     "ReplyClaimed",
     "ReplyDelivered",
+    "RetrievedChunk",
     "SessionChat",
     "SessionMemoryReset",
     "SessionSettings",
@@ -131,6 +135,27 @@ class Moderation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     scores: dict[str, float] = {}
     latency_ms: float = 0.0
     policy: str = ""
+
+
+class RetrievedChunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A chunk of a knowledge document that went into a prompt as source ``[n]`` (n = its place
+    in ``LlmCompleted.knowledge``, from 1); its text is kept so a replay needs no search."""
+
+    chunk: str  # "<document>:<index>"
+    document: str
+    title: str = ""
+    scope: str = ""
+    text: str = ""
+    score: float = 0.0  # the fused reciprocal-rank score
+
+
+class DocumentRef(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An object in the knowledge bucket; events carry this, never the bytes."""
+
+    bucket: str = "libra-knowledge"
+    name: str
+    size: int = 0
+    sha256: str = ""
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -350,6 +375,7 @@ class LlmCompleted(Event, frozen=True, kw_only=True, tag="llm.completed"):
     degraded: tuple[str, ...] = ()
     moderation: Moderation | None = None
     stopped_at: int | None = None
+    knowledge: tuple[RetrievedChunk, ...] = ()  # the sources the prompt held, [1] first
 
 
 class LlmFailed(Event, frozen=True, kw_only=True, tag="llm.failed"):
@@ -427,6 +453,38 @@ class SessionSettings(Event, frozen=True, kw_only=True, tag="session.settings"):
     origin: Origin
 
 
+class KnowledgeAdded(Event, frozen=True, kw_only=True, tag="knowledge.added"):
+    """A document was added to a knowledge base: global, a Discord server's or a person's.
+
+    ``scope``: ``global``, ``guild:<id>`` or ``user:<platform:id>``; the conversation token is
+    the scope's (``global``, ``guild-<id>``, ``user-<platform>~3A<id>``). ``source`` is the
+    file as given, ``text`` the text read from it, which the knowledge projection chunks with
+    ``chunk_tokens`` and ``chunk_overlap`` so that a rebuild makes the same chunks whatever the
+    settings are by then. ``document`` is the event's id.
+    """
+
+    document: str
+    scope: str
+    title: str
+    media_type: Literal["text/plain", "text/markdown", "text/html", "application/pdf"]
+    source: DocumentRef
+    text: DocumentRef
+    chunk_tokens: int
+    chunk_overlap: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.chunk_tokens <= 0 or not 0 <= self.chunk_overlap < self.chunk_tokens:
+            raise ValueError("chunks need a positive size and an overlap smaller than it")
+
+
+class KnowledgeRemoved(Event, frozen=True, kw_only=True, tag="knowledge.removed"):
+    """A document was removed from its knowledge base (its chunks and its objects go)."""
+
+    document: str
+    scope: str
+
+
 class DeadLetter(Event, frozen=True, kw_only=True, tag="dead.letter"):
     """A consumer gave up on a message; the message itself is kept here for a person to read."""
 
@@ -471,6 +529,8 @@ AnyEvent = (
     | SessionVoice
     | SessionMemoryReset
     | SessionSettings
+    | KnowledgeAdded
+    | KnowledgeRemoved
     | DeadLetter
     | DeadRetried
 )

@@ -31,6 +31,7 @@ from nats.js.api import (
 __all__ = [
     "AUDIO_BUCKET",
     "CONSUMERS",
+    "KNOWLEDGE_BUCKET",
     "LIVE_STREAM",
     "LIVE_SUBJECTS",
     "LOG_STREAM",
@@ -46,6 +47,7 @@ __all__ = [
 LOG_STREAM = "LIBRA"
 LIVE_STREAM = "LIBRA_LIVE"
 AUDIO_BUCKET = "libra-audio"
+KNOWLEDGE_BUCKET = "libra-knowledge"  # documents added to knowledge bases; kept until removed
 POSITIONS_BUCKET = "libra-positions"  # each consumer's ack floor, kept apart from the consumer
 
 LOG_SUBJECTS = (
@@ -58,6 +60,7 @@ LOG_SUBJECTS = (
     "libra.tts.>",
     "libra.reply.>",
     "libra.session.>",
+    "libra.knowledge.>",
     "libra.dead.>",
     "libra.retry.>",
 )
@@ -264,6 +267,17 @@ CONSUMERS: dict[str, ConsumerSpec] = {
             max_ack_pending=8192,
             max_deliver=-1,
             ack_wait_s=30.0,  # a batch has no in_progress: a slow commit must not come back
+            start_window_s=0,
+            redrive=False,
+            memory_state=True,
+        ),
+        ConsumerSpec(
+            name="knowledge",
+            subjects=("libra.knowledge.>",),
+            description="knowledge projection: documents chunked and embedded into pgvector",
+            max_ack_pending=256,
+            max_deliver=-1,
+            ack_wait_s=120.0,  # a batch embeds its documents' chunks (an API, for some)
             start_window_s=0,
             redrive=False,
             memory_state=True,

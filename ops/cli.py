@@ -658,3 +658,13 @@ def bench_voice(
             settings, turns=turns or 30, speculate=speculate, sync=sync, as_json=as_json
         )
     )
+
+
+def _knowledge_commands() -> None:
+    from .knowledge_cli import bench_knowledge, knowledge
+
+    main.add_command(knowledge)
+    bench.add_command(bench_knowledge)
+
+
+_knowledge_commands()

@@ -218,6 +218,32 @@ async def _memory_store(r: Resources):
     return MemoryStore(await r.pool(), r.shared("embedder", lambda: build_embedder(r.settings)))
 
 
+def _embedder(r: Resources):
+    from libra.processors.memory.embedders import build_embedder
+
+    return r.shared("embedder", lambda: build_embedder(r.settings))
+
+
+async def _knowledge_retrieval(r: Resources):
+    """What prompts are given from the knowledge bases, or None with KNOWLEDGE_TOP_K=0."""
+    from libra.processors.knowledge.retrieval import KnowledgeRetrieval
+    from libra.processors.knowledge.search import KnowledgeSearch
+
+    if r.settings.knowledge_top_k <= 0:
+        return None
+    search = KnowledgeSearch(await r.pool(), _embedder(r))
+    return KnowledgeRetrieval(search, k=r.settings.knowledge_top_k)
+
+
+async def _knowledge(r: Resources) -> Component:
+    from libra.projections.knowledge import KnowledgeProjection
+    from libra.runtime.documents import DocumentStore
+
+    projection = KnowledgeProjection(await DocumentStore.open(r.log.js), _embedder(r))
+    # small batches: each document in one is embedded inside its transaction
+    return ProjectionRunner(r.log, await r.pool(), projection, batch_size=16)
+
+
 async def turns_processor(r: Resources) -> Processor:
     """Admission as the settings configure it."""
     from libra.processors.turns.admission import TurnsProcessor
@@ -288,6 +314,8 @@ async def prompt_builder(r: Resources) -> PromptBuilder:
         recall_budget_s=s.memory_recall_budget_ms / 1000,
         vision_models=tuple(m.strip() for m in s.vision_models.split(",") if m.strip()),
         breaker=r.breaker("postgres"),
+        knowledge=await _knowledge_retrieval(r),
+        knowledge_budget_s=s.knowledge_retrieval_budget_ms / 1000,
     )
 
 
@@ -308,6 +336,10 @@ async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
     if s.llm_cache_enabled:
         cache = ResponseCache(r.redis(), ttl_s=s.llm_cache_ttl, breaker=r.breaker("redis"))
     prompts = await prompt_builder(r)
+    if not live:  # a replay gives each turn the knowledge its recorded reply was given
+        from libra.processors.knowledge.retrieval import RecordedRetrieval
+
+        prompts.knowledge = RecordedRetrieval(r.log, prompts.knowledge)
     prefetch = None
     if live:  # reads context only for what admission will let through (its checks and limit)
         limiter = LocalRateLimiter(limit=s.rate_limit_turns, window_s=s.rate_limit_window_sec)
@@ -357,6 +389,7 @@ async def _http(r: Resources) -> Component:
     from libra.gateway.http.server import HttpGateway
     from libra.gateway.http.voice import VoiceOptions
     from libra.gateway.voice import segmenter_config
+    from libra.processors.knowledge.documents import Limits
     from libra.runtime.config import ConfigError
 
     s = r.settings
@@ -392,6 +425,11 @@ async def _http(r: Resources) -> Component:
         host=s.http_host,
         max_concurrent=s.http_max_concurrent,
         ws_idle_s=s.http_ws_idle_sec,
+        knowledge=Limits(
+            max_bytes=s.knowledge_max_document_bytes,
+            chunk_tokens=s.knowledge_chunk_tokens,
+            chunk_overlap=s.knowledge_chunk_overlap,
+        ),
     )
     return HttpGateway(app, host=s.http_host, port=s.http_port)
 
@@ -437,6 +475,7 @@ COMPONENTS: dict[str, Callable[[Resources], Awaitable[Component]]] = {
     "ratelimit-view": _ratelimit_view,
     "llm": _llm,
     "memory": _memory,
+    "knowledge": _knowledge,
     "http": _http,
     "asr": _asr,
     "tts": _tts,

@@ -195,7 +195,7 @@ def _ready_line(supervisor: Supervisor) -> str:
 
 async def rebuild_projection(settings: Settings, name: str) -> int:
     """Rebuilds one projection from the log; returns how many events it applied."""
-    known = [*PROJECTIONS, "ratelimit-view"]
+    known = [*PROJECTIONS, "ratelimit-view", "knowledge"]
     if name not in known:
         raise SystemExit(f"unknown projection {name!r}; known: {', '.join(known)}")
     urls = resolve_urls(settings)
@@ -205,6 +205,10 @@ async def rebuild_projection(settings: Settings, name: str) -> int:
     pool = await connect_pool(urls.owner_url)  # a rebuild empties tables: the owner's right
     try:
         await migrate(urls.owner_url)
+        if name == "knowledge":  # it reads the documents bucket, and embeds
+            from libra.projections.knowledge import knowledge_projection
+
+            return await rebuild(log_, pool, await knowledge_projection(settings, log_))
         return await rebuild(log_, pool, PROJECTIONS[name]())
     finally:
         await pool.close()

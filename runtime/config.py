@@ -109,6 +109,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     memory_top_k: int = 4
     memory_recall_budget_ms: int = 300
 
+    # Knowledge bases: chunks of documents retrieved into each prompt, with their sources.
+    knowledge_top_k: int = 4
+    knowledge_retrieval_budget_ms: int = 1000
+    knowledge_chunk_tokens: int = 300
+    knowledge_chunk_overlap: int = 50
+    knowledge_max_document_bytes: int = 10_485_760
+
     # Admission.
     rate_limit_turns: int = 10
     rate_limit_window_sec: float = 10.0

@@ -35,6 +35,7 @@ from libra.contracts import (
 )
 
 from .config import Settings
+from .documents import ensure_documents_bucket
 from .metrics import EVENTS_PUBLISHED
 from .positions import ensure_consumer, patiently
 
@@ -216,6 +217,7 @@ class EventLog:
                 ),
             )
         await self._forbid_rollups(f"OBJ_{AUDIO_BUCKET}")
+        await ensure_documents_bucket(self.js, replicas=replicas)
         await self.js.create_key_value(
             nats.js.api.KeyValueConfig(
                 bucket=POSITIONS_BUCKET,

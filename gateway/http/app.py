@@ -10,6 +10,7 @@
 - ``/ws``: the WebSocket API, voice and text both ways in real time (:mod:`.ws`)
 - ``/turns``, ``/turns/{turn}`` and ``/api/turns[/{turn}]``: a turn's events drawn on a time
   line, for operators (:mod:`.turns_view`)
+- ``/api/knowledge``: documents Libra answers from (:mod:`.knowledge`)
 
 While a dependency is down the routes answer within seconds (README, "When a dependency is
 down"): without NATS, or when a message is neither admitted nor refused within
@@ -58,6 +59,8 @@ from .inputs import MAX_ID_CHARS, MessageText, UserId, id_problem, validation_pr
 from .metrics import BodyLimit, RequestMetrics
 
 if TYPE_CHECKING:
+    from libra.processors.knowledge.documents import Limits
+
     from .voice import VoiceOptions
 
 __all__ = ["ChatRequest", "create_app"]
@@ -196,6 +199,7 @@ def create_app(
     host: str = "127.0.0.1",
     max_concurrent: int = 0,
     ws_idle_s: float = 300.0,
+    knowledge: Limits | None = None,
 ) -> FastAPI:
     """Returns the API wired to the log and the read models; with ``voice``, speech too.
 
@@ -238,6 +242,12 @@ def create_app(
             idle_s=ws_idle_s,
         ),
     )
+    if knowledge is not None:
+        from .knowledge import install_knowledge  # (it builds on this module's helpers)
+
+        body_limits.update(
+            install_knowledge(app, log, auth=auth, pool=pool, database=database, limits=knowledge)
+        )
     app.add_middleware(BodyLimit, limit=max_body_bytes, routes=body_limits)
     app.add_middleware(CancelOnDisconnect)
     app.add_middleware(ConcurrencyCap, limit=max_concurrent)

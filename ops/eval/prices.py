@@ -66,12 +66,18 @@ class PriceTable:
         ]
 
 
+PRICES_LOCK = 0x4C49_4252_4150_5243  # "LIBRAPRC": the price table's loads take turns
+
+
 async def store_prices(database_url: str) -> int:
     """Replaces the ``llm_prices`` table with the shipped price table; returns its rows."""
     rows = PriceTable.load().rows()
     conn = await asyncpg.connect(database_url)
     try:
         async with conn.transaction():
+            # One at a time: processes starting together each load it (a second DELETE would
+            # not see the first's rows, and its INSERT would collide with them).
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PRICES_LOCK)
             await conn.execute("DELETE FROM llm_prices")
             await conn.executemany(
                 "INSERT INTO llm_prices (provider, model, prompt_usd_per_mtok,"

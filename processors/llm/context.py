@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import asyncpg
 
-from libra.contracts import Attachment, TurnAccepted
+from libra.contracts import Attachment, RetrievedChunk, TurnAccepted
+from libra.processors.knowledge.retrieval import KnowledgeSource
 from libra.processors.memory.store import MemoryStore
 from libra.processors.moderation.policy import DEFAULT_POLICY, ServerPolicy
 from libra.runtime.outage import Breaker, Unavailable
@@ -40,6 +41,7 @@ __all__ = [
     "PromptBuilder",
     "default_persona",
     "estimate_tokens",
+    "sources_text",
 ]
 
 log = logging.getLogger("libra.llm")
@@ -60,6 +62,20 @@ _VOICE_STYLE = (
 )
 
 
+def sources_text(knowledge: tuple[RetrievedChunk, ...]) -> str:
+    """The numbered sources of a prompt and how to cite them."""
+    sources = "\n\n".join(
+        f"[{n}] {chunk.title or chunk.document}\n{chunk.text}"
+        for n, chunk in enumerate(knowledge, start=1)
+    )
+    return (
+        "Sources from this conversation's knowledge base that may answer the message:\n\n"
+        f"{sources}\n\nWhere you use a source, cite it by its number in brackets, like [1]."
+        " If the sources do not answer the message, say so or answer from what you know,"
+        " without a citation."
+    )
+
+
 def default_persona(model: str) -> str:
     """The persona for ``model`` (``model`` or ``provider:model``) when none was chosen."""
     return SMALL_MODEL_PERSONA if model.split(":", 1)[-1] in _SMALL_MODELS else DEFAULT_PERSONA
@@ -78,6 +94,7 @@ class Context(NamedTuple):
     history: list[ChatMessage]
     memories: list[str]
     degraded: tuple[str, ...] = ()
+    knowledge: tuple[RetrievedChunk, ...] = ()  # the sources, [1] first
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,7 @@ class Prompt:
     model: str | None  # a server's /model choice, "provider:model" or "model"; None: default
     degraded: tuple[str, ...] = ()
     moderation: ServerPolicy = DEFAULT_POLICY  # the server's, for the reply's checks
+    knowledge: tuple[RetrievedChunk, ...] = ()  # the sources in the system message, [1] first
 
 
 def _attachment_note(attachment: Attachment, can_see: bool) -> str:
@@ -114,8 +132,11 @@ class PromptBuilder:
         recall_budget_s: float = 0.3,
         vision_models: tuple[str, ...] = (),
         breaker: Breaker | None = None,
+        knowledge: KnowledgeSource | None = None,
+        knowledge_budget_s: float = 1.0,
     ) -> None:
         self.pool, self.memory = pool, memory
+        self.knowledge, self.knowledge_budget_s = knowledge, knowledge_budget_s
         self.breaker = breaker or Breaker("postgres", timeout_s=2.0)
         self.persona = persona  # empty: the default persona of the model answering
         self.context_tokens, self.max_tokens = context_tokens, max_tokens
@@ -140,11 +161,13 @@ class PromptBuilder:
         ``persona`` replaces the server's and the default one (an eval's candidate prompt);
         ``context`` is what :meth:`context` read for the turn already.
         """
-        settings, history, memories, degraded = context or await self.context(turn)
+        context = context or await self.context(turn)
+        settings, history, memories = context.settings, context.history, context.memories
+        degraded = context.degraded
         model = settings.get("model") or None
         target = model or default_model
         chosen = persona or settings.get("persona") or self.persona or default_persona(target)
-        system = self._system(chosen, turn, memories)
+        system = self._system(chosen, turn, memories, context.knowledge)
         current = self._current(turn, target)
         budget = self.context_tokens - self.max_tokens - estimate_tokens(system.content)
         budget -= estimate_tokens(current.content)
@@ -162,6 +185,7 @@ class PromptBuilder:
             model=model,
             degraded=degraded,
             moderation=policy,
+            knowledge=context.knowledge,
         )
 
     async def context(self, turn: TurnAccepted) -> Context:
@@ -174,12 +198,18 @@ class PromptBuilder:
             return Context({}, [], [], degraded=("postgres",))
 
     async def _read(self, turn: TurnAccepted) -> Context:
-        (settings, history), memories = await asyncio.gather(
-            self._settings_and_history(turn), self._memories(turn)
+        (settings, history), memories, knowledge = await asyncio.gather(
+            self._settings_and_history(turn), self._memories(turn), self._knowledge(turn)
         )
-        return Context(settings, history, memories)
+        return Context(settings, history, memories, knowledge=knowledge)
 
-    def _system(self, persona: str, turn: TurnAccepted, memories: list[str]) -> ChatMessage:
+    def _system(
+        self,
+        persona: str,
+        turn: TurnAccepted,
+        memories: list[str],
+        knowledge: tuple[RetrievedChunk, ...] = (),
+    ) -> ChatMessage:
         parts = [persona]
         language = _LANGUAGES.get(turn.language)
         if language:
@@ -189,6 +219,8 @@ class PromptBuilder:
         if memories:
             recalled = "\n---\n".join(memories)
             parts.append(f"Earlier exchanges with this person that may be relevant:\n{recalled}")
+        if knowledge:
+            parts.append(sources_text(knowledge))
         return ChatMessage(role="system", content="\n\n".join(parts))
 
     def _current(self, turn: TurnAccepted, model: str) -> ChatMessage:
@@ -229,6 +261,18 @@ class PromptBuilder:
         settings = {r["key"]: r["value"] for r in rows}  # channel rows last: they win
         messages = [ChatMessage(role=r["role"], content=r["content"]) for r in reversed(history)]
         return settings, messages
+
+    async def _knowledge(self, turn: TurnAccepted) -> tuple[RetrievedChunk, ...]:
+        if self.knowledge is None:
+            return ()
+        try:  # like memories: a slow embedding API must not hold every reply back
+            return await asyncio.wait_for(self.knowledge.retrieve(turn), self.knowledge_budget_s)
+        except TimeoutError:
+            log.warning(
+                "knowledge retrieval took over %.0f ms; answering without it",
+                self.knowledge_budget_s * 1000,
+            )
+            return ()
 
     async def _memories(self, turn: TurnAccepted) -> list[str]:
         if self.memory is None or self.memory_k <= 0:

@@ -384,6 +384,7 @@ class LlmProcessor:
             degraded=prompt.degraded,  # a reply written without what the database holds
             moderation=moderation,
             stopped_at=stopped_at,
+            knowledge=prompt.knowledge,  # what replay gives the prompt again
         )
 
     def gave_up(self, event: AnyEvent, error: str) -> list[Event]:
