@@ -257,7 +257,7 @@ async def test_garbage_wrong_keys_and_truncated_packets_are_dropped_and_counted(
         tampered = bytearray(good[1])
         tampered[20] ^= 0xFF
         bad = {
-            "short": [b"\x80", os.urandom(5)],
+            "short": [b"\x80", b"\x80\x78\x00\x07\x01"],  # (random bytes may read as RTCP)
             # version 1, and a second byte that is not RTCP (200-204) either
             "not_rtp": [b"\x40\x11" + os.urandom(39)],
             "rtcp": [b"\x81\xc9" + os.urandom(30)],
