@@ -239,12 +239,15 @@ def test_a_frame_costs_a_fraction_of_a_millisecond() -> None:
     pcm = discord_pcm(np.concatenate([speech("Testing the cost of a frame.", "en-us")] * 3))
     splitter, seg = FrameSplitter(), Segmenter(SileroVad())
     packets = [pcm[at : at + 3840] for at in range(0, len(pcm) - 3840, 3840)]
-    started = time.perf_counter()
-    for packet in packets:
-        for frame in splitter(packet):
-            seg.feed(frame)
-    per_frame_ms = (time.perf_counter() - started) * 1000 / len(packets)
-    assert per_frame_ms < 2.0, per_frame_ms  # about 0.2 ms on the 2-core CI machine
+    runs = []
+    for _ in range(3):  # the best of three: the cost of a frame, not a busy machine's pauses
+        started = time.perf_counter()
+        for packet in packets:
+            for frame in splitter(packet):
+                seg.feed(frame)
+        runs.append((time.perf_counter() - started) * 1000 / len(packets))
+    per_frame_ms = min(runs)
+    assert per_frame_ms < 2.0, runs  # about 0.2 ms on the 2-core CI machine
 
 
 def test_digital_silence_does_not_run_the_model() -> None:
