@@ -278,24 +278,20 @@ class _Socket:
         return message
 
     async def _hello(self) -> bool:
-        try:
-            message = await self._receive(_HELLO_S)
-        except TimeoutError:
-            await self.ws.close(1008, "say hello first")
-            return False
-        while message is not None:
-            try:
-                self._start(self._json(message, first=True))
-            except _Refused as refused:
-                self._error(refused.error, refused.message)
-            else:
-                return True
+        """Waits for a good ``hello``; each bad one gets an error. False: the socket is over."""
+        while True:
             try:
                 message = await self._receive(_HELLO_S)
             except TimeoutError:
                 await self.ws.close(1008, "say hello first")
                 return False
-        return False
+            if message is None:
+                return False
+            try:
+                self._start(self._json(message, first=True))
+                return True
+            except _Refused as refused:
+                self._error(refused.error, refused.message)
 
     async def _listen(self) -> None:
         while True:
