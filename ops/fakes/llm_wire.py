@@ -9,6 +9,7 @@ whole path: requests, SSE parsing, usage, errors and timeouts. It serves
 - Groq, ``POST /openai/v1/chat/completions`` (the same chunks, usage in ``x_groq``);
 - Anthropic, ``POST /v1/messages`` (message_start, content_block_start, content_block_delta…,
   content_block_stop, message_delta with usage, message_stop);
+- tool calls, in each vendor's streamed shape (see :class:`Behaviour`'s ``calls``);
 - OpenAI embeddings, ``POST /v1/embeddings`` (deterministic unit vectors, ``dimensions`` and
   ``encoding_format`` honoured), and ``GET /v1/models``;
 - OpenAI moderation, ``POST /v1/moderations``, and Llama Guard: a chat request (not streamed)
@@ -57,6 +58,7 @@ __all__ = [
     "OLLAMA_CHAT",
     "OPENAI_CHAT",
     "Behaviour",
+    "FakeCall",
     "FakeLlmWire",
     "ReceivedRequest",
     "embedding",
@@ -108,6 +110,13 @@ _FLAGGED_SCORE = 0.9
 _CLEAN_SCORE = 0.0001
 
 
+class FakeCall(msgspec.Struct, frozen=True):
+    """A tool call the fake model makes: the tool's name and the arguments it writes."""
+
+    name: str
+    arguments: dict[str, Any] = {}
+
+
 class Behaviour(msgspec.Struct, frozen=True, kw_only=True):
     """How the fake answers one request.
 
@@ -119,6 +128,11 @@ class Behaviour(msgspec.Struct, frozen=True, kw_only=True):
     ``malformed`` sends an event that is cut off mid-JSON, ``invalid_json`` sends a body (or
     first event) that is not JSON, ``disconnect`` closes the connection. ``usage`` False leaves
     token counts out, as some OpenAI-compatible servers do.
+
+    ``calls`` are the tool calls the model makes when a streamed request offers tools and
+    holds no tool result after its last user message: ``before`` is streamed as text first,
+    then each call the request offered a tool for (none offered: ``text`` as usual). Otherwise
+    ``{results}`` in ``text`` reads the results after the last user message, joined by " | ".
     """
 
     text: str = _TEXT
@@ -130,11 +144,19 @@ class Behaviour(msgspec.Struct, frozen=True, kw_only=True):
     fail: Failure = ""
     after: int = 0
     usage: bool = True
+    calls: tuple[FakeCall, ...] = ()
+    before: str = ""
 
     @classmethod
     def ok(cls, text: str, *, ttft: float = 0.0, tokens_per_sec: float = 0.0) -> Behaviour:
         """A reply of ``text``."""
         return cls(text=text, ttft=ttft, tokens_per_sec=tokens_per_sec)
+
+    @classmethod
+    def tool(cls, *calls: FakeCall, text: str = _TEXT, before: str = "") -> Behaviour:
+        """Makes ``calls`` (after the text ``before``) where a request offers their tools, and
+        answers ``text`` once their results come back."""
+        return cls(calls=calls, text=text, before=before)
 
     @classmethod
     def rate_limited(cls, retry_after: float | None = 1.0) -> Behaviour:
@@ -294,8 +316,11 @@ class FakeLlmWire(LoopbackServer):
             return await self._moderations(request, body, self._behaviour(path))
         return _error_response("openai", 404, f"no route for {path}")
 
-    async def _before_reply(self, request: web.Request, b: Behaviour, vendor: str) -> Any:
-        """Returns an early answer (an error status, a hang, a non-JSON body) or None."""
+    async def _before_reply(
+        self, request: web.Request, b: Behaviour, vendor: str, chat: dict[str, Any] | None = None
+    ) -> Any:
+        """Returns an early answer (an error status, a hang, a non-JSON body, the vendor's
+        refusal of the ``chat`` request's tool results) or None."""
         if b.status >= 400:
             return _error_response(vendor, b.status, b.message, b.retry_after)
         if b.fail == "hang" and b.after == 0:
@@ -304,6 +329,10 @@ class FakeLlmWire(LoopbackServer):
         if b.fail == "disconnect" and b.after == 0:
             _drop(request)
             return web.Response(status=500)
+        if chat is not None:
+            check = _unanswered_anthropic if vendor == "anthropic" else _unanswered_openai
+            if problem := check(chat.get("messages")):
+                return _error_response(vendor, 400, problem)
         return None
 
     async def _chat(
@@ -311,11 +340,14 @@ class FakeLlmWire(LoopbackServer):
     ) -> web.StreamResponse:
         groq = path.endswith(GROQ_CHAT)
         vendor = "groq" if groq else "openai"
-        early = await self._before_reply(request, b, vendor)
+        early = await self._before_reply(request, b, vendor, body)
         if early is not None:
             return early
         model = str(body.get("model", ""))
-        pieces = _PIECES.findall(b.text)
+        calls, text = _answer(b, body, anthropic=False)
+        pieces: list[Any] = _PIECES.findall(text)
+        style = "groq" if groq else "ollama" if path.endswith(OLLAMA_CHAT) else "openai"
+        pieces += _openai_call_deltas(calls, style)
         prompt_tokens = _count_prompt(body.get("messages"))
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -325,7 +357,7 @@ class FakeLlmWire(LoopbackServer):
         cid = f"chatcmpl-{next(_ids)}"
         created = int(time.time())
         if not body.get("stream"):
-            text = await self._whole_text(b, model, body.get("messages"))
+            text = await self._whole_text(b, text, model, body.get("messages"))
             return await self._chat_whole(request, b, cid, created, model, text, usage)
         options = body.get("stream_options") or {}
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -354,8 +386,8 @@ class FakeLlmWire(LoopbackServer):
         first = {"x_groq": x_groq} if groq else {}
         await response.write(chunk({"role": "assistant", "content": ""}, **first))
 
-        async def write_piece(piece: str) -> None:
-            await response.write(chunk({"content": piece}))
+        async def write_piece(piece: str | dict[str, Any]) -> None:
+            await response.write(chunk({"content": piece} if isinstance(piece, str) else piece))
 
         broken = b'data: {"id": "' + cid.encode() + b'", "choices": [{"delta": {"content": "br\n\n'
         if not await self._pace(request, response, b, pieces, write_piece, broken):
@@ -363,7 +395,7 @@ class FakeLlmWire(LoopbackServer):
         last: dict[str, Any] = {}
         if groq and b.usage:
             last["x_groq"] = {**x_groq, "usage": {**usage, "queue_time": 0.001, "total_time": 0.1}}
-        await response.write(chunk({}, "stop", **last))
+        await response.write(chunk({}, "tool_calls" if calls else "stop", **last))
         if include_usage and b.usage:
             data = {
                 "id": cid,
@@ -418,15 +450,18 @@ class FakeLlmWire(LoopbackServer):
     async def _anthropic(
         self, request: web.Request, body: dict[str, Any], b: Behaviour
     ) -> web.StreamResponse:
-        early = await self._before_reply(request, b, "anthropic")
+        early = await self._before_reply(request, b, "anthropic", body)
         if early is not None:
             return early
         model = str(body.get("model", ""))
-        pieces = _PIECES.findall(b.text)
+        calls, text = _answer(b, body, anthropic=True)
+        pieces: list[Any] = _PIECES.findall(text)
         prompt_tokens = _count_prompt(body.get("messages")) + _count_words(body.get("system"))
         mid = f"msg_fake{next(_ids)}"
         if not body.get("stream"):
             return await self._anthropic_whole(request, b, mid, model, prompt_tokens, pieces)
+        text_block = bool(pieces) or not calls  # a reply of calls alone has no text block
+        pieces += _anthropic_call_events(calls, first_index=int(text_block))
         response = await _open_sse(request)
 
         async def event(name: str, data: dict[str, Any]) -> None:
@@ -447,14 +482,18 @@ class FakeLlmWire(LoopbackServer):
             "usage": start_usage,
         }
         await event("message_start", {"type": "message_start", "message": message})
-        block = {"type": "text", "text": ""}
-        await event(
-            "content_block_start",
-            {"type": "content_block_start", "index": 0, "content_block": block},
-        )
+        if text_block:
+            block = {"type": "text", "text": ""}
+            await event(
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": block},
+            )
         await event("ping", {"type": "ping"})
 
-        async def write_piece(piece: str) -> None:
+        async def write_piece(piece: str | dict[str, Any]) -> None:
+            if not isinstance(piece, str):
+                await event(piece["type"], piece)
+                return
             delta = {"type": "text_delta", "text": piece}
             await event(
                 "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
@@ -463,9 +502,10 @@ class FakeLlmWire(LoopbackServer):
         broken = b'event: content_block_delta\ndata: {"type": "content_block_delta", "ind\n\n'
         if not await self._pace(request, response, b, pieces, write_piece, broken):
             return response
-        await event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        if not calls:
+            await event("content_block_stop", {"type": "content_block_stop", "index": 0})
         end_usage = {"output_tokens": len(pieces) if b.usage else 0}
-        delta = {"stop_reason": "end_turn", "stop_sequence": None}
+        delta = {"stop_reason": "tool_use" if calls else "end_turn", "stop_sequence": None}
         await event("message_delta", {"type": "message_delta", "delta": delta, "usage": end_usage})
         await event("message_stop", {"type": "message_stop"})
         await response.write_eof()
@@ -564,10 +604,10 @@ class FakeLlmWire(LoopbackServer):
         }
         return web.Response(body=_encode(answer), content_type="application/json")
 
-    async def _whole_text(self, b: Behaviour, model: str, messages: Any) -> str:
+    async def _whole_text(self, b: Behaviour, text: str, model: str, messages: Any) -> str:
         """The text of a reply that is not streamed: a guard model's verdict unless scripted."""
         if "guard" not in model.lower() or b.text != _TEXT:
-            return b.text
+            return text
         await asyncio.sleep(self.moderation_latency)
         return self.guard_answer(_message_text(messages))
 
@@ -730,3 +770,151 @@ def _count_prompt(messages: Any) -> int:
 
 def _is_tokens(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], int)
+
+
+def _answer(b: Behaviour, body: dict[str, Any], *, anthropic: bool) -> tuple[list[FakeCall], str]:
+    """Returns the calls the model makes (the request offered their tools and has no result
+    yet) with the text it writes first, or no calls and its text, ``{results}`` filled in."""
+    if not b.calls and "{results}" not in b.text:
+        return [], b.text
+    results = _tool_results(body.get("messages"), anthropic=anthropic)
+    tools = body.get("tools")
+    if b.calls and tools and isinstance(tools, list) and not results and body.get("stream"):
+        offered = {_tool_name(tool) for tool in tools if isinstance(tool, dict)}
+        calls = [call for call in b.calls if call.name in offered]
+        if calls:
+            return calls, b.before
+    return [], b.text.replace("{results}", " | ".join(results))
+
+
+def _tool_name(tool: dict[str, Any]) -> str:
+    """An offered tool's name: Anthropic's ``name``, OpenAI's ``function.name``."""
+    function = tool.get("function")
+    return str(tool.get("name") or (function.get("name") if isinstance(function, dict) else ""))
+
+
+def _tool_results(messages: Any, *, anthropic: bool) -> list[str]:
+    """The contents of the tool results after the last user message, oldest first: OpenAI's
+    ``tool`` messages, Anthropic's ``tool_result`` blocks (in user messages of their own)."""
+    results: list[str] = []
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if anthropic and role == "user":
+            content = message.get("content")
+            blocks = content if isinstance(content, list) else []
+            found = [_text(b.get("content")) for b in blocks if _is_tool_result(b)]
+            if not found:
+                break
+            results.extend(reversed(found))
+        elif role == "user":
+            break
+        elif role == "tool" and not anthropic:
+            results.append(_text(message.get("content")))
+    results.reverse()
+    return results
+
+
+def _is_tool_result(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "tool_result"
+
+
+def _text(content: Any) -> str:
+    """A content's text: a string, or the text of its blocks (parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+    return ""
+
+
+def _unanswered_openai(messages: Any) -> str:
+    """OpenAI's complaint about a ``tool`` message answering no earlier call, or ""."""
+    asked: set[Any] = set()
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            asked.update(c.get("id") for c in message["tool_calls"] if isinstance(c, dict))
+        elif role == "tool" and message.get("tool_call_id") not in asked:
+            return (
+                "Invalid parameter: messages with role 'tool' must be a response to a preceding"
+                f" message with 'tool_calls' (tool_call_id {message.get('tool_call_id')!r})."
+            )
+    return ""
+
+
+def _unanswered_anthropic(messages: Any) -> str:
+    """Anthropic's complaint about a ``tool_result`` block answering no earlier ``tool_use``,
+    or ""."""
+    asked: set[Any] = set()
+    for index, message in enumerate(messages if isinstance(messages, list) else []):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for place, block in enumerate(content):
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                asked.add(block.get("id"))
+            elif block.get("type") == "tool_result" and block.get("tool_use_id") not in asked:
+                return (
+                    f"messages.{index}.content.{place}: unexpected `tool_use_id` found in"
+                    f" `tool_result` blocks: {block.get('tool_use_id')}. Each `tool_result` block"
+                    " must have a corresponding `tool_use` block in the previous message."
+                )
+    return ""
+
+
+def _fragments(arguments: dict[str, Any]) -> list[str]:
+    """A call's arguments as JSON cut into two or more pieces, anywhere, as models stream them."""
+    text = _encode(arguments).decode()
+    size = max(1, min(8, len(text) // 2))
+    return [text[start : start + size] for start in range(0, len(text), size)]
+
+
+def _openai_call_deltas(calls: list[FakeCall], style: str) -> list[dict[str, Any]]:
+    """The chunk deltas of the calls: OpenAI's (the id and name first, then the arguments in
+    fragments), Groq's (each call whole in one delta) or Ollama's (the same, in a delta that
+    also says its role and an empty content)."""
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(calls):
+        head = {"index": index, "id": f"call_{next(_ids)}", "type": "function"}
+        if style != "openai":
+            function = {"name": call.name, "arguments": _encode(call.arguments).decode()}
+            delta = {"tool_calls": [{**head, "function": function}]}
+            deltas.append(
+                {"role": "assistant", "content": "", **delta} if style == "ollama" else delta
+            )
+            continue
+        deltas.append({"tool_calls": [{**head, "function": {"name": call.name, "arguments": ""}}]})
+        deltas.extend(
+            {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
+            for fragment in _fragments(call.arguments)
+        )
+    return deltas
+
+
+def _anthropic_call_events(calls: list[FakeCall], *, first_index: int) -> list[dict[str, Any]]:
+    """The events of the calls' ``tool_use`` blocks, from ``first_index`` on; a text block
+    before them (``first_index`` 1) is stopped first."""
+    events: list[dict[str, Any]] = []
+    if calls and first_index:
+        events.append({"type": "content_block_stop", "index": 0})
+    for index, call in enumerate(calls, first_index):
+        block = {"type": "tool_use", "id": f"toolu_fake{next(_ids)}", "name": call.name}
+        events.append(
+            {"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}}
+        )
+        events.extend(
+            {
+                "type": "content_block_delta",
+                "index": index,
+                "delta": {"type": "input_json_delta", "partial_json": fragment},
+            }
+            for fragment in ["", *_fragments(call.arguments)]
+        )
+        events.append({"type": "content_block_stop", "index": index})
+    return events

@@ -172,7 +172,8 @@ class EmbeddedProvider:
         self._threads = compute_threads(self.slots, "libra-embedded-llm", nice=nice)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[str | ChatUsage]:
-        """Yields the reply's text pieces as the model makes them, then one ChatUsage."""
+        """Yields the reply's text pieces as the model makes them, then one ChatUsage; it offers
+        the model no tools (``request.tools`` is ignored), so it never yields a ToolCall."""
         await self._free.acquire()
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | ChatUsage | ProviderError] = asyncio.Queue()
@@ -269,12 +270,21 @@ def _prompt(
     rest = [m for m in messages if m.role != "system"]
     room = _CONTEXT_TOKENS - min(max_tokens, _CONTEXT_TOKENS // 4)
     while True:
-        wire = [{"role": m.role, "content": m.content} for m in (*system, *rest)]
+        wire = [_turn(m) for m in (*system, *rest)]
         formatted = formatter(messages=wire)
         tokens = model.tokenize(formatted.prompt.encode(), add_bos=False, special=True)
         if len(tokens) <= room or len(rest) <= 1:
             return tokens[-room:], [stop for stop in formatted.stop if stop]
         rest = rest[1:]
+
+
+def _turn(message: ChatMessage) -> dict[str, str]:
+    """One message as the chat template takes it. The model is offered no tools, but a history
+    may hold another provider's calls: a result goes as a user turn that says what it is
+    (SmolLM2 was never trained on a ``tool`` role), a call's assistant turn as its text."""
+    if message.role == "tool":
+        return {"role": "user", "content": f"Tool result: {message.content}"}
+    return {"role": message.role, "content": message.content}
 
 
 def _formatter(model: Any, kind: type) -> Any:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import groq
 import httpx
 
 from ._errors import SdkErrors, provider_error
-from .base import ChatRequest, ChatUsage, ProviderError
-from .openai_compat import openai_messages
+from .base import ChatRequest, ChatUsage, ProviderError, ToolCall
+from .openai_compat import ToolCallParts, openai_messages, openai_tools
 
 __all__ = ["GROQ_ERRORS", "GROQ_URL", "GroqProvider"]
 
@@ -43,14 +44,18 @@ class GroqProvider:
             http_client=groq.DefaultAioHttpClient(limits=CONNECTION_LIMITS),
         )
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str | ChatUsage]:
-        """Yields the reply's text pieces as they arrive, then one ChatUsage."""
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str | ToolCall | ChatUsage]:
+        """Yields the reply's text pieces as they arrive, each whole tool call once the reply
+        ends, then one ChatUsage."""
         usage = None
         finish_reason = ""
+        calls = ToolCallParts()
+        tools = openai_tools(request.tools) if request.tools else groq.omit
         try:
             response = await self._client.chat.completions.create(
                 model=request.model,
                 messages=openai_messages(request.messages),  # type: ignore[arg-type]
+                tools=tools,  # type: ignore[arg-type]
                 max_tokens=request.max_tokens,
                 temperature=request.temperature,
                 stream=True,
@@ -61,14 +66,12 @@ class GroqProvider:
                         choice = chunk.choices[0]
                         if text := choice.delta.content:
                             yield text
-                        if choice.finish_reason:
-                            finish_reason = choice.finish_reason
-                    extra = chunk.x_groq
-                    if extra is not None:
-                        if extra.error:
-                            raise ProviderError(self.name, "server", extra.error)
-                        usage = extra.usage or usage
-                    usage = chunk.usage or usage
+                        if choice.delta.tool_calls:
+                            calls.extend(choice.delta.tool_calls)
+                        finish_reason = choice.finish_reason or finish_reason
+                    usage = self._usage(chunk) or usage
+                for call in calls.take():
+                    yield call
         except ProviderError:
             raise
         except Exception as exc:
@@ -81,6 +84,16 @@ class GroqProvider:
             completion_tokens=usage.completion_tokens if usage else 0,
             finish_reason=finish_reason,
         )
+
+    def _usage(self, chunk: Any) -> Any:
+        """Returns a chunk's counts (OpenAI's ``usage``, else Groq's in ``x_groq``) or None;
+        raises the error a stream reports in ``x_groq``."""
+        extra = chunk.x_groq
+        if extra is None:
+            return chunk.usage
+        if extra.error:
+            raise ProviderError(self.name, "server", extra.error)
+        return chunk.usage or extra.usage
 
     async def close(self) -> None:
         """Closes the SDK client and its connections."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -21,9 +22,16 @@ import msgspec
 import openai
 
 from ._errors import SdkErrors, provider_error
-from .base import ChatMessage, ChatRequest, ChatUsage, ProviderError
+from .base import ChatMessage, ChatRequest, ChatUsage, ProviderError, ToolCall, ToolSpec
 
-__all__ = ["OPENAI_ERRORS", "OPENAI_URL", "OpenAICompatProvider", "openai_messages"]
+__all__ = [
+    "OPENAI_ERRORS",
+    "OPENAI_URL",
+    "OpenAICompatProvider",
+    "ToolCallParts",
+    "openai_messages",
+    "openai_tools",
+]
 
 OPENAI_URL = "https://api.openai.com/v1"
 # One client serves every conversation of a processor; the SDK's default pool would queue them.
@@ -37,10 +45,23 @@ OPENAI_ERRORS = SdkErrors(
 )
 _USAGE_OPTION = {"include_usage": True}
 _DRAIN_S = 1.0  # a server that holds the stream open after [DONE] loses its connection
+_CALL_IDS = itertools.count(1)  # for servers that send a call without an id
+
+
+class _FunctionDelta(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int | None = None
+    id: str | None = None
+    function: _FunctionDelta | None = None
 
 
 class _Delta(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -62,19 +83,133 @@ class _Chunk(msgspec.Struct):
 
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_NO_FUNCTION = _FunctionDelta()
 
 
 def openai_messages(messages: Iterable[ChatMessage]) -> list[dict[str, Any]]:
-    """Returns the chat messages in OpenAI's wire shape, images as ``image_url`` parts."""
+    """Returns the chat messages in OpenAI's wire shape, images as ``image_url`` parts, the
+    calls an assistant made as its ``tool_calls`` and each result as a ``tool`` message."""
     wire: list[dict[str, Any]] = []
     for message in messages:
         if message.images and message.role == "user":
             parts: list[dict[str, Any]] = [{"type": "text", "text": message.content}]
             parts.extend({"type": "image_url", "image_url": {"url": url}} for url in message.images)
             wire.append({"role": "user", "content": parts})
+        elif message.tool_calls:
+            wire.append(
+                {
+                    "role": "assistant",
+                    "content": message.content or None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments},
+                        }
+                        for call in message.tool_calls
+                    ],
+                }
+            )
+        elif message.role == "tool":
+            wire.append(
+                {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+            )
         else:
             wire.append({"role": message.role, "content": message.content})
     return wire
+
+
+def openai_tools(tools: Iterable[ToolSpec]) -> list[dict[str, Any]]:
+    """Returns the tools in OpenAI's (and Groq's) wire shape: each a ``function``."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": tool.parameters,
+            },
+        }
+        for tool in tools
+    ]
+
+
+class _PartialCall:
+    __slots__ = ("fragments", "id", "name", "order")
+
+    def __init__(self, order: int) -> None:
+        self.order = order  # its index, or where it came for a server that sends none
+        self.id = ""
+        self.name = ""
+        self.fragments: list[str] = []
+
+
+class ToolCallParts:
+    """Gathers the tool calls of one streamed reply from the pieces they arrive in.
+
+    OpenAI sends a call's id and name in its first piece and its arguments in fragments after,
+    each piece naming its call by ``index``; Ollama and Groq send each call whole. A piece whose
+    id differs from the one its index holds starts a new call (for servers that number every
+    call 0); one without an index starts a call if it has an id or a name, else continues the
+    last.
+    """
+
+    __slots__ = ("_by_index", "_calls")
+
+    def __init__(self) -> None:
+        self._calls: list[_PartialCall] = []
+        self._by_index: dict[int, _PartialCall] = {}
+
+    def add(
+        self, index: int | None, call_id: str | None, name: str | None, arguments: str | None
+    ) -> None:
+        """Adds one streamed piece of a call."""
+        call: _PartialCall | None
+        if index is not None:
+            call = self._by_index.get(index)
+            if call is not None and call_id and call.id and call_id != call.id:
+                call = None
+        else:
+            call = None if call_id or name or not self._calls else self._calls[-1]
+        if call is None:
+            call = _PartialCall(len(self._calls) if index is None else index)
+            self._calls.append(call)
+            if index is not None:
+                self._by_index[index] = call
+        if call_id:
+            call.id = call_id
+        if name:
+            call.name += name  # whole in every server known; joined should one split it
+        if arguments:
+            call.fragments.append(arguments)
+
+    def extend(self, parts: Iterable[Any]) -> None:
+        """Adds the pieces of one delta's ``tool_calls``: items with ``index``, ``id`` and a
+        ``function`` (or None) with ``name`` and ``arguments``, msgspec's or an SDK's."""
+        for part in parts:
+            function = part.function or _NO_FUNCTION
+            self.add(part.index, part.id, function.name, function.arguments)
+
+    def take(self) -> list[ToolCall]:
+        """Returns the whole calls, in index order, and forgets them."""
+        calls = [
+            ToolCall(
+                id=call.id or f"call_{next(_CALL_IDS)}",
+                name=call.name,
+                arguments="".join(call.fragments) or "{}",
+            )
+            for call in sorted(self._calls, key=lambda call: call.order)
+        ]
+        self._calls.clear()
+        self._by_index.clear()
+        return calls
+
+
+def _extra_body(request: ChatRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": openai_messages(request.messages)}
+    if request.tools:
+        body["tools"] = openai_tools(request.tools)
+    return body
 
 
 class OpenAICompatProvider:
@@ -105,18 +240,20 @@ class OpenAICompatProvider:
             http_client=openai.DefaultAioHttpClient(limits=CONNECTION_LIMITS),
         )
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[str | ChatUsage]:
-        """Yields the reply's text pieces as they arrive, then one ChatUsage."""
+    async def stream(self, request: ChatRequest) -> AsyncIterator[str | ToolCall | ChatUsage]:
+        """Yields the reply's text pieces as they arrive, each whole tool call once the reply
+        ends, then one ChatUsage."""
         usage = None
         finish_reason = ""
+        calls = ToolCallParts()
         try:
             async with self._client.chat.completions.with_streaming_response.create(
                 model=request.model,
                 # The messages go as extra_body, which the SDK sends as it is: its typed-request
                 # transform walks every message of the history (6 ms for 40 of them), and plain
-                # text messages have nothing to transform.
+                # text messages have nothing to transform. The tools go with them.
                 messages=[],
-                extra_body={"messages": openai_messages(request.messages)},
+                extra_body=_extra_body(request),
                 temperature=request.temperature,
                 stream=True,
                 stream_options=_USAGE_OPTION,  # type: ignore[arg-type]
@@ -128,10 +265,13 @@ class OpenAICompatProvider:
                         choice = chunk.choices[0]
                         if text := choice.delta.content:
                             yield text
-                        if choice.finish_reason:
-                            finish_reason = choice.finish_reason
+                        if choice.delta.tool_calls:
+                            calls.extend(choice.delta.tool_calls)
+                        finish_reason = choice.finish_reason or finish_reason
                     if chunk.usage is not None:
                         usage = chunk.usage
+                for call in calls.take():  # the stream said [DONE] (or ended)
+                    yield call
                 await _drain(body)
         except ProviderError:
             raise
