@@ -658,6 +658,7 @@ async def test_commands_are_synced_with_korean_names_to_the_configured_guild(
     assert set(synced) == {
         *("chat", "reset", "model", "persona", "moderation", "stats", "help"),
         *("join", "leave", "record", "stop", "voice"),
+        *("learn", "knowledge", "tools"),
     }
     assert [o["name"] for o in synced["voice"]["options"]] == ["auto", "manual"]
     moderation = {o["name"]: o for o in synced["moderation"]["options"]}

@@ -14,8 +14,9 @@
       roles = []
       channels = []
 
-- Admin commands (``/model``, ``/persona`` to set) need Manage Server, or a role listed in
-  ``DISCORD_ADMIN_ROLES``; ``/chat`` needs Manage Channels (admins may too).
+- Admin commands (``/model``, ``/persona`` to set, ``/moderation``, ``/learn``,
+  ``/knowledge``, ``/tools``) need Manage Server, or a role listed in ``DISCORD_ADMIN_ROLES``;
+  ``/chat`` needs Manage Channels (admins may too).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Images keep their URL when the server's model can see (``VISION_MODELS``), so the llm processor
 can send them; otherwise they are named. Text files are read in, up to a number of characters.
 Anything else (audio, archives, PDFs) is named with its type and size, so the model can say it
-cannot open it.
+cannot open it. A file taken whole (a document for ``/learn``) is refused by its declared size
+before a byte is fetched, and again if more bytes come than that (:func:`download`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hikari
 
 from libra.contracts import Attachment
 
-__all__ = ["can_see", "read_attachments"]
+__all__ = ["FileTooLarge", "can_see", "download", "read_attachments"]
 
 log = logging.getLogger("libra.discord.attachments")
 
@@ -72,7 +73,18 @@ _TEXT_SUFFIXES = frozenset(
     )
 )
 _DOWNLOAD_TIMEOUT_S = 10.0
+_DOCUMENT_TIMEOUT_S = 30.0
 TRUNCATED = "\n[… truncated]"
+
+
+class FileTooLarge(ValueError):
+    """A file over the size it may have: ``size`` is what Discord declared for it, or None when
+    Discord understated it and the download was stopped past the limit."""
+
+    def __init__(self, name: str, size: int | None, limit: int) -> None:
+        shown = f"{size:,} bytes" if size is not None else "larger than declared"
+        super().__init__(f"{name!r} is {shown}, over the limit of {limit:,} bytes")
+        self.size, self.limit = size, limit
 
 
 def can_see(model: str, vision_models: Iterable[str]) -> bool:
@@ -122,15 +134,34 @@ async def _describe(attachment: hikari.Attachment, *, vision: bool, text_chars: 
     return Attachment(kind="other", **named)
 
 
-async def _read_text(attachment: hikari.Attachment, chars: int) -> str:
-    limit = chars * 4  # UTF-8 takes at most four bytes a character
+async def download(
+    attachment: hikari.Attachment, *, max_bytes: int, timeout_s: float = _DOCUMENT_TIMEOUT_S
+) -> bytes:
+    """The whole file; raises :class:`FileTooLarge` (before fetching it when Discord's size says
+    so), ``TimeoutError``, ``hikari.HTTPError`` or ``OSError``."""
+    if attachment.size > max_bytes:
+        raise FileTooLarge(attachment.filename, attachment.size, max_bytes)
+    data = await _fetch(attachment, max_bytes + 1, timeout_s)
+    if len(data) > max_bytes:
+        raise FileTooLarge(attachment.filename, None, max_bytes)
+    return data
+
+
+async def _fetch(attachment: hikari.Attachment, limit: int, timeout_s: float) -> bytes:
+    """The first ``limit`` bytes of a file (fewer if it is shorter); no more are read."""
     data = bytearray()
-    async with asyncio.timeout(_DOWNLOAD_TIMEOUT_S), attachment.stream() as reader:
+    async with asyncio.timeout(timeout_s), attachment.stream() as reader:
         async for chunk in reader:
             data.extend(chunk)
             if len(data) >= limit:
                 break
-    text = data[:limit].decode("utf-8", errors="replace")
+    return bytes(data[:limit])
+
+
+async def _read_text(attachment: hikari.Attachment, chars: int) -> str:
+    limit = chars * 4  # UTF-8 takes at most four bytes a character
+    data = await _fetch(attachment, limit, _DOWNLOAD_TIMEOUT_S)
+    text = data.decode("utf-8", errors="replace")
     if len(text) > chars or len(data) < attachment.size:
         return text[:chars] + TRUNCATED
     return text

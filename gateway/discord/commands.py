@@ -2,7 +2,9 @@
 
 The lightbulb classes only declare the commands (names and descriptions are localization keys,
 see :mod:`.strings`); :class:`SlashCommands` does what they mean, which for a change of state is
-publishing a session event. Refusals are ephemeral and say why.
+publishing a session event. Refusals are ephemeral and say why. The voice, knowledge and tools
+commands (:mod:`.voice_commands`, :mod:`.knowledge_commands`, :mod:`.tool_commands`) live in
+modules of their own and use the same checks (:meth:`SlashCommands.server_scope`).
 """
 
 from __future__ import annotations
@@ -95,14 +97,14 @@ class SlashCommands:
         if not self.access.may_set_chat_mode(*rights(ctx)):
             await ctx.respond(say("refused.chat", locale), ephemeral=True)
             return
-        await self._publish(ctx, SessionChat, enabled=enabled)
+        await self.publish(ctx, SessionChat, enabled=enabled)
         await ctx.respond(say("chat.on" if enabled else "chat.off", locale))
 
     async def reset(self, ctx: lightbulb.Context, *, everywhere: bool) -> None:
         if not await self.may_talk(ctx):
             return
         scope = "user" if everywhere else "conversation"
-        await self._publish(ctx, SessionMemoryReset, scope=scope)
+        await self.publish(ctx, SessionMemoryReset, scope=scope)
         await ctx.respond(say(f"reset.{scope}", str(ctx.interaction.locale)), ephemeral=True)
 
     async def model(self, ctx: lightbulb.Context, *, name: str, clear: bool) -> None:
@@ -113,7 +115,7 @@ class SlashCommands:
 
     async def moderation_show(self, ctx: lightbulb.Context) -> None:
         """The server's policy: engines, refused categories, thresholds, log channel."""
-        if (scope := await self._server(ctx)) is None:
+        if (scope := await self.server_scope(ctx)) is None:
             return
         locale = str(ctx.interaction.locale)
         policy = self._policy(scope)
@@ -141,7 +143,7 @@ class SlashCommands:
 
     async def moderation_categories(self, ctx: lightbulb.Context, *, listed: str) -> None:
         """Sets the categories the server refuses."""
-        if (scope := await self._server(ctx, admin=True)) is None:
+        if (scope := await self.server_scope(ctx, admin=True)) is None:
             return
         locale = str(ctx.interaction.locale)
         try:
@@ -154,7 +156,7 @@ class SlashCommands:
         else:
             value = ",".join(c for c in SERVER_CATEGORIES if c in chosen) or "none"
             shown = value.replace(",", ", ") if chosen else say("moderation.none", locale)
-        await self._publish(ctx, SessionSettings, scope=scope, key=CATEGORIES_KEY, value=value)
+        await self.publish(ctx, SessionSettings, scope=scope, key=CATEGORIES_KEY, value=value)
         text = say("moderation.categories.set", locale, categories=shown)
         await ctx.respond(text, ephemeral=True)
 
@@ -162,7 +164,7 @@ class SlashCommands:
         self, ctx: lightbulb.Context, *, category: str, score: float | None
     ) -> None:
         """Sets (or, with no score, clears) the score from which ``category`` is refused."""
-        if (scope := await self._server(ctx, admin=True)) is None:
+        if (scope := await self.server_scope(ctx, admin=True)) is None:
             return
         locale = str(ctx.interaction.locale)
         if category not in SERVER_CATEGORIES or not (score is None or 0.0 <= score <= 1.0):
@@ -175,7 +177,7 @@ class SlashCommands:
         else:
             thresholds[category] = score
         value = format_thresholds(thresholds)
-        await self._publish(ctx, SessionSettings, scope=scope, key=THRESHOLDS_KEY, value=value)
+        await self.publish(ctx, SessionSettings, scope=scope, key=THRESHOLDS_KEY, value=value)
         if score is None:
             text = say("moderation.threshold.cleared", locale, category=category)
         else:
@@ -186,14 +188,14 @@ class SlashCommands:
         self, ctx: lightbulb.Context, *, channel: hikari.PartialChannel | None
     ) -> None:
         """Sets (or, with no channel, clears) where flagged messages are reported."""
-        if (scope := await self._server(ctx, admin=True)) is None:
+        if (scope := await self.server_scope(ctx, admin=True)) is None:
             return
         locale = str(ctx.interaction.locale)
         if channel is not None and channel.type not in _LOG_CHANNELS:
             await ctx.respond(say("moderation.log.bad", locale), ephemeral=True)
             return
         value = "" if channel is None else str(channel.id)
-        await self._publish(ctx, SessionSettings, scope=scope, key=LOG_KEY, value=value)
+        await self.publish(ctx, SessionSettings, scope=scope, key=LOG_KEY, value=value)
         if channel is None:
             text = say("moderation.log.cleared", locale)
         else:
@@ -203,7 +205,7 @@ class SlashCommands:
     def _policy(self, scope: str) -> ServerPolicy:
         return ServerPolicy.in_view(self.view, scope)
 
-    async def _server(self, ctx: lightbulb.Context, *, admin: bool = False) -> str | None:
+    async def server_scope(self, ctx: lightbulb.Context, *, admin: bool = False) -> str | None:
         """The server's scope (``guild:<id>``) when the person may do this here; else None,
         and they are told why."""
         if not await self.may_talk(ctx):
@@ -258,7 +260,7 @@ class SlashCommands:
         if key == "model" and value and not _MODEL_NAME.match(value):
             await ctx.respond(say("model.bad", locale), ephemeral=True)
             return
-        await self._publish(ctx, SessionSettings, scope=scope, key=key, value=value)
+        await self.publish(ctx, SessionSettings, scope=scope, key=key, value=value)
         text = say("cleared", locale) if not value else say(f"{key}.set", locale, value=value)
         await ctx.respond(text, ephemeral=True)
 
@@ -279,7 +281,7 @@ class SlashCommands:
         await ctx.respond(say("refused.access", str(ctx.interaction.locale)), ephemeral=True)
         return False
 
-    async def _publish(self, ctx: lightbulb.Context, cls: type[Event], **fields: object) -> None:
+    async def publish(self, ctx: lightbulb.Context, cls: type[Event], **fields: object) -> None:
         channel, thread = _where(ctx)
         guild = str(ctx.guild_id or "")
         conversation = (

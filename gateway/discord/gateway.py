@@ -10,7 +10,8 @@ reply starts at once), posts the reply on the first delta and edits it as more a
 message ids. A rejected or failed turn gets the short message the event carries. If the log
 cannot be written within a few seconds, the person is told at once to try again in a minute.
 A gateway that starts delivers what one that stopped left undelivered (:mod:`.recovery`).
-Voice channels (/join) are :mod:`.voice_calls`' part.
+Voice channels (/join) are :mod:`.voice_calls`' part; a server's knowledge base (/learn,
+/knowledge) :mod:`.knowledge_commands`', its tools (/tools) :mod:`.tool_commands`'.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from nats.js.errors import NoStreamResponseError
 from redis.exceptions import RedisError
 
 from libra.contracts import LlmCompleted, LlmDelta, LlmFailed, TextReceived, TurnRejected, new_id
+from libra.processors.knowledge.documents import Limits
 from libra.processors.moderation.base import engine_names
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.consumer import ConsumerRunner
@@ -39,16 +41,19 @@ from libra.runtime.eventlog import EventLog
 from libra.runtime.follow import ReplyTimeout, TurnFollower
 from libra.runtime.logs import bind
 from libra.runtime.sessions import SessionView
+from libra.tools.registry import installed
 
 from .access import AccessPolicy, parse_ids
 from .claims import TurnClaims
 from .commands import SlashCommands, register_commands
+from .knowledge_commands import KnowledgeCommands, register_knowledge_commands
 from .live_reply import LiveReply
 from .messages import MessageReader
 from .modlog import ModerationLog
 from .outcome import deliver, notice
 from .recovery import Recovery
 from .strings import localization, say
+from .tool_commands import ToolCommands, register_tool_commands
 from .voice_calls import VoiceCalls
 from .voice_commands import VoiceCommands, register_voice_commands
 
@@ -175,6 +180,16 @@ class DiscordGateway:
             moderation_engines=",".join(engine_names(settings)),
         )
         register_commands(self.commands, slash)
+        limits = Limits(
+            max_bytes=settings.knowledge_max_document_bytes,
+            chunk_tokens=settings.knowledge_chunk_tokens,
+            chunk_overlap=settings.knowledge_chunk_overlap,
+        )
+        register_knowledge_commands(
+            self.commands, KnowledgeCommands(log_, pool, slash, limits=limits)
+        )
+        tools = ToolCommands(slash, installed().tools, default=settings.tools_enabled)
+        register_tool_commands(self.commands, tools)
         self.recovery = Recovery(
             self.bot,
             log_,

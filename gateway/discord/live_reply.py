@@ -4,7 +4,8 @@ Each message is edited at most once per ``interval`` (a second by default: Disco
 edits per five seconds per channel, and hikari's limiter waits out whatever is left of a bucket
 and survives 429s). Pieces that arrive in between are folded into the next edit. A reply longer
 than a message continues in further messages, split by :func:`split_message`; the finished
-reply's messages hold exactly the split of the completed text.
+reply's messages hold exactly the split of the completed text, and its footer (sources, tools)
+under the last one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import hikari
 
-from .split import MESSAGE_LIMIT, split_message
+from .split import MESSAGE_LIMIT, split_message, with_footer
 
 __all__ = ["LiveReply"]
 
@@ -58,6 +59,7 @@ class LiveReply:
         self.posted: list[_Posted] = []
         self.first_posted = asyncio.Event()
         self._text = ""
+        self._footer = ""
         self._final = False
         self._changed = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -73,9 +75,11 @@ class LiveReply:
         if self._writer is None:
             self._writer = asyncio.create_task(self._write(), name=f"reply-{self.channel}")
 
-    async def finish(self, text: str) -> list[int]:
-        """Writes the whole reply and returns its message ids once Discord holds all of it."""
+    async def finish(self, text: str, *, footer: str = "") -> list[int]:
+        """Writes the whole reply, ``footer`` under its last message, and returns its message
+        ids once Discord holds all of it."""
         self._final = True
+        self._footer = footer
         self.update(text)
         assert self._writer is not None
         await self._writer
@@ -106,7 +110,7 @@ class LiveReply:
     async def _write(self) -> None:
         while True:
             self._changed.clear()
-            wait = await self._sync(split_message(self._text, self.limit))
+            wait = await self._sync(self._chunks())
             if self._changed.is_set():  # more text came while Discord was being written to
                 continue
             if wait is None:
@@ -118,6 +122,10 @@ class LiveReply:
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), wait)
+
+    def _chunks(self) -> list[str]:
+        chunks = split_message(self._text, self.limit)
+        return with_footer(chunks, self._footer, self.limit) if self._final else chunks
 
     async def _sync(self, chunks: list[str]) -> float | None:
         """Brings the messages towards ``chunks``; returns how long until an edit is due, if any."""

@@ -29,6 +29,7 @@ from libra.runtime.sessions import SessionView
 
 from .access import AccessPolicy, Speaker
 from .attachments import can_see, read_attachments
+from .outcome import without_footer
 
 __all__ = ["MessageReader", "Place", "event_id_of", "snowflake_ms"]
 
@@ -194,8 +195,11 @@ def _without_mention(text: str, me: int) -> str:
 
 def _context(message: hikari.PartialMessage, me: int) -> ContextMessage:
     author = message.author  # UNDEFINED (falsy) on some partial messages
+    mine = bool(author) and author.id == me
+    text = message.content or ""
     return ContextMessage(
-        role="assistant" if author and author.id == me else "user",
+        role="assistant" if mine else "user",
         author=well_formed(author.global_name or author.username) if author else "",
-        text=_without_mention(message.content or "", me),
+        # Libra's own reply, as the model wrote it: the sources line is Discord's only.
+        text=_without_mention(without_footer(text) if mine else text, me),
     )

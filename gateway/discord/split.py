@@ -3,14 +3,15 @@
 A cut goes at the last paragraph break that fits, else a line break, else the end of a sentence,
 else a space, else anywhere. Discord renders anything between a pair of triple backticks as a
 code block, wherever they stand, so a cut inside a block closes it in that message and opens it
-again, with its language, at the start of the next one.
+again, with its language, at the start of the next one. A footer (the reply's sources, say)
+goes under the last message, which is cut shorter when it would not fit there.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["MESSAGE_LIMIT", "split_message"]
+__all__ = ["MESSAGE_LIMIT", "split_message", "with_footer"]
 
 MESSAGE_LIMIT = 2000
 FENCE = "```"
@@ -32,6 +33,23 @@ def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
         chunk, reopen, rest = _next_chunk(head, rest, limit)
         chunks.append(chunk)
     return chunks
+
+
+def with_footer(chunks: list[str], footer: str, limit: int = MESSAGE_LIMIT) -> list[str]:
+    """``chunks`` (a split reply) with ``footer`` on a line of its own under the last one.
+
+    A last message too long to take the footer is split again, shorter; a code block it leaves
+    open is closed first, so that the footer is not shown as code. No chunks, no footer.
+    """
+    footer = footer.strip()[: limit // 2]
+    if not chunks or not footer:
+        return chunks
+    room = limit - len(footer) - 1
+    last = chunks[-1]
+    if _open_fence(last):
+        last += f"\n{FENCE}"
+    tail = [last] if len(last) <= room else split_message(last, room)
+    return [*chunks[:-1], *tail[:-1], f"{tail[-1]}\n{footer}"]
 
 
 def _next_chunk(head: str, rest: str, limit: int) -> tuple[str, str, str]:

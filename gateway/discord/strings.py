@@ -120,6 +120,62 @@ COMMAND_TEXTS: dict[str, tuple[str, str]] = {
     ),
     "moderation.log.channel": ("channel", "채널"),
     "moderation.log.channel.desc": ("A text channel of this server", "이 서버의 텍스트 채널"),
+    "learn": ("learn", "학습"),
+    "learn.desc": (
+        "Admins: add a document (txt, md, html, pdf) to this server's knowledge base",
+        "관리자: 문서(txt, md, html, pdf)를 이 서버의 지식 베이스에 추가합니다",
+    ),
+    "learn.file": ("file", "파일"),
+    "learn.file.desc": ("The document: txt, md, html or pdf", "문서: txt, md, html 또는 pdf"),
+    "learn.title": ("title", "제목"),
+    "learn.title.desc": (
+        "The name its sources are shown by (the file's name if left out)",
+        "출처로 보일 이름 (비우면 파일 이름)",
+    ),
+    "knowledge": ("knowledge", "지식"),
+    "knowledge.desc": (
+        "Admins: the documents of this server's knowledge base",
+        "관리자: 이 서버의 지식 베이스 문서",
+    ),
+    "knowledge.list": ("list", "목록"),
+    "knowledge.list.desc": (
+        "The documents in this server's knowledge base",
+        "이 서버의 지식 베이스에 있는 문서를 봅니다",
+    ),
+    "knowledge.remove": ("remove", "삭제"),
+    "knowledge.remove.desc": (
+        "Remove a document from this server's knowledge base",
+        "이 서버의 지식 베이스에서 문서를 삭제합니다",
+    ),
+    "knowledge.remove.document": ("document", "문서"),
+    "knowledge.remove.document.desc": (
+        "The document (its id, as /knowledge list shows it)",
+        "문서 (/knowledge list에 보이는 ID)",
+    ),
+    "tools": ("tools", "도구"),
+    "tools.desc": (
+        "Admins: the tools Libra may use in this server",
+        "관리자: 이 서버에서 Libra가 쓸 수 있는 도구",
+    ),
+    "tools.list": ("list", "목록"),
+    "tools.list.desc": (
+        "Every installed tool, and which ones are on here",
+        "설치된 모든 도구와 여기서 켜진 도구를 봅니다",
+    ),
+    "tools.enable": ("enable", "켜기"),
+    "tools.enable.desc": ("Let Libra use a tool in this server", "이 서버에서 도구를 켭니다"),
+    "tools.disable": ("disable", "끄기"),
+    "tools.disable.desc": ("Stop Libra using a tool in this server", "이 서버에서 도구를 끕니다"),
+    "tools.default": ("default", "기본값"),
+    "tools.default.desc": (
+        "Go back to Libra's default tools (TOOLS_ENABLED)",
+        "Libra의 기본 도구(TOOLS_ENABLED)로 되돌립니다",
+    ),
+    "tools.name": ("name", "이름"),
+    "tools.name.desc": (
+        "The tool's name, as /tools list shows it",
+        "/tools list에 보이는 도구 이름",
+    ),
 }
 
 _REPLIES: dict[str, tuple[str, str]] = {
@@ -187,7 +243,9 @@ _REPLIES: dict[str, tuple[str, str]] = {
         "`/persona` show this server's model and system prompt, `/moderation show` what it "
         "refuses (admins can set them).\n"
         "In voice: `/join` your voice channel and talk; `/voice manual` to talk between "
-        "`/record` and `/stop`; `/leave` when you're done.",
+        "`/record` and `/stop`; `/leave` when you're done.\n"
+        "Admins: `/learn` adds a document to this server's knowledge base, which I answer from "
+        "and cite (`/knowledge list`, `/knowledge remove`); `/tools` chooses the tools I may use.",
         "저는 Libra예요. 저를 멘션하거나 제 메시지에 답장하면 답해요. 채팅 모드가 켜진 "
         "채널(`/chat on`)에서는 모든 메시지에, DM에서는 항상 답해요. 메시지에 답장하면 그 답장 "
         "흐름을 맥락으로 삼고, 스레드는 따로 하나의 대화예요.\n"
@@ -195,7 +253,9 @@ _REPLIES: dict[str, tuple[str, str]] = {
         "모델과 시스템 프롬프트를, `/moderation show`는 거절하는 내용을 보여 줘요 "
         "(관리자는 바꿀 수 있어요).\n"
         "음성: 음성 채널에서 `/join`을 쓰고 말하세요. `/voice manual`이면 `/record`와 `/stop` "
-        "사이에만 들어요. 끝나면 `/leave`를 써 주세요.",
+        "사이에만 들어요. 끝나면 `/leave`를 써 주세요.\n"
+        "관리자: `/learn`은 이 서버의 지식 베이스에 문서를 추가해요. 저는 그 문서로 답하고 출처를 "
+        "밝혀요(`/knowledge list`, `/knowledge remove`). `/tools`로 제가 쓸 도구를 골라요.",
     ),
     "error": (
         "Something went wrong on my side; please try again.",
@@ -309,6 +369,121 @@ _REPLIES: dict[str, tuple[str, str]] = {
     ),
     "modlog.engine": ("Engine: {engine}.", "엔진: {engine}."),
     "modlog.policy": ("Policy: {policy}.", "정책: {policy}."),
+    "footer.sources": ("Sources: {sources}", "출처: {sources}"),
+    "footer.tools": ("Tools: {tools}", "도구: {tools}"),
+    "learn.added": (
+        "Added **{title}** to this server's knowledge base: document `{document}`, "
+        "{chunks}. I answer from it and cite it from now on.",
+        "**{title}**을(를) 이 서버의 지식 베이스에 추가했어요: 문서 `{document}`, "
+        "{chunks}. 이제 이 문서로 답하고 출처로 밝힐게요.",
+    ),
+    "learn.pending": (
+        "Added **{title}** to this server's knowledge base as document `{document}`; it is "
+        "still being read. `/knowledge list` shows it once it is ready.",
+        "**{title}**을(를) 이 서버의 지식 베이스에 문서 `{document}`(으)로 추가했어요. 아직 "
+        "읽는 중이에요. 준비되면 `/knowledge list`에 보여요.",
+    ),
+    "learn.unread": (
+        "**{title}** (document `{document}`) was stored but could not be read: {error}",
+        "**{title}**(문서 `{document}`)을(를) 저장했지만 읽지 못했어요: {error}",
+    ),
+    "learn.too_big": (
+        "That file is {size}, over the {limit} a document may have. Nothing was added.",
+        "파일이 {size}(으)로, 문서 한도 {limit}을(를) 넘어요. 아무것도 추가하지 않았어요.",
+    ),
+    "learn.too_big.unsaid": (
+        "That file is larger than Discord said, over the {limit} a document may have. "
+        "Nothing was added.",
+        "파일이 Discord가 알린 것보다 커서 문서 한도 {limit}을(를) 넘어요. "
+        "아무것도 추가하지 않았어요.",
+    ),
+    "learn.type": (
+        "I can't read that kind of file ({name}): send a txt, md, html or pdf file.",
+        "그런 종류의 파일({name})은 읽을 수 없어요. txt, md, html 또는 pdf 파일을 보내 주세요.",
+    ),
+    "learn.empty": (
+        "That file is empty. Nothing was added.",
+        "빈 파일이에요. 아무것도 추가하지 않았어요.",
+    ),
+    "learn.bad": (
+        "I couldn't add that file: {error}. Nothing was added.",
+        "그 파일을 추가하지 못했어요: {error}. 아무것도 추가하지 않았어요.",
+    ),
+    "learn.download": (
+        "I couldn't download that file from Discord; please try again.",
+        "Discord에서 파일을 내려받지 못했어요. 다시 시도해 주세요.",
+    ),
+    "knowledge.empty": (
+        "This server's knowledge base is empty: add a document with `/learn`.",
+        "이 서버의 지식 베이스가 비어 있어요. `/learn`으로 문서를 추가해 주세요.",
+    ),
+    "knowledge.listed": (
+        "This server's knowledge base ({count}):\n{lines}",
+        "이 서버의 지식 베이스 ({count}개):\n{lines}",
+    ),
+    "knowledge.line": (
+        "`{document}` **{title}** · {chunks} · {size}",
+        "`{document}` **{title}** · {chunks} · {size}",
+    ),
+    "knowledge.line.unread": (
+        "`{document}` **{title}** · could not be read: {error}",
+        "`{document}` **{title}** · 읽지 못함: {error}",
+    ),
+    "chunk": ("1 chunk", "조각 1개"),
+    "chunks": ("{count} chunks", "조각 {count}개"),
+    "knowledge.more": ("… and {count} more", "… 외 {count}개"),
+    "knowledge.removed": (
+        "Removed **{title}** (`{document}`) from this server's knowledge base.",
+        "이 서버의 지식 베이스에서 **{title}**(`{document}`)을(를) 삭제했어요.",
+    ),
+    "knowledge.unknown": (
+        "There's no document `{document}` in this server's knowledge base; "
+        "`/knowledge list` shows its documents.",
+        "이 서버의 지식 베이스에 `{document}` 문서가 없어요. `/knowledge list`로 문서를 "
+        "확인해 주세요.",
+    ),
+    "tools.listed": (
+        "Tools in this server ({source}):\n{lines}",
+        "이 서버의 도구 ({source}):\n{lines}",
+    ),
+    "tools.chosen": ("this server's choice", "이 서버가 고른 도구"),
+    "tools.default_source": (
+        "none chosen here, so Libra's default: TOOLS_ENABLED",
+        "고른 도구가 없어 Libra 기본값 TOOLS_ENABLED를 따름",
+    ),
+    "tools.on": ("on", "켜짐"),
+    "tools.off": ("off", "꺼짐"),
+    "tools.servers_only": ("servers only", "서버 전용"),
+    "tools.missing": (
+        "Enabled but not installed: {names}",
+        "켜져 있지만 설치되지 않음: {names}",
+    ),
+    "tools.none_installed": ("No tools are installed.", "설치된 도구가 없어요."),
+    "tools.none": ("none", "없음"),
+    "tools.unknown": (
+        "There's no tool named `{name}`. Installed tools: {known}.",
+        "`{name}`(이)라는 도구는 없어요. 설치된 도구: {known}.",
+    ),
+    "tools.enabled": (
+        "`{name}` is on in this server. On here: {enabled}.",
+        "이 서버에서 `{name}`을(를) 켰어요. 켜진 도구: {enabled}.",
+    ),
+    "tools.disabled": (
+        "`{name}` is off in this server. On here: {enabled}.",
+        "이 서버에서 `{name}`을(를) 껐어요. 켜진 도구: {enabled}.",
+    ),
+    "tools.already_on": (
+        "`{name}` is already on here. On here: {enabled}.",
+        "`{name}`은(는) 이미 켜져 있어요. 켜진 도구: {enabled}.",
+    ),
+    "tools.already_off": (
+        "`{name}` is already off here. On here: {enabled}.",
+        "`{name}`은(는) 이미 꺼져 있어요. 켜진 도구: {enabled}.",
+    ),
+    "tools.reset": (
+        "This server uses Libra's default tools again (TOOLS_ENABLED): {enabled}.",
+        "이 서버는 다시 Libra의 기본 도구(TOOLS_ENABLED)를 써요: {enabled}.",
+    ),
 }
 
 

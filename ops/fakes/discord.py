@@ -11,7 +11,13 @@ channels (:meth:`FakeDiscord.move_voice`, VOICE_STATE_UPDATE), and the bot's voi
 (op 4) is answered with its VOICE_STATE_UPDATE and a VOICE_SERVER_UPDATE naming the voice server
 the test registered for that channel (:meth:`FakeDiscord.voice_server`).
 
-The REST side answers the calls Libra makes, records each one in :attr:`FakeDiscord.calls`, and
+Slash commands (:meth:`FakeDiscord.invoke`) come with their channel and attachment options
+resolved, as Discord sends them: a file made by :meth:`FakeDiscord.attachment` is served by the
+fake, and its id is the option's value. :meth:`FakeDiscord.autocomplete` sends what Discord sends
+while a person types an option that has autocomplete.
+
+The REST side answers the calls Libra makes (``GET /guilds/{id}`` too, with the approximate
+member counts when ``with_counts`` asks), records each one in :attr:`FakeDiscord.calls`, and
 sends Discord's rate-limit headers, so hikari's limiter learns real per-channel buckets. A test
 asks for 429s with :meth:`FakeDiscord.rate_limit`. Used by the tests and by
 ``libra bench discord``.
@@ -118,6 +124,17 @@ class Interaction:
             return self.followups[-1].get("content") or ""
         data = (self.response or {}).get("data") or {}
         return data.get("content") or ""
+
+    @property
+    def answered(self) -> bool:
+        """Whether the bot said something: a response, or a followup after deferring."""
+        deferred = (self.response or {}).get("type") == 5
+        return self.response is not None and (not deferred or bool(self.followups))
+
+    @property
+    def choices(self) -> list[dict[str, Any]]:
+        """The choices the bot answered an autocomplete with."""
+        return list(((self.response or {}).get("data") or {}).get("choices") or [])
 
     @property
     def ephemeral(self) -> bool:
@@ -258,6 +275,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str, bool]] = [
             "webhook",
             False,
         ),
+        ("GET", r"/guilds/(?P<guild>\d+)", "_guild", "guild", True),
         ("GET", r"/guilds/(?P<guild>\d+)/members/(?P<user>\d+)", "_member", "member", True),
         ("GET", r"/guilds/(?P<guild>\d+)/roles", "_roles", "roles", True),
     )
@@ -297,6 +315,8 @@ class FakeDiscord:
         self.guilds: dict[int, dict[str, Any]] = {}
         self.channels: dict[int, dict[str, Any]] = {}
         self.files: dict[str, tuple[bytes, str]] = {}
+        self.uploads: dict[str, dict[str, Any]] = {}  # attachment payloads by id
+        self.downloads: list[str] = []  # the names of the files fetched, in order
         # guild -> user id -> (user, voice channel): who is in which voice channel
         self.voice_states: dict[int, dict[int, tuple[FakeUser, int]]] = {}
         self.voice_servers: dict[int, tuple[str, str]] = {}  # voice channel -> endpoint, token
@@ -360,9 +380,26 @@ class FakeDiscord:
     def user(self, name: str, *, bot: bool = False) -> FakeUser:
         return FakeUser(self.snowflake(), name, bot=bot)
 
-    def add_guild(self, name: str = "Libra test", *, locale: str = "en-US") -> int:
+    def add_guild(
+        self,
+        name: str = "Libra test",
+        *,
+        locale: str = "en-US",
+        description: str | None = None,
+        members: int = 2,
+        online: int = 1,
+    ) -> int:
+        """Adds a server; ``members`` and ``online`` are its approximate counts."""
         guild_id = self.snowflake()
-        self.guilds[guild_id] = {"id": guild_id, "name": name, "locale": locale, "roles": {}}
+        self.guilds[guild_id] = {
+            "id": guild_id,
+            "name": name,
+            "locale": locale,
+            "roles": {},
+            "description": description,
+            "members": members,
+            "online": online,
+        }
         self.add_role(guild_id, "@everyone", role_id=guild_id)
         return guild_id
 
@@ -408,17 +445,23 @@ class FakeDiscord:
         self.files[name] = (data, content_type)
         return f"{self.base_url}/attachments/{name}"
 
-    def attachment(self, name: str, data: bytes, content_type: str) -> dict[str, Any]:
-        """Returns a message attachment payload whose URL serves ``data``."""
+    def attachment(
+        self, name: str, data: bytes, content_type: str, *, size: int | None = None
+    ) -> dict[str, Any]:
+        """Returns an attachment payload whose URL serves ``data``: for a message, or (its id)
+        as the value of a slash command's attachment option. ``size`` is what Discord declares
+        (``len(data)`` unless a test wants them to differ)."""
         url = self.host_file(name, data, content_type)
-        return {
+        payload = {
             "id": str(self.snowflake()),
             "filename": name,
             "content_type": content_type,
-            "size": len(data),
+            "size": len(data) if size is None else size,
             "url": url,
             "proxy_url": url,
         }
+        self.uploads[payload["id"]] = payload
+        return payload
 
     def shard_of(self, guild_id: int | None) -> int:
         return 0 if guild_id is None else (guild_id >> 22) % self.shards
@@ -465,7 +508,58 @@ class FakeDiscord:
         roles: tuple[int, ...] = (),
         locale: str = "en-US",
     ) -> Interaction:
-        """Someone runs a slash command: INTERACTION_CREATE; the bot's answer lands on it."""
+        """Someone runs a slash command: INTERACTION_CREATE; the bot's answer lands on it.
+
+        An attachment option (type 11) names an attachment made by :meth:`attachment` by its id
+        (or is given the payload itself); the interaction carries it resolved.
+        """
+        return await self._interact(
+            2,
+            name,
+            channel_id=channel_id,
+            user=user,
+            options=options,
+            permissions=permissions,
+            roles=roles,
+            locale=locale,
+        )
+
+    async def autocomplete(
+        self,
+        name: str,
+        *,
+        channel_id: int,
+        user: FakeUser,
+        options: list[dict[str, Any]],
+        permissions: int = EVERYDAY_PERMISSIONS,
+        roles: tuple[int, ...] = (),
+        locale: str = "en-US",
+    ) -> Interaction:
+        """Someone types in an option with autocomplete (the one marked ``"focused": True``);
+        the bot's choices land on the interaction (:attr:`Interaction.choices`)."""
+        return await self._interact(
+            4,
+            name,
+            channel_id=channel_id,
+            user=user,
+            options=options,
+            permissions=permissions,
+            roles=roles,
+            locale=locale,
+        )
+
+    async def _interact(
+        self,
+        kind: int,
+        name: str,
+        *,
+        channel_id: int,
+        user: FakeUser,
+        options: list[dict[str, Any]] | None,
+        permissions: int,
+        roles: tuple[int, ...],
+        locale: str,
+    ) -> Interaction:
         channel = self.channels[channel_id]
         guild_id = channel["guild_id"]
         command = next(
@@ -480,26 +574,21 @@ class FakeDiscord:
             raise LookupError(f"no command {name!r} was synced")
         interaction_id = self.snowflake()
         token = f"interaction-token-{interaction_id}"
+        options = self._uploaded(options or [])
         data: dict[str, Any] = {
             "id": command["id"],
             "name": name,
             "type": 1,
-            "options": options or [],
+            "options": options,
         }
         if command.get("guild_id"):
             data["guild_id"] = command["guild_id"]
-        chosen = [o["value"] for o in _flat(options or []) if o.get("type") == 7]
-        if chosen:  # channel options come with the channels themselves, as Discord sends them
-            data["resolved"] = {
-                "channels": {
-                    str(c): {**self._channel_payload(self.channels[int(c)]), "permissions": "0"}
-                    for c in chosen
-                }
-            }
+        if resolved := self._resolved(options):
+            data["resolved"] = resolved
         payload: dict[str, Any] = {
             "id": str(interaction_id),
             "application_id": str(self.application_id),
-            "type": 2,
+            "type": kind,
             "data": data,
             "channel_id": str(channel_id),
             "channel": self._channel_payload(channel),
@@ -526,6 +615,35 @@ class FakeDiscord:
         self.interactions[interaction_id] = interaction
         await self.dispatch("INTERACTION_CREATE", payload, guild_id=guild_id)
         return interaction
+
+    def _uploaded(self, options: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``options`` with an attachment payload given as an option's value put by its id."""
+        out = []
+        for option in options:
+            option = dict(option)
+            if option.get("type") == 11 and isinstance(option.get("value"), dict):
+                upload = option["value"]
+                self.uploads[upload["id"]] = upload
+                option["value"] = upload["id"]
+            if option.get("options"):
+                option["options"] = self._uploaded(option["options"])
+            out.append(option)
+        return out
+
+    def _resolved(self, options: list[dict[str, Any]]) -> dict[str, Any]:
+        """The channels and attachments the options name, as Discord sends them along."""
+        flat = _flat(options)
+        resolved: dict[str, Any] = {}
+        channels = [o["value"] for o in flat if o.get("type") == 7]
+        if channels:
+            resolved["channels"] = {
+                str(c): {**self._channel_payload(self.channels[int(c)]), "permissions": "0"}
+                for c in channels
+            }
+        files = [str(o["value"]) for o in flat if o.get("type") == 11]
+        if files:
+            resolved["attachments"] = {f: self.uploads[f] for f in files}
+        return resolved
 
     async def move_voice(self, user: FakeUser, guild_id: int, channel_id: int | None) -> None:
         """Someone joins a voice channel, moves, or (``channel_id`` None) leaves voice."""
@@ -992,6 +1110,15 @@ class FakeDiscord:
     ) -> web.Response:
         return await self._followup(body, app, token)
 
+    async def _guild(self, query: dict[str, str], guild: str) -> web.Response:
+        """A server as ``GET /guilds/{id}`` gives it; its approximate counts with
+        ``with_counts=true``."""
+        if int(guild) not in self.guilds:
+            return web.json_response({"message": "Unknown Guild", "code": 10004}, status=404)
+        return web.json_response(
+            self._rest_guild_payload(int(guild), counts=query.get("with_counts") == "true")
+        )
+
     async def _member(self, _body: Any, guild: str, user: str) -> web.Response:
         roles = self.member_roles.get((int(guild), int(user)), ())
         return web.json_response(
@@ -1003,10 +1130,11 @@ class FakeDiscord:
         return web.json_response([self._role_payload(r, n) for r, n in roles.items()])
 
     async def _attachment(self, request: web.Request) -> web.Response:
+        self.downloads.append(request.match_info["name"])
         found = self.files.get(request.match_info["name"])
         if found is None:
             return web.Response(status=404)
-        return web.Response(body=found[0], content_type=found[1])
+        return web.Response(body=found[0], headers={"Content-Type": found[1]})
 
     # --- payloads -------------------------------------------------------------------------------
 
@@ -1135,6 +1263,29 @@ class FakeDiscord:
             "flags": 0,
         }
 
+    def _rest_guild_payload(self, guild_id: int, *, counts: bool) -> dict[str, Any]:
+        """The guild object of REST: GUILD_CREATE's without what only the gateway sends."""
+        gateway_only = {
+            "joined_at", "large", "member_count", "members", "presences", "voice_states",
+            "channels", "threads", "unavailable",
+        }  # fmt: skip
+        guild = self.guilds[guild_id]
+        out = {k: v for k, v in self._guild_payload(guild_id).items() if k not in gateway_only}
+        out.update(
+            {
+                "max_members": 500_000,
+                "max_presences": None,
+                "max_video_channel_users": 25,
+                "premium_subscription_count": 0,
+                "widget_enabled": False,
+                "widget_channel_id": None,
+            }
+        )
+        if counts:
+            out["approximate_member_count"] = guild["members"]
+            out["approximate_presence_count"] = guild["online"]
+        return out
+
     def _guild_payload(self, guild_id: int) -> dict[str, Any]:
         guild = self.guilds[guild_id]
         channels = [c for c in self.channels.values() if c["guild_id"] == guild_id]
@@ -1160,7 +1311,7 @@ class FakeDiscord:
             "system_channel_flags": 0,
             "rules_channel_id": None,
             "vanity_url_code": None,
-            "description": None,
+            "description": guild["description"],
             "banner": None,
             "premium_tier": 0,
             "preferred_locale": guild["locale"],
@@ -1168,7 +1319,7 @@ class FakeDiscord:
             "nsfw_level": 0,
             "joined_at": _iso(),
             "large": False,
-            "member_count": 2,
+            "member_count": guild["members"],
             "members": [
                 {**self._member_payload(()), "user": user.payload()}
                 for user, _ in self.voice_states.get(guild_id, {}).values()
