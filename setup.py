@@ -6,7 +6,7 @@ The folders keep short names in the repository (``contracts/``, ``ops/`` ...) bu
 
 from setuptools import find_packages, setup
 
-TOP_LEVEL = ("contracts", "runtime", "gateway", "processors", "projections", "ops")
+TOP_LEVEL = ("contracts", "runtime", "gateway", "processors", "projections", "ops", "tools")
 
 packages = []
 package_dir = {}

@@ -45,6 +45,9 @@ __all__ = [
     "SessionSettings",
     "SessionVoice",
     "TextReceived",
+    "ToolCalled",
+    "ToolReturned",
+    "ToolUse",
     "TtsSynthesized",
     "TurnAbandoned",
     "TurnAccepted",
@@ -120,6 +123,17 @@ class ProviderAttempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     error: str
     message: str = ""
     latency_ms: float = 0.0
+
+
+class ToolUse(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A tool call that went into a reply and what it gave, kept on ``llm.completed`` so that a
+    replay or an eval of the turn is handed the same result instead of calling again."""
+
+    call: str  # the vendor's call id
+    name: str
+    arguments: str = "{}"  # the JSON text the model wrote
+    result: str = ""  # what the model read (the error's message on failure)
+    error: str = ""  # "", unknown, bad_arguments, failed, timeout, too_large, not_recorded
 
 
 class Moderation(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -376,6 +390,36 @@ class LlmCompleted(Event, frozen=True, kw_only=True, tag="llm.completed"):
     moderation: Moderation | None = None
     stopped_at: int | None = None
     knowledge: tuple[RetrievedChunk, ...] = ()  # the sources the prompt held, [1] first
+    tools: tuple[ToolUse, ...] = ()  # the tool calls the reply made, in order
+
+
+class ToolCalled(Event, frozen=True, kw_only=True, tag="tool.called"):
+    """The model asked for a tool while answering a turn (``round`` counts from 0 per reply;
+    ``attempt`` is the llm's attempt, as on ``llm.delta``)."""
+
+    call: str
+    name: str
+    arguments: str = "{}"
+    round: int = 0
+    attempt: str = ""
+    origin: Origin
+
+
+class ToolReturned(Event, frozen=True, kw_only=True, tag="tool.returned"):
+    """What a tool call gave the model, how long it took and how it failed, if it did.
+
+    ``recorded``: a replay's, handed the recorded result instead of calling the tool again.
+    """
+
+    call: str
+    name: str
+    result: str
+    error: str = ""
+    latency_ms: float = 0.0
+    chars: int = 0  # the result's size before any cut
+    attempt: str = ""
+    recorded: bool = False
+    origin: Origin
 
 
 class LlmFailed(Event, frozen=True, kw_only=True, tag="llm.failed"):
@@ -522,6 +566,8 @@ AnyEvent = (
     | LlmDelta
     | LlmCompleted
     | LlmFailed
+    | ToolCalled
+    | ToolReturned
     | TtsSynthesized
     | ReplyClaimed
     | ReplyDelivered

@@ -57,6 +57,7 @@ LOG_SUBJECTS = (
     "libra.turn.>",
     "libra.llm.completed.>",
     "libra.llm.failed.>",
+    "libra.tool.>",
     "libra.tts.>",
     "libra.reply.>",
     "libra.session.>",

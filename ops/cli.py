@@ -662,8 +662,10 @@ def bench_voice(
 
 def _knowledge_commands() -> None:
     from .knowledge_cli import bench_knowledge, knowledge
+    from .tools_cli import tools_command
 
     main.add_command(knowledge)
+    main.add_command(tools_command)
     bench.add_command(bench_knowledge)
 
 

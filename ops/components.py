@@ -37,6 +37,7 @@ from libra.runtime.projection import Projection, ProjectionRunner
 
 if TYPE_CHECKING:
     from libra.processors.llm.context import PromptBuilder
+    from libra.processors.llm.tooling import ToolBox
     from libra.processors.moderation.chain import Moderator
     from libra.runtime.audio import AudioStore
 
@@ -49,6 +50,7 @@ __all__ = [
     "asr_processor",
     "llm_processor",
     "prompt_builder",
+    "tool_box",
     "turns_processor",
 ]
 
@@ -354,6 +356,43 @@ async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
         log=r.log if live else None,
         prefetch=prefetch,
         moderator=_output_moderator(r),
+        tools=await tool_box(r, live=live),
+    )
+
+
+async def tool_box(r: Resources, *, live: bool = True) -> ToolBox:
+    """The installed tools as the settings enable them, with what they may be handed: the
+    knowledge search, Discord's REST API, and each tool's declared secrets (settings by their
+    names, else the process environment). A replay's answers calls from the recorded turns."""
+    import os
+
+    from libra.processors.llm.tooling import ToolBox
+    from libra.runtime.redact import keep_secret
+    from libra.tools.registry import installed
+
+    s = r.settings
+    found = installed()
+    secrets: dict[str, str] = {}
+    for tool in found.tools.values():
+        for name in tool.secrets:
+            value = str(getattr(s, name.lower(), "") or os.environ.get(name, ""))
+            if value:
+                secrets[name] = value
+                keep_secret(value)
+    from libra.processors.knowledge.search import KnowledgeSearch
+
+    return ToolBox(
+        found.tools,
+        default=s.tools_enabled,
+        max_calls=s.tools_max_calls,
+        max_chars=s.tools_max_result_chars,
+        timeout_s=s.tools_timeout_sec,
+        secrets=secrets,
+        services={
+            "knowledge": KnowledgeSearch(await r.pool(), _embedder(r)),
+            "discord_rest_url": s.discord_rest_url,
+        },
+        recorded_from=None if live else r.log,
     )
 
 

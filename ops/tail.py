@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 
-from libra.contracts import AnyEvent, EventDecodeError, decode_event
+from libra.contracts import AnyEvent, EventDecodeError, ToolCalled, ToolReturned, decode_event
 from libra.runtime.eventlog import connect_nats
 
 __all__ = ["format_event", "normalise_filter", "tail"]
@@ -23,12 +23,21 @@ def normalise_filter(subject_filter: str) -> str:
 
 
 def summary(event: AnyEvent, width: int = 80) -> str:
+    if isinstance(event, ToolCalled):
+        return _short(f"{event.name}({event.arguments})", width)
+    if isinstance(event, ToolReturned):
+        failed = f"{event.error}: " if event.error else ""
+        return _short(f"{event.name} → {failed}{event.result}", width)
     for name in _SUMMARY_FIELDS:
         value = getattr(event, name, None)
         if value is not None and value != "":
-            text = str(value).replace("\n", "⏎ ")
-            return text if len(text) <= width else text[: width - 1] + "…"
+            return _short(str(value), width)
     return ""
+
+
+def _short(text: str, width: int) -> str:
+    text = text.replace("\n", "⏎ ")
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def format_event(event: AnyEvent, *, now: datetime | None = None) -> str:

@@ -116,6 +116,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     knowledge_chunk_overlap: int = 50
     knowledge_max_document_bytes: int = 10_485_760
 
+    # Tools the model may call (README, "Tools and plugins"): the ones offered where a server
+    # chose none with /tools ("none": no tools), calls per reply, a result's size, a call's time.
+    tools_enabled: str = "time,knowledge_search,dice,server_info"
+    tools_max_calls: int = 4
+    tools_max_result_chars: int = 4000
+    tools_timeout_sec: float = 10.0
+
     # Admission.
     rate_limit_turns: int = 10
     rate_limit_window_sec: float = 10.0

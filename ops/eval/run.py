@@ -25,12 +25,14 @@ from rich.progress import (
 )
 
 from libra.contracts import AnyEvent, LlmCompleted, LlmFailed, TurnAccepted
+from libra.processors.knowledge.retrieval import RecordedRetrieval
 from libra.processors.llm.chain import AllProvidersFailed, ChainResult, ProviderChain
 from libra.processors.llm.context import PromptBuilder
+from libra.processors.llm.tooling import ToolBox, answer_with_tools
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
-from ..components import Resources, prompt_builder
+from ..components import Resources, prompt_builder, tool_box
 from ..replay import Selection, recorded_outputs, selected
 from ..stack import resolve_urls
 from .judge import judge_answers
@@ -92,24 +94,31 @@ async def _answer(
     turn: TurnAccepted,
     settings: Settings,
     prices: PriceTable,
+    tools: ToolBox | None = None,
 ) -> Answer:
     prompt = await prompts.build(
         turn, default_model=chain.default_model, persona=candidate.system_prompt
     )
+    # the tools the turn was offered, answered with the results its recording holds
+    offered = await tools.for_turn(turn, prompt.tools) if tools is not None else None
     temperature = (
         settings.llm_temperature if candidate.temperature is None else candidate.temperature
     )
     pieces: list[str] = []
     result: ChainResult | None = None
     try:
-        async for piece in chain.stream(
+        async for piece in answer_with_tools(
+            chain,
+            turn,
             prompt.messages,
+            offered,
+            attempt=candidate.label,
             max_tokens=candidate.max_tokens or settings.max_tokens,
             temperature=temperature,
         ):
             if isinstance(piece, ChainResult):
                 result = piece
-            else:
+            elif type(piece) is str:
                 pieces.append(piece)
     except AllProvidersFailed as exc:
         return Answer(
@@ -155,9 +164,15 @@ class _Eval:
     """One run's state: the plan, the chains, the results file and the progress bar."""
 
     def __init__(
-        self, settings: Settings, plan: EvalPlan, prompts: PromptBuilder, results: Results
+        self,
+        settings: Settings,
+        plan: EvalPlan,
+        prompts: PromptBuilder,
+        results: Results,
+        tools: ToolBox | None = None,
     ) -> None:
         self.settings, self.plan, self.prompts, self.results = settings, plan, prompts, results
+        self.tools = tools
         self.prices = PriceTable.load()
         self.chains = {c.label: c.chain(settings) for c in plan.candidates}
         self.judge = plan.judge.chain(settings) if plan.judge else None
@@ -176,7 +191,7 @@ class _Eval:
             async with self.slots:
                 chain = self.chains[candidate.label]
                 answer = await _answer(
-                    candidate, chain, self.prompts, turn, self.settings, self.prices
+                    candidate, chain, self.prompts, turn, self.settings, self.prices, self.tools
                 )
             self.results.add(answer)
             bar.advance(task)
@@ -231,7 +246,11 @@ async def run_eval(
     run: _Eval | None = None
     try:
         turns = await load_turns(log, selection)
-        run = _Eval(settings, plan, await prompt_builder(resources), results)
+        prompts = await prompt_builder(resources)
+        # a recorded turn's sources and tool results, not today's
+        prompts.knowledge = RecordedRetrieval(log, prompts.knowledge)
+        tools = await tool_box(resources, live=False)
+        run = _Eval(settings, plan, prompts, results, tools)
         with _progress(progress) as bar:
             started = time.perf_counter()
             answered = await run.answer_all(turns, bar)

@@ -33,7 +33,7 @@ from libra.contracts.events import ProviderAttempt
 from libra.runtime.config import Settings
 
 from .providers import Target, build_targets
-from .providers.base import ChatMessage, ChatRequest, ChatUsage, ProviderError
+from .providers.base import ChatMessage, ChatRequest, ChatUsage, ProviderError, ToolCall, ToolSpec
 
 __all__ = [
     "LLM_BREAKER_OPEN",
@@ -178,11 +178,13 @@ class ProviderChain:
         max_tokens: int,
         temperature: float,
         model_override: str | None = None,
-    ) -> AsyncIterator[str | ChainResult]:
-        """Yields the reply's text pieces, then one ChainResult; raises AllProvidersFailed.
+        tools: tuple[ToolSpec, ...] = (),
+    ) -> AsyncIterator[str | ToolCall | ChainResult]:
+        """Yields the reply's text pieces and the tool calls the model makes, then one
+        ChainResult; raises AllProvidersFailed.
 
         ``model_override`` (``model`` or ``provider:model``) is tried first: a bare model on the
-        first target's provider; then the usual order.
+        first target's provider; then the usual order. ``tools`` are offered to the model.
         """
         began = perf_counter()
         prompt = tuple(messages)
@@ -194,7 +196,11 @@ class ProviderChain:
                 LLM_FALLBACKS.labels(previous, name).inc()
             previous = name
             request = ChatRequest(
-                model=target.model, messages=prompt, max_tokens=max_tokens, temperature=temperature
+                model=target.model,
+                messages=prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                tools=tools,
             )
             try:
                 pieces, first, called = await self._retrying.copy()(
@@ -212,13 +218,14 @@ class ProviderChain:
             text: list[str] = []
             ttft_ms = 0.0
             item = first
-            if type(item) is str:
+            if type(item) is not ChatUsage:
                 ttft_ms = (perf_counter() - began) * 1000
                 LLM_FIRST_TOKEN_SECONDS.labels(name).observe(perf_counter() - called)
             deadline = _Deadline(self._timeout)
             try:
-                while type(item) is str:
-                    text.append(item)
+                while type(item) is not ChatUsage:
+                    if type(item) is str:
+                        text.append(item)
                     yield item
                     item = await deadline.next(pieces)
             except (ProviderError, TimeoutError) as exc:
@@ -263,7 +270,7 @@ class ProviderChain:
 
     async def _open(
         self, target: Target, request: ChatRequest, attempts: list[ProviderAttempt]
-    ) -> tuple[AsyncIterator[str | ChatUsage], str | ChatUsage, float]:
+    ) -> tuple[AsyncIterator[str | ToolCall | ChatUsage], str | ToolCall | ChatUsage, float]:
         """Calls the provider and waits for its first item: the part that may be retried."""
         name = target.provider.name
         breaker = await self._breaker(name)
@@ -347,7 +354,9 @@ class _Deadline:
         self._expired = False
         self._handle = self._loop.call_later(timeout, self._check)
 
-    async def next(self, pieces: AsyncIterator[str | ChatUsage]) -> str | ChatUsage:
+    async def next(
+        self, pieces: AsyncIterator[str | ToolCall | ChatUsage]
+    ) -> str | ToolCall | ChatUsage:
         """Returns the stream's next item; raises TimeoutError when it takes too long."""
         task = self._task = asyncio.current_task()
         assert task is not None
@@ -378,7 +387,7 @@ class _Deadline:
         self._handle = self._loop.call_at(due, self._check)
 
 
-async def _close(pieces: AsyncIterator[str | ChatUsage]) -> None:
+async def _close(pieces: AsyncIterator[str | ToolCall | ChatUsage]) -> None:
     """Closes an adapter's stream (and so its HTTP response) that was not read to the end."""
     aclose = getattr(pieces, "aclose", None)
     if aclose is not None:

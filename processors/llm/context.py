@@ -104,6 +104,7 @@ class Prompt:
     degraded: tuple[str, ...] = ()
     moderation: ServerPolicy = DEFAULT_POLICY  # the server's, for the reply's checks
     knowledge: tuple[RetrievedChunk, ...] = ()  # the sources in the system message, [1] first
+    tools: str = ""  # the server's /tools choice (names, "none"); empty: TOOLS_ENABLED
 
 
 def _attachment_note(attachment: Attachment, can_see: bool) -> str:
@@ -186,6 +187,7 @@ class PromptBuilder:
             degraded=degraded,
             moderation=policy,
             knowledge=context.knowledge,
+            tools=settings.get("tools", ""),
         )
 
     async def context(self, turn: TurnAccepted) -> Context:
@@ -245,7 +247,8 @@ class PromptBuilder:
         rows, history = await asyncio.gather(
             self.pool.fetch(
                 "SELECT key, value FROM settings WHERE scope = ANY($1::text[])"
-                " AND (key IN ('model', 'persona') OR key LIKE 'moderation.%') AND value <> ''"
+                " AND (key IN ('model', 'persona', 'tools') OR key LIKE 'moderation.%')"
+                " AND value <> ''"
                 " ORDER BY (scope LIKE 'channel:%') ASC",
                 scopes,
             ),

@@ -47,6 +47,7 @@ from libra.contracts import (
     LlmFailed,
     Moderation,
     ProviderAttempt,
+    ToolUse,
     TurnAccepted,
     derive,
     new_id,
@@ -61,6 +62,7 @@ from .prefetch import ContextPrefetch
 from .providers import SETUP_SETTINGS
 from .providers.base import ChatUsage
 from .release import ReleaseGate, SentenceCheck
+from .tooling import ToolBox, TurnTools, answer_with_tools
 
 __all__ = ["DELTA_EVERY_S", "LlmProcessor"]
 
@@ -163,6 +165,7 @@ class LlmProcessor:
     recorded turns) a speculative turn is answered as if it had been confirmed. ``prefetch``
     reads a turn's prompt context while admission decides on its message or transcript.
     ``moderator``: output moderation, checking the reply a sentence at a time before release.
+    ``tools``: the tools a reply may call (their calls and results are events of the turn).
     """
 
     spec = CONSUMERS["llm"]
@@ -178,9 +181,10 @@ class LlmProcessor:
         log: EventLog | None = None,
         prefetch: ContextPrefetch | None = None,
         moderator: SentenceCheck | None = None,
+        tools: ToolBox | None = None,
     ) -> None:
         self.chain, self.prompts, self.cache = chain, prompts, cache
-        self.moderator = moderator
+        self.moderator, self.tools = moderator, tools
         self.max_tokens, self.temperature = max_tokens, temperature
         self.log, self.prefetch = log, prefetch
         self._hits = self._lookups = 0
@@ -211,11 +215,15 @@ class LlmProcessor:
         prompt = await self.prompts.build(
             event, default_model=self.chain.default_model, context=context
         )
+        tools = None
+        if self.tools is not None:
+            tools = await self.tools.for_turn(event, prompt.tools)
         key = None
         if self.cache is not None:
+            offered = f"|tools={','.join(tools.tools)}" if tools is not None else ""
             key = self.cache.key(
                 prompt.messages,
-                models=prompt.model or self.chain.describe(),
+                models=(prompt.model or self.chain.describe()) + offered,
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
             )
@@ -238,7 +246,7 @@ class LlmProcessor:
                     event, cached.text, result, deltas, started, prompt, cached=True
                 )
                 return
-        async for out in self._generate(event, prompt, key, started, confirmation):
+        async for out in self._generate(event, prompt, key, started, confirmation, tools):
             yield out
 
     async def _generate(
@@ -248,18 +256,24 @@ class LlmProcessor:
         key: str | None,
         started: float,
         confirmation: Confirmation,
+        tools: TurnTools | None = None,
     ) -> AsyncIterator[Event]:
-        stream = self.chain.stream(
+        gate = None
+        if self.moderator is not None:
+            gate = ReleaseGate(self.moderator, prompt.moderation)
+        deltas = _Deltas(turn, sentences=gate is not None)
+        stream = answer_with_tools(
+            self.chain,
+            turn,
             prompt.messages,
+            tools,
+            attempt=deltas.attempt,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             model_override=prompt.model,
         )
-        gate = None
-        if self.moderator is not None:
-            gate = ReleaseGate(self.moderator, prompt.moderation)
+        if gate is not None:
             stream = gate.release(stream)
-        deltas = _Deltas(turn, sentences=gate is not None)
         result: ChainResult | None = None
         try:
             async for out in self._relay(stream, deltas, gate, confirmation):
@@ -277,17 +291,21 @@ class LlmProcessor:
             yield self._stopped(turn, deltas, gate, started, prompt)
             return
         reply = "".join(deltas.text)
-        await self._remember(key, reply, result)
+        uses = tuple(tools.uses) if tools is not None else ()
+        if not uses:  # a reply made with a tool's result (the time, a roll) is not reused
+            await self._remember(key, reply, result)
         moderation = gate.record() if gate is not None else None
-        yield self._completed(turn, reply, result, deltas, started, prompt, moderation=moderation)
+        yield self._completed(
+            turn, reply, result, deltas, started, prompt, moderation=moderation, tools=uses
+        )
 
     async def _relay(
         self,
-        stream: AsyncIterator[str | ChainResult],
+        stream: AsyncIterator[str | Event | ChainResult],
         deltas: _Deltas,
         gate: ReleaseGate | None,
         confirmation: Confirmation,
-    ) -> AsyncIterator[LlmDelta | ChainResult]:
+    ) -> AsyncIterator[Event | ChainResult]:
         """Yields the reply's deltas as the stream (or the gate) gives text, then its result; a
         reply that the gate stopped ends with the notice instead."""
         try:
@@ -295,10 +313,14 @@ class LlmProcessor:
                 async for piece in stream:
                     if confirmation.abandoned:
                         return
-                    if isinstance(piece, ChainResult):
-                        yield piece
-                    elif (delta := deltas.add(piece)) is not None:
+                    if type(piece) is str:
+                        if (delta := deltas.add(piece)) is not None:
+                            yield delta
+                        continue
+                    # the result, or a tool's event: after the text written before it
+                    if (delta := deltas.flush()) is not None:
                         yield delta
+                    yield piece
         except AllProvidersFailed:
             if (delta := deltas.flush()) is not None:
                 yield delta
@@ -359,6 +381,7 @@ class LlmProcessor:
         cached: bool = False,
         moderation: Moderation | None = None,
         stopped_at: int | None = None,
+        tools: tuple[ToolUse, ...] = (),
     ) -> LlmCompleted:
         elapsed = (time.perf_counter() - started) * 1000
         return derive(
@@ -385,6 +408,7 @@ class LlmProcessor:
             moderation=moderation,
             stopped_at=stopped_at,
             knowledge=prompt.knowledge,  # what replay gives the prompt again
+            tools=tools,  # and the tools' results
         )
 
     def gave_up(self, event: AnyEvent, error: str) -> list[Event]:

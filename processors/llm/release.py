@@ -45,6 +45,14 @@ class Stopped:
 _END = object()
 
 
+@dataclass(frozen=True, slots=True)
+class _Through:
+    """What passes the gate unchecked, in its place among the sentences: the stream's result,
+    and a tool call's events."""
+
+    item: object
+
+
 class ReleaseGate:
     """Releases one reply's stream a sentence at a time, each once its verdict is clean."""
 
@@ -58,17 +66,16 @@ class ReleaseGate:
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._checks: list[asyncio.Task[Verdict]] = []
 
-    async def release(
-        self, stream: AsyncIterator[str | ChainResult]
-    ) -> AsyncIterator[str | ChainResult]:
-        """Yields the stream's clean sentences in order, then its ChainResult; raises what the
-        stream raised once the sentences before the failure are released."""
+    async def release(self, stream: AsyncIterator[str | object]) -> AsyncIterator[str | object]:
+        """Yields the stream's clean sentences in order, anything else (a tool's events) in its
+        place among them, then its ChainResult; raises what the stream raised once the sentences
+        before the failure are released."""
         reader = asyncio.create_task(self._read(stream))
         try:
             index = 0
             while (item := await self._queue.get()) is not _END:
-                if isinstance(item, ChainResult):
-                    yield item
+                if isinstance(item, _Through):
+                    yield item.item
                     continue
                 sentence, check, complete = item
                 if check is not None and (refused := await self._verdict(check, complete, index)):
@@ -108,13 +115,18 @@ class ReleaseGate:
         decision = self.policy.decide(verdict)
         return decision if decision.flagged else None
 
-    async def _read(self, stream: AsyncIterator[str | ChainResult]) -> None:
+    async def _read(self, stream: AsyncIterator[str | object]) -> None:
         result = None
         try:
             async with contextlib.aclosing(stream):  # a stopped reply hangs up on the provider
                 async for piece in stream:
                     if isinstance(piece, ChainResult):
                         result = piece  # passed on after the last sentence
+                        continue
+                    if not isinstance(piece, str):  # a tool's event: after the text before it
+                        for sentence in self._splitter.flush():
+                            self._check(sentence)
+                        self._queue.put_nowait(_Through(piece))
                         continue
                     for sentence in self._splitter.push(piece):
                         self._check(sentence)
@@ -123,7 +135,7 @@ class ReleaseGate:
                 for sentence in self._splitter.flush():
                     self._check(sentence)
                 if result is not None:
-                    self._queue.put_nowait(result)
+                    self._queue.put_nowait(_Through(result))
                 self._queue.put_nowait(_END)
 
     def _check(self, sentence: str) -> None:
