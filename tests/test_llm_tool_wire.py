@@ -14,16 +14,12 @@ from aiohttp import web
 
 from libra.ops.fakes.llm_wire import (
     ANTHROPIC_MESSAGES,
-    GROQ_CHAT,
-    LOCAL_CHAT,
-    OLLAMA_CHAT,
     OPENAI_CHAT,
     Behaviour,
     FakeCall,
     FakeLlmWire,
 )
 from libra.ops.fakes.loopback import LoopbackServer
-from libra.processors.llm.providers import build_targets
 from libra.processors.llm.providers.base import (
     ChatMessage,
     ChatProvider,
@@ -34,21 +30,9 @@ from libra.processors.llm.providers.base import (
     ToolSpec,
 )
 from libra.processors.llm.providers.openai_compat import OpenAICompatProvider
-from libra.runtime.config import Settings
 
-KEYS = {
-    "GROQ_API_KEY": "gsk_test-groq-secret",
-    "OPENAI_API_KEY": "sk-test-openai-secret",
-    "ANTHROPIC_API_KEY": "sk-ant-test-secret",
-    "LLM_API_KEY": "local-test-secret",
-}
-PATHS = {
-    "groq": GROQ_CHAT,
-    "openai": OPENAI_CHAT,
-    "anthropic": ANTHROPIC_MESSAGES,
-    "ollama": OLLAMA_CHAT,
-    "local": LOCAL_CHAT,
-}
+from .test_llm_providers import PATHS, _provider
+
 PROVIDERS = list(PATHS)
 FINISH = {name: "tool_use" if name == "anthropic" else "tool_calls" for name in PROVIDERS}
 CLOCK = ToolSpec(
@@ -83,12 +67,11 @@ async def wire() -> AsyncIterator[FakeLlmWire]:
 async def provider(
     wire: FakeLlmWire, request: pytest.FixtureRequest
 ) -> AsyncIterator[ChatProvider]:
-    settings = Settings.from_env({**wire.env(), **KEYS, "LLM_PROVIDERS": request.param})
-    (target,) = build_targets(settings)
+    chosen = _provider(wire, request.param)
     try:
-        yield target.provider
+        yield chosen
     finally:
-        await target.provider.close()
+        await chosen.close()
 
 
 Items = list[str | ToolCall]
