@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import PurePath
 
 import asyncpg
 import hikari
@@ -28,7 +27,7 @@ from libra.processors.knowledge.documents import (
     list_documents,
     remove_document,
 )
-from libra.processors.knowledge.parsing import MEDIA_TYPES, DocumentRejected, media_type
+from libra.processors.knowledge.parsing import DocumentRejected, media_type
 from libra.runtime.documents import DocumentStore
 from libra.runtime.eventlog import EventLog
 
@@ -44,7 +43,6 @@ INJECTED = lightbulb.di.INJECTED
 
 _READ_WITHIN_S = 10.0  # how long /learn waits for the projection before it answers without
 _READ_POLL_S = 0.2
-_SUFFIX_OF = {kind: suffix for suffix, kind in reversed(MEDIA_TYPES.items())}  # the usual one
 _CHOICES = 25  # Discord shows at most 25 autocomplete choices
 
 
@@ -89,7 +87,8 @@ class KnowledgeCommands:
             added = await add_document(
                 self.log,
                 await self.store(),
-                name=_document_name(title, file.filename, kind),
+                name=file.filename,
+                title=title,
                 data=data,
                 scope=scope,
                 added_by=user_id("discord", str(ctx.user.id)),
@@ -190,22 +189,6 @@ class KnowledgeCommands:
             if row is not None or time.monotonic() >= deadline:
                 return row
             await asyncio.sleep(_READ_POLL_S)
-
-
-def _document_name(title: str, filename: str, kind: str) -> str:
-    """The name the document is added under: the title it is shown by, read as ``kind``.
-
-    ``add_document`` takes the title from the name (after its last slash) and the type from its
-    suffix, so slashes are kept out of a given title, and a title whose suffix names another
-    type (``notes.md`` for a PDF) gets the file's own suffix.
-    """
-    title = " ".join(title.replace("/", "-").replace("\\", "-").split())
-    if not title:
-        return filename
-    suffix = PurePath(title).suffix.lower()
-    if suffix in MEDIA_TYPES and MEDIA_TYPES[suffix] != kind:
-        return title + _SUFFIX_OF[kind]
-    return title
 
 
 def _line(row: DocumentRow, locale: str) -> str:

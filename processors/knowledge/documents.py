@@ -62,8 +62,11 @@ async def add_document(
     added_by: str,
     limits: Limits,
     content_type: str = "",
+    title: str = "",
 ) -> KnowledgeAdded:
-    """Reads, stores and announces a document; raises ``DocumentRejected`` or ``ScopeError``."""
+    """Reads, stores and announces a document; raises ``DocumentRejected`` or ``ScopeError``.
+
+    ``title`` is what its sources are shown as; by default the file's name."""
     scope = parse_scope(scope)
     document = read(name, data, max_bytes=limits.max_bytes, content_type=content_type)
     document_id = new_id()
@@ -77,7 +80,7 @@ async def add_document(
             user=added_by,
             document=document_id,
             scope=scope,
-            title=name.replace("\\", "/").rsplit("/", 1)[-1][:200],
+            title=(" ".join(title.split()) or name.replace("\\", "/").rsplit("/", 1)[-1])[:200],
             media_type=document.media_type,
             source=source,
             text=text,
