@@ -226,15 +226,32 @@ def _embedder(r: Resources):
     return r.shared("embedder", lambda: build_embedder(r.settings))
 
 
-async def _knowledge_retrieval(r: Resources):
-    """What prompts are given from the knowledge bases, or None with KNOWLEDGE_TOP_K=0."""
-    from libra.processors.knowledge.retrieval import KnowledgeRetrieval
+async def _knowledge_search(r: Resources):
+    """The search of the knowledge bases: for prompts, and for the ``knowledge_search`` tool."""
     from libra.processors.knowledge.search import KnowledgeSearch
 
-    if r.settings.knowledge_top_k <= 0:
-        return None
-    search = KnowledgeSearch(await r.pool(), _embedder(r))
-    return KnowledgeRetrieval(search, k=r.settings.knowledge_top_k)
+    pool = await r.pool()
+    return r.shared("knowledge_search", lambda: KnowledgeSearch(pool, _embedder(r)))
+
+
+def _recorded(r: Resources):
+    """Turns' recorded completions, read once each: a replay's and an eval's sources and tool
+    results."""
+    from libra.processors.knowledge.retrieval import RecordedCompletions
+
+    return r.shared("recorded", lambda: RecordedCompletions(r.log))
+
+
+async def _knowledge_retrieval(r: Resources, *, recorded: bool = False):
+    """What prompts are given from the knowledge bases, or None with KNOWLEDGE_TOP_K=0;
+    ``recorded``: what each turn's recorded reply was given (searching only for a turn that
+    has no recorded reply)."""
+    from libra.processors.knowledge.retrieval import KnowledgeRetrieval, RecordedRetrieval
+
+    retrieval = None
+    if r.settings.knowledge_top_k > 0:
+        retrieval = KnowledgeRetrieval(await _knowledge_search(r), k=r.settings.knowledge_top_k)
+    return RecordedRetrieval(_recorded(r), retrieval) if recorded else retrieval
 
 
 async def _knowledge(r: Resources) -> Component:
@@ -300,8 +317,9 @@ async def _ratelimit_view(r: Resources) -> Component:
     return ConsumerRunner(r.log, RateLimitView(_limiter(r)), concurrency=64)
 
 
-async def prompt_builder(r: Resources) -> PromptBuilder:
-    """What the llm puts in a prompt (persona, history, memories), as the settings say."""
+async def prompt_builder(r: Resources, *, recorded: bool = False) -> PromptBuilder:
+    """What the llm puts in a prompt (persona, history, memories), as the settings say;
+    ``recorded`` (a replay's, an eval's): the knowledge each turn's recorded reply was given."""
     from libra.processors.llm.context import PromptBuilder
 
     s = r.settings
@@ -316,7 +334,7 @@ async def prompt_builder(r: Resources) -> PromptBuilder:
         recall_budget_s=s.memory_recall_budget_ms / 1000,
         vision_models=tuple(m.strip() for m in s.vision_models.split(",") if m.strip()),
         breaker=r.breaker("postgres"),
-        knowledge=await _knowledge_retrieval(r),
+        knowledge=await _knowledge_retrieval(r, recorded=recorded),
         knowledge_budget_s=s.knowledge_retrieval_budget_ms / 1000,
     )
 
@@ -337,11 +355,7 @@ async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
     cache = None
     if s.llm_cache_enabled:
         cache = ResponseCache(r.redis(), ttl_s=s.llm_cache_ttl, breaker=r.breaker("redis"))
-    prompts = await prompt_builder(r)
-    if not live:  # a replay gives each turn the knowledge its recorded reply was given
-        from libra.processors.knowledge.retrieval import RecordedRetrieval
-
-        prompts.knowledge = RecordedRetrieval(r.log, prompts.knowledge)
+    prompts = await prompt_builder(r, recorded=not live)
     prefetch = None
     if live:  # reads context only for what admission will let through (its checks and limit)
         limiter = LocalRateLimiter(limit=s.rate_limit_turns, window_s=s.rate_limit_window_sec)
@@ -356,14 +370,15 @@ async def llm_processor(r: Resources, *, live: bool = False) -> Processor:
         log=r.log if live else None,
         prefetch=prefetch,
         moderator=_output_moderator(r),
-        tools=await tool_box(r, live=live),
+        tools=await tool_box(r, recorded=not live),
     )
 
 
-async def tool_box(r: Resources, *, live: bool = True) -> ToolBox:
+async def tool_box(r: Resources, *, recorded: bool = False) -> ToolBox:
     """The installed tools as the settings enable them, with what they may be handed: the
     knowledge search, Discord's REST API, and each tool's declared secrets (settings by their
-    names, else the process environment). A replay's answers calls from the recorded turns."""
+    names, else the process environment). ``recorded`` (a replay's, an eval's): calls are
+    answered from the turns' recorded replies."""
     import os
 
     from libra.processors.llm.tooling import ToolBox
@@ -379,8 +394,6 @@ async def tool_box(r: Resources, *, live: bool = True) -> ToolBox:
             if value:
                 secrets[name] = value
                 keep_secret(value)
-    from libra.processors.knowledge.search import KnowledgeSearch
-
     return ToolBox(
         found.tools,
         default=s.tools_enabled,
@@ -389,10 +402,10 @@ async def tool_box(r: Resources, *, live: bool = True) -> ToolBox:
         timeout_s=s.tools_timeout_sec,
         secrets=secrets,
         services={
-            "knowledge": KnowledgeSearch(await r.pool(), _embedder(r)),
+            "knowledge": await _knowledge_search(r),
             "discord_rest_url": s.discord_rest_url,
         },
-        recorded_from=None if live else r.log,
+        recorded_from=_recorded(r) if recorded else None,
     )
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -16,7 +17,7 @@ import redis.asyncio as aioredis
 
 from libra.contracts import conversation_id
 from libra.gateway.discord.gateway import DiscordGateway
-from libra.ops.fakes.discord import FakeDiscord, FakeUser
+from libra.ops.fakes.discord import MANAGE_GUILD, FakeDiscord, FakeUser
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
@@ -120,3 +121,27 @@ async def gateways(
     found = Gateways(settings, fake, database_url)
     yield found
     await found.stop_all()
+
+
+async def run_subcommand(
+    world: World,
+    command: str,
+    sub: str,
+    user: FakeUser,
+    *,
+    options: list[dict[str, Any]] | None = None,
+    permissions: int = MANAGE_GUILD,
+    **kw: Any,
+) -> str:
+    """Runs ``/command sub`` in the world's channel and returns its ephemeral answer."""
+    done = await world.fake.invoke(
+        command,
+        channel_id=world.channel,
+        user=user,
+        options=[{"type": 1, "name": sub, "options": options or []}],
+        permissions=permissions,
+        **kw,
+    )
+    await asyncio.wait_for(done.responded.wait(), 10)
+    assert done.ephemeral
+    return done.content

@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
 from nats.js import JetStreamContext
 
 from libra.contracts import AnyEvent, decode_event
@@ -34,6 +35,21 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(every)
+
+
+async def wait_http(base: str | int, *, timeout: float = 15.0) -> None:
+    """Waits until the HTTP API at ``base`` (a URL, or a port on 127.0.0.1) answers at all."""
+    url = f"http://127.0.0.1:{base}" if isinstance(base, int) else base.rstrip("/")
+
+    async def up() -> bool:
+        try:
+            async with httpx.AsyncClient() as http:
+                await http.get(f"{url}/api/health", timeout=1)
+            return True
+        except httpx.HTTPError:
+            return False
+
+    await eventually(up, timeout=timeout)
 
 
 async def stream_events(js: JetStreamContext, stream: str, subject: str = ">") -> list[AnyEvent]:

@@ -30,7 +30,7 @@ from libra.ops.fakes.llm_wire import OPENAI_CHAT, Behaviour, FakeLlmWire
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
-from .helpers import eventually, stream_events
+from .helpers import eventually, stream_events, wait_http
 from .stack import TEXT_PIPELINE, running
 
 GRAFANA = Path(__file__).resolve().parent.parent / "ops" / "deploy" / "grafana"
@@ -214,7 +214,7 @@ async def test_every_panel_query_runs_on_real_projections(settings, eventlog, po
     async with FakeLlmWire(reply=Behaviour.ok("Hello! Happy to help.")) as wire:
         s = _settings(settings, wire, port)
         async with running(s, [*TEXT_PIPELINE, "http"]):
-            await eventually(lambda: _listening(port), timeout=15)
+            await wait_http(port)
             await _chat(port)
             wire.queue(OPENAI_CHAT, Behaviour.error(500))
             async with httpx.AsyncClient(timeout=20) as http:
@@ -248,15 +248,6 @@ async def test_every_panel_query_runs_on_real_projections(settings, eventlog, po
 
 def _panel(title: str, panels: list[tuple[str, dict]]) -> str:
     return next(p["targets"][0]["rawSql"] for _, p in panels if p["title"].startswith(title))
-
-
-async def _listening(port: int) -> bool:
-    try:
-        async with httpx.AsyncClient() as http:
-            await http.get(f"http://127.0.0.1:{port}/api/health", timeout=1)
-        return True
-    except httpx.HTTPError:
-        return False
 
 
 _METRIC = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*[{\[]")

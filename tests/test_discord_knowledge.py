@@ -38,7 +38,7 @@ from libra.runtime.documents import DocumentStore
 from libra.runtime.eventlog import EventLog
 
 from . import factories
-from .discord_world import Gateways, World
+from .discord_world import Gateways, World, run_subcommand
 from .helpers import eventually, stream_count, stream_events
 from .knowledge_docs import GUIDE_MD, PAGE_HTML
 from .stack import TEXT_PIPELINE, answering_with, running
@@ -87,16 +87,9 @@ async def _knowledge(
     permissions: int = MANAGE_GUILD,
 ) -> str:
     options = [] if document is None else [{"type": 3, "name": "document", "value": document}]
-    done = await world.fake.invoke(
-        "knowledge",
-        channel_id=world.channel,
-        user=user,
-        options=[{"type": 1, "name": sub, "options": options}],
-        permissions=permissions,
+    return await run_subcommand(
+        world, "knowledge", sub, user, options=options, permissions=permissions
     )
-    await asyncio.wait_for(done.responded.wait(), 10)
-    assert done.ephemeral
-    return done.content
 
 
 async def _documents(pool: asyncpg.Pool) -> list[asyncpg.Record]:

@@ -17,7 +17,7 @@ from libra.runtime.eventlog import EventLog
 from libra.tools import ToolContext, ToolError
 from libra.tools.builtin.server import NoArguments, server_tool
 
-from .discord_world import Gateways, World
+from .discord_world import Gateways, World, run_subcommand
 from .helpers import eventually, stream_events
 from .stack import running
 
@@ -65,17 +65,9 @@ async def _ask(
     **kw: Any,
 ) -> str:
     options = [{"type": 3, "name": "name", "value": name}] if name is not None else []
-    done = await world.fake.invoke(
-        command,
-        channel_id=world.channel,
-        user=user,
-        options=[{"type": 1, "name": sub, "options": options}],
-        permissions=permissions,
-        **kw,
+    return await run_subcommand(
+        world, command, sub, user, options=options, permissions=permissions, **kw
     )
-    await asyncio.wait_for(done.responded.wait(), 10)
-    assert done.ephemeral
-    return done.content
 
 
 async def _settings_events(log: EventLog) -> list[tuple[str, str, str]]:

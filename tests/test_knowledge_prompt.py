@@ -18,7 +18,7 @@ from libra.processors.knowledge.documents import (
 )
 from libra.runtime.documents import DocumentStore
 
-from .helpers import eventually, stream_events
+from .helpers import eventually, stream_events, wait_http
 from .knowledge_docs import GUIDE_MD, PAGE_HTML
 from .stack import TEXT_PIPELINE, answering_with, running
 
@@ -30,18 +30,6 @@ LIMITS = Limits(max_bytes=1_000_000, chunk_tokens=200, chunk_overlap=20)
 async def wire():
     async with FakeLlmWire(reply=Behaviour.ok(REPLY)) as fake:
         yield fake
-
-
-async def _wait_http(port: int) -> None:
-    async def up() -> bool:
-        try:
-            async with httpx.AsyncClient() as http:
-                await http.get(f"http://127.0.0.1:{port}/api/health", timeout=1)
-            return True
-        except httpx.HTTPError:
-            return False
-
-    await eventually(up, timeout=15)
 
 
 async def test_sources_go_into_the_prompt_and_the_record_and_replay_reuses_them(
@@ -64,7 +52,7 @@ async def test_sources_go_into_the_prompt_and_the_record_and_replay_reuses_them(
             return await pool.fetchval("SELECT count(*) FROM knowledge_documents") == 2
 
         await eventually(projected)
-        await _wait_http(s.http_port)
+        await wait_http(s.http_port)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{s.http_port}", timeout=20
         ) as http:

@@ -26,7 +26,7 @@ from libra.processors.turns.admission import TurnsProcessor
 from libra.processors.turns.ratelimit import RateLimiter
 from libra.runtime.eventlog import EventLog
 
-from .helpers import eventually, stream_events
+from .helpers import eventually, stream_events, wait_http
 from .stack import TEXT_PIPELINE, answering_with, running
 from .test_voice_speculation import _decide, _utterance
 
@@ -48,15 +48,6 @@ async def wire():
         yield fake
 
 
-async def _listening(port: int) -> bool:
-    try:
-        async with httpx.AsyncClient() as http:
-            await http.get(f"http://127.0.0.1:{port}/api/health", timeout=1)
-        return True
-    except httpx.HTTPError:
-        return False
-
-
 async def _decisions(log: EventLog, user: str) -> list:
     events = await stream_events(log.js, "LIBRA", "libra.turn.*.>")
     return [e for e in events if isinstance(e, TurnAccepted | TurnRejected) and e.user == user]
@@ -67,7 +58,7 @@ async def test_a_flagged_message_is_refused_with_its_categories(
 ) -> None:
     s = answering_with(settings, wire, MODERATION_ENGINES="openai")
     async with running(s, [*TEXT_PIPELINE, "http"]):
-        await eventually(lambda: _listening(s.http_port), timeout=15)
+        await wait_http(s.http_port)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.http_port}", timeout=20) as h:
 
             async def say(message: str, user: str = "alice") -> httpx.Response:

@@ -31,7 +31,7 @@ from libra.runtime.config import Settings
 from libra.runtime.consumer import ConsumerRunner
 from libra.runtime.eventlog import EventLog
 
-from .helpers import eventually, stream_events
+from .helpers import eventually, stream_events, wait_http
 from .stack import TEXT_PIPELINE, answering_with, running
 
 REPLY = "Hello! I am Libra. How can I help you today?"
@@ -54,7 +54,7 @@ async def _row(pool, sql: str, *args):
 async def test_http_stream_to_history_and_turns(settings, wire, pool) -> None:
     s = answering_with(settings, wire)
     async with running(s, [*TEXT_PIPELINE, "http"]):
-        await _wait_http(s)
+        await wait_http(s.http_port)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{s.http_port}", timeout=20
         ) as http:
@@ -157,7 +157,7 @@ async def test_a_reply_restarted_by_the_llm_is_streamed_from_its_start_again(
     sub = await eventlog.nc.subscribe("libra.turn.accepted.>", cb=on_accepted)
     without_llm = [name for name in TEXT_PIPELINE if name != "llm"]
     async with running(s, [*without_llm, "http"]):
-        await _wait_http(s)
+        await wait_http(s.http_port)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{s.http_port}", timeout=20
         ) as http:
@@ -177,7 +177,7 @@ async def test_a_reply_restarted_by_the_llm_is_streamed_from_its_start_again(
 async def test_second_message_recalls_the_first(settings, wire, pool) -> None:
     s = answering_with(settings, wire)
     async with running(s, [*TEXT_PIPELINE, "http"]):
-        await _wait_http(s)
+        await wait_http(s.http_port)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{s.http_port}", timeout=20
         ) as http:
@@ -208,7 +208,7 @@ async def test_second_message_recalls_the_first(settings, wire, pool) -> None:
 async def test_eleventh_quick_message_is_rejected_with_a_retry_time(settings, wire) -> None:
     s = answering_with(settings, wire)
     async with running(s, [*TEXT_PIPELINE, "http"]):
-        await _wait_http(s)
+        await wait_http(s.http_port)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{s.http_port}", timeout=20
         ) as http:
@@ -300,7 +300,7 @@ async def test_no_provider_gives_a_readable_failure(
         }
     )
     async with running(s, [*TEXT_PIPELINE, "http"]):
-        await _wait_http(s)
+        await wait_http(s.http_port)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{s.http_port}", timeout=20
         ) as http:
@@ -337,7 +337,7 @@ async def test_bad_requests_get_clear_errors(
 ) -> None:
     s = answering_with(settings, wire)
     async with running(s, ["turns", "http"]):
-        await _wait_http(s)
+        await wait_http(s.http_port)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{s.http_port}", timeout=20
         ) as http:
@@ -359,7 +359,7 @@ async def test_auth_service_key_and_user_tokens(settings, wire) -> None:
     token = jwt.encode(claims, "jwt-secret-that-is-long-enough-456", algorithm="HS256")
     forged = jwt.encode(claims, "a-wrong-secret-of-the-same-good-length", algorithm="HS256")
     async with running(s, [*TEXT_PIPELINE, "http"]):
-        await _wait_http(s)
+        await wait_http(s.http_port)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{s.http_port}", timeout=20
         ) as http:
@@ -389,18 +389,6 @@ async def test_auth_service_key_and_user_tokens(settings, wire) -> None:
                     "/api/chat/history/ivan", headers={"Authorization": f"Bearer {token}"}
                 )
             ).status_code == 403
-
-
-async def _wait_http(s: Settings) -> None:
-    async def up() -> bool:
-        try:
-            async with httpx.AsyncClient() as http:
-                await http.get(f"http://127.0.0.1:{s.http_port}/api/health", timeout=1)
-            return True
-        except httpx.HTTPError:
-            return False
-
-    await eventually(up, timeout=15)
 
 
 async def _has(pool, sql: str, *args) -> bool:

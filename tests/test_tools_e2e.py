@@ -26,7 +26,7 @@ from libra.ops.fakes.llm_wire import (
 )
 from libra.ops.replay import REPLAY_STREAM, Selection, replay
 
-from .helpers import eventually, stream_events
+from .helpers import eventually, stream_events, wait_http
 from .stack import TEXT_PIPELINE, answering_with, running
 from .tool_plugin import write_plugin
 
@@ -56,15 +56,8 @@ def plugin(tmp_path, monkeypatch):
 
 
 async def _ask(port: int, user: str, message: str) -> httpx.Response:
+    await wait_http(port)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-
-        async def up() -> bool:
-            try:
-                return (await http.get("/api/health", timeout=1)).status_code < 500
-            except httpx.HTTPError:
-                return False
-
-        await eventually(up, timeout=15)
         return await http.post("/api/chat/completions", json={"userId": user, "message": message})
 
 

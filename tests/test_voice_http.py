@@ -17,7 +17,7 @@ from libra.ops.embedded import free_port
 from libra.runtime.audio import wav_bytes
 from libra.runtime.config import Settings
 
-from .helpers import eventually, stream_events
+from .helpers import eventually, stream_events, wait_http
 from .stack import running
 from .voice_samples import silence, speech, white_noise
 
@@ -36,18 +36,6 @@ def _settings(settings: Settings, **extra: str) -> Settings:
             **extra,
         }
     )
-
-
-async def _wait_http(base: str) -> None:
-    async def up() -> bool:
-        try:
-            async with httpx.AsyncClient() as http:
-                await http.get(f"{base}/api/health", timeout=1)
-            return True
-        except httpx.HTTPError:
-            return False
-
-    await eventually(up, timeout=15)
 
 
 def _b64(samples: np.ndarray | bytes) -> str:
@@ -131,7 +119,7 @@ async def http(settings: Settings):
     s = _settings(settings)
     base = f"http://127.0.0.1:{s.http_port}"
     async with running(s, ["http"]) as resources:
-        await _wait_http(base)
+        await wait_http(base)
         async with httpx.AsyncClient(base_url=base, timeout=20) as client:
             yield client, resources.log
 
@@ -179,7 +167,7 @@ async def test_voice_routes_need_the_same_credentials_as_chat(settings: Settings
     quiet = {"userId": "hana", "audioData": _b64(silence(500))}
     wav = {"file": ("a.wav", wav_bytes(silence(500).tobytes(), sample_rate=16_000))}
     async with running(s, ["http"]):
-        await _wait_http(base)
+        await wait_http(base)
         async with httpx.AsyncClient(base_url=base, timeout=20) as client:
             assert (await client.post("/voice/process", json=quiet)).status_code == 401
             assert (await client.post("/api/stt/transcribe", files=wav)).status_code == 401
@@ -223,7 +211,7 @@ async def test_transcription_has_a_limit_per_person(settings: Settings, redis_up
     s = _settings(settings, REDIS_URL=redis, STT_RATE_LIMIT="2", STT_RATE_LIMIT_WINDOW_SEC="60")
     base = f"http://127.0.0.1:{s.http_port}"
     async with running(s, ["http"]), httpx.AsyncClient(base_url=base, timeout=20) as client:
-        await _wait_http(base)
+        await wait_http(base)
         quiet = silence(600)
         for _ in range(2):  # each counts, though no speech is heard in it
             assert (await _transcribe(client, "olga", quiet)).status_code == 422
@@ -244,7 +232,7 @@ async def test_transcriptions_in_flight_are_bounded_and_a_gone_client_frees_its_
     s = _settings(settings, STT_MAX_CONCURRENT="1")
     base = f"http://127.0.0.1:{s.http_port}"
     async with running(s, ["http"]) as resources:
-        await _wait_http(base)
+        await wait_http(base)
         async with httpx.AsyncClient(base_url=base, timeout=20) as client:
             waiting = asyncio.create_task(_transcribe(client, "quinn", SPEECH))
             captured = "libra.voice.captured.>"

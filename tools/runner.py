@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 import msgspec
@@ -68,17 +69,7 @@ class ToolRunner:
     def context(self, tool: Tool, base: ToolContext) -> ToolContext:
         """``base`` with the services and only the secrets ``tool`` declared."""
         given = {name: self._secrets[name] for name in tool.secrets if name in self._secrets}
-        return ToolContext(
-            user=base.user,
-            conversation=base.conversation,
-            platform=base.platform,
-            guild=base.guild,
-            channel=base.channel,
-            language=base.language,
-            scopes=base.scopes,
-            secrets=given,
-            services=self.services,
-        )
+        return replace(base, secrets=given, services=self.services)
 
     async def run(
         self, call: ToolCall, base: ToolContext, offered: Mapping[str, Tool] | None = None

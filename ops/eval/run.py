@@ -25,7 +25,6 @@ from rich.progress import (
 )
 
 from libra.contracts import AnyEvent, LlmCompleted, LlmFailed, TurnAccepted
-from libra.processors.knowledge.retrieval import RecordedRetrieval
 from libra.processors.llm.chain import AllProvidersFailed, ChainResult, ProviderChain
 from libra.processors.llm.context import PromptBuilder
 from libra.processors.llm.tooling import ToolBox, answer_with_tools
@@ -246,10 +245,9 @@ async def run_eval(
     run: _Eval | None = None
     try:
         turns = await load_turns(log, selection)
-        prompts = await prompt_builder(resources)
         # a recorded turn's sources and tool results, not today's
-        prompts.knowledge = RecordedRetrieval(log, prompts.knowledge)
-        tools = await tool_box(resources, live=False)
+        prompts = await prompt_builder(resources, recorded=True)
+        tools = await tool_box(resources, recorded=True)
         run = _Eval(settings, plan, prompts, results, tools)
         with _progress(progress) as bar:
             started = time.perf_counter()

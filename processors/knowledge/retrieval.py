@@ -9,7 +9,9 @@ recorded completion.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import OrderedDict
 from datetime import timedelta
 from typing import Protocol
 
@@ -20,7 +22,13 @@ from libra.runtime.projection import read_log
 from .scopes import turn_scopes
 from .search import KnowledgeSearch
 
-__all__ = ["KnowledgeRetrieval", "KnowledgeSource", "RecordedRetrieval", "recorded_completion"]
+__all__ = [
+    "KnowledgeRetrieval",
+    "KnowledgeSource",
+    "RecordedCompletions",
+    "RecordedRetrieval",
+    "recorded_completion",
+]
 
 log = logging.getLogger("libra.knowledge")
 _CLOCK_SKEW = timedelta(seconds=5)
@@ -57,14 +65,35 @@ async def recorded_completion(log_: EventLog, turn: TurnAccepted) -> LlmComplete
     return None
 
 
+class RecordedCompletions:
+    """Turns' recorded ``llm.completed``, each read from the log once: a replayed turn's
+    sources and its tools' results both come from it, and an eval asks for every candidate."""
+
+    def __init__(self, log_: EventLog, *, keep: int = 1024) -> None:
+        self.log, self.keep = log_, keep
+        self._reads: OrderedDict[str, asyncio.Task[LlmCompleted | None]] = OrderedDict()
+
+    async def get(self, turn: TurnAccepted) -> LlmCompleted | None:
+        read = self._reads.get(turn.id)
+        if read is None:
+            read = self._reads[turn.id] = asyncio.ensure_future(recorded_completion(self.log, turn))
+            while len(self._reads) > self.keep:
+                self._reads.popitem(last=False)
+        try:
+            return await asyncio.shield(read)
+        except Exception:
+            self._reads.pop(turn.id, None)  # a failed read is tried again next time
+            raise
+
+
 class RecordedRetrieval:
     """A replay's knowledge: what the turn's recorded completion held."""
 
-    def __init__(self, log_: EventLog, fallback: KnowledgeSource | None) -> None:
-        self.log, self.fallback = log_, fallback
+    def __init__(self, recorded: RecordedCompletions, fallback: KnowledgeSource | None) -> None:
+        self.recorded, self.fallback = recorded, fallback
 
     async def retrieve(self, turn: TurnAccepted) -> tuple[RetrievedChunk, ...]:
-        recorded = await recorded_completion(self.log, turn)
+        recorded = await self.recorded.get(turn)
         if recorded is not None:
             return recorded.knowledge
         log.info("turn %s has no recorded completion: searching the knowledge bases", turn.turn)

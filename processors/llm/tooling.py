@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from libra.contracts import Event, ToolCalled, ToolReturned, ToolUse, TurnAccepted, derive
-from libra.processors.knowledge.retrieval import recorded_completion
+from libra.processors.knowledge.retrieval import RecordedCompletions
 from libra.processors.knowledge.scopes import turn_scopes
-from libra.runtime.eventlog import EventLog
 from libra.tools.base import Tool, ToolContext
 from libra.tools.registry import enabled_names
 from libra.tools.runner import ToolOutcome, ToolRunner
@@ -29,7 +27,6 @@ from .providers.base import ChatMessage, ChatUsage, ToolCall, ToolSpec
 
 __all__ = ["ToolBox", "TurnTools", "answer_with_tools"]
 
-log = logging.getLogger("libra.tools")
 _LIMIT = "the limit of {n} tool calls for one reply is reached: answer with what you have"
 _TOO_MANY = {
     "en": "I stopped here: answering this took more tool calls than I may make for one reply.",
@@ -48,8 +45,8 @@ class TurnTools:
         tools: Mapping[str, Tool],
         recorded: tuple[ToolUse, ...] | None,
     ) -> None:
-        self.box, self.turn, self.tools = box, turn, tools
-        self.specs: tuple[ToolSpec, ...] = tuple(tool.spec() for tool in tools.values())
+        self.box, self.tools = box, tools
+        self.specs: tuple[ToolSpec, ...] = tuple(box.specs[name] for name in tools)
         self.uses: list[ToolUse] = []
         self._recorded = list(recorded) if recorded is not None else None
         self._context = ToolContext(
@@ -103,7 +100,8 @@ class TurnTools:
 class ToolBox:
     """The installed tools, what is enabled by default, and the limits on their calls.
 
-    ``log`` (a replay's): answer calls from the recorded completions instead of running them.
+    ``recorded_from`` (a replay's or an eval's): answer calls from the turns' recorded
+    completions instead of running them.
     """
 
     def __init__(
@@ -116,9 +114,11 @@ class ToolBox:
         timeout_s: float = 10.0,
         secrets: Mapping[str, str] | None = None,
         services: Mapping[str, Any] | None = None,
-        recorded_from: EventLog | None = None,
+        recorded_from: RecordedCompletions | None = None,
     ) -> None:
         self.tools, self.default = dict(tools), default
+        # the JSON Schema of a tool's arguments is made once, not for every turn
+        self.specs = {name: tool.spec() for name, tool in self.tools.items()}
         self.max_calls = max(0, max_calls)
         self.runner = ToolRunner(
             self.tools,
@@ -151,7 +151,7 @@ class ToolBox:
             return None
         recorded = None
         if self.recorded_from is not None:
-            completion = await recorded_completion(self.recorded_from, turn)
+            completion = await self.recorded_from.get(turn)
             recorded = completion.tools if completion is not None else ()
         return TurnTools(self, turn, tools, recorded)
 
