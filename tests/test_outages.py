@@ -38,7 +38,7 @@ from libra.contracts import (
     make,
 )
 from libra.ops.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedRedis, free_port
-from libra.ops.fakes.llm_wire import OPENAI_CHAT, Behaviour, FakeLlmWire
+from libra.ops.fakes.llm_wire import OPENAI_CHAT, Behaviour, FakeCall, FakeLlmWire
 from libra.processors.llm.cache import CachedReply, ResponseCache
 from libra.processors.turns.admission import TurnsProcessor
 from libra.processors.turns.ratelimit import RateLimiter, key_for
@@ -375,6 +375,36 @@ async def test_postgres_down_answers_without_context_and_projections_catch_up(
         rebuilt = await _rebuilt(r.log, own_postgres)
     assert live == rebuilt
     assert sum(1 for row in live["messages"] if row["user_id"] == "http:pat") == 6
+
+
+async def test_postgres_down_a_tool_that_reads_it_says_so_and_reads_again_after(
+    nats_server: EmbeddedNats, redis_url: str, own_postgres: EmbeddedPostgres, wire, api_of
+) -> None:
+    search = Behaviour.tool(FakeCall("knowledge_search", {"query": "cats"}), text="{results}")
+    wire.always(OPENAI_CHAT, search)
+    s = _settings(
+        nats_server.url, own_postgres.url, redis_url, wire, TOOLS_ENABLED="knowledge_search"
+    )
+    nothing = "nothing in this conversation's knowledge bases matches"
+    async with running(s, [*TEXT_PIPELINE, "http"]) as r:
+        api = await api_of(s)
+        assert (await api.chat("sol", "find cats")).json()["content"] == nothing
+        await own_postgres.stop()
+
+        down = await api.chat("sol", "find cats again")  # within LIMIT_S, as every request here
+        api.report("postgres down: a turn whose tool reads it")
+        assert down.status_code == 200
+        assert "the knowledge bases cannot be read just now" in down.json()["content"]
+        returned = await stream_events(r.log.js, LOG_STREAM, "libra.tool.returned.>")
+        assert [e.error for e in returned] == ["", "failed"]
+
+        await own_postgres.start()
+
+        async def normal(i: int) -> bool:
+            reply = await api.chat(f"sol{i}", "find cats once more")
+            return reply.status_code == 200 and reply.json()["content"] == nothing
+
+        assert await _back_within(BACK_S, normal) < BACK_S
 
 
 _TABLES = {

@@ -128,6 +128,9 @@ async def test_arguments_the_model_got_wrong_and_unknown_tools_are_explained(plu
     assert missing.error == "bad_arguments" and "`n`" in missing.result
     loaded = await runner.run(_call("dice", {"sides": 1}), BASE)
     assert loaded.error == "bad_arguments" and ">= 2" in loaded.result
+    huge = await runner.run(_call("echo", {"text": "y" * 100_000}), BASE)
+    assert huge.error == "bad_arguments" and "100,012 characters long" in huge.result
+    assert ("echo", "y" * 100_000) not in sys.modules["libra_tool_demo"].CALLS  # never run
     unknown = await runner.run(_call("weather", {}), BASE, {"dice": runner.tools["dice"]})
     assert unknown.error == "unknown"
     assert unknown.result == "[error: there is no tool named 'weather' here (tools: dice)]"

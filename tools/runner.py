@@ -24,9 +24,12 @@ from libra.runtime.redact import describe, redact
 
 from .base import Tool, ToolContext, ToolError
 
-__all__ = ["ToolErrorKind", "ToolOutcome", "ToolRunner"]
+__all__ = ["MAX_ARGUMENT_CHARS", "ToolErrorKind", "ToolOutcome", "ToolRunner"]
 
 log = logging.getLogger("libra.tools")
+# Arguments longer than this are refused unread (and kept this long in the events): no tool of a
+# chat takes pages of input, and an event must stay well under NATS's message size.
+MAX_ARGUMENT_CHARS = 16_000
 TOOL_CALLS = Counter("libra_tool_calls_total", "Tool calls run, by outcome", ["tool", "outcome"])
 TOOL_SECONDS = Histogram(
     "libra_tool_call_seconds",
@@ -91,9 +94,15 @@ class ToolRunner:
         tool = tools.get(call.name)
         if tool is None:
             offered = ", ".join(sorted(tools)) or "none"
-            message = f"there is no tool named {call.name!r} here (tools: {offered})"
+            message = f"there is no tool named {call.name[:64]!r} here (tools: {offered})"
             return self._outcome("unknown", message, began)
         timeout = min(tool.timeout_s, self.timeout_s)
+        if len(call.arguments) > MAX_ARGUMENT_CHARS:
+            message = (
+                f"the arguments for {tool.name} are {len(call.arguments):,} characters long,"
+                f" over the {MAX_ARGUMENT_CHARS:,} a call may have"
+            )
+            return self._outcome("bad_arguments", message, began)
         try:
             arguments = tool.decode(call.arguments)
         except ToolError as exc:

@@ -20,7 +20,7 @@ from libra.processors.knowledge.retrieval import RecordedCompletions
 from libra.processors.knowledge.scopes import turn_scopes
 from libra.tools.base import Tool, ToolContext
 from libra.tools.registry import enabled_names
-from libra.tools.runner import ToolOutcome, ToolRunner
+from libra.tools.runner import MAX_ARGUMENT_CHARS, ToolOutcome, ToolRunner
 
 from .chain import ChainResult, ProviderChain
 from .providers.base import ChatMessage, ChatUsage, ToolCall, ToolSpec
@@ -67,7 +67,7 @@ class TurnTools:
         outcomes = list(await asyncio.gather(*(self._one(call) for call in calls[:left])))
         limit = f"[error: {_LIMIT.format(n=self.box.max_calls)}]"
         outcomes += [ToolOutcome(result=limit, error="limit") for _ in calls[left:]]
-        for call, outcome in zip(calls, outcomes, strict=True):
+        for call, outcome in zip(map(_kept, calls), outcomes, strict=True):
             self.uses.append(
                 ToolUse(
                     call=call.id,
@@ -201,11 +201,12 @@ async def answer_with_tools(
                 yield ("\n\n" if text else "") + _TOO_MANY.get(turn.language, _TOO_MANY["en"])
             yield _merged(spent)
             return
-        for call in calls:
+        # keyed by place, not by the vendor's id: a server may give two calls the same id
+        for place, call in enumerate(map(_kept, calls)):
             yield derive(
                 turn,
                 ToolCalled,
-                key=f"tool/{attempt}/{call.id}/called",
+                key=f"tool/{attempt}/{round_}.{place}/called",
                 call=call.id,
                 name=call.name,
                 arguments=call.arguments,
@@ -215,13 +216,14 @@ async def answer_with_tools(
             )
         outcomes = await tools.answer(calls)
         results: list[ChatMessage] = []
-        for call, outcome in zip(calls, outcomes, strict=True):
+        for place, (call, outcome) in enumerate(zip(calls, outcomes, strict=True)):
+            kept = _kept(call)
             yield derive(
                 turn,
                 ToolReturned,
-                key=f"tool/{attempt}/{call.id}/returned",
-                call=call.id,
-                name=call.name,
+                key=f"tool/{attempt}/{round_}.{place}/returned",
+                call=kept.id,
+                name=kept.name,
                 result=outcome.result,
                 error=outcome.error,
                 latency_ms=outcome.latency_ms,
@@ -260,4 +262,14 @@ def _merged(results: list[ChainResult]) -> ChainResult:
         attempts=tuple(a for r in results for a in r.attempts),
         ttft_ms=results[0].ttft_ms,
         total_ms=sum(r.total_ms for r in results),
+    )
+
+
+def _kept(call: ToolCall) -> ToolCall:
+    """The call as events and the record keep it: what the model wrote is bounded, so that a
+    model (or a server) that writes pages cannot make an event too large to publish."""
+    if len(call.id) <= 64 and len(call.name) <= 64 and len(call.arguments) <= MAX_ARGUMENT_CHARS:
+        return call
+    return ToolCall(
+        id=call.id[:64], name=call.name[:64], arguments=call.arguments[:MAX_ARGUMENT_CHARS]
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import asyncpg
 import msgspec
 
 from libra.tools.base import Tool, ToolContext, ToolError
@@ -20,7 +21,11 @@ async def _search(arguments: SearchArguments, context: ToolContext) -> str:
     search = context.services.get("knowledge")
     if search is None:
         raise ToolError("no knowledge base is configured here")
-    chunks = await search.search(arguments.query, list(context.scopes), k=arguments.k)
+    try:
+        chunks = await search.search(arguments.query, list(context.scopes), k=arguments.k)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        # the database is down (or restarting): a readable answer, and the next call tries again
+        raise ToolError("the knowledge bases cannot be read just now; try again shortly") from None
     if not chunks:
         return "nothing in this conversation's knowledge bases matches"
     return "\n\n".join(f"[{chunk.title or chunk.document}]\n{chunk.text}" for chunk in chunks)
