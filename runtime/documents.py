@@ -18,6 +18,8 @@ from nats.js.object_store import ObjectStore
 
 from libra.contracts import KNOWLEDGE_BUCKET, DocumentRef
 
+from .positions import made_meanwhile
+
 __all__ = ["DocumentMissing", "DocumentStore", "ensure_documents_bucket"]
 
 
@@ -30,15 +32,17 @@ async def ensure_documents_bucket(js: JetStreamContext, *, replicas: int = 1) ->
     try:
         return await js.object_store(KNOWLEDGE_BUCKET)
     except NotFoundError:
-        return await js.create_object_store(
-            KNOWLEDGE_BUCKET,
-            config=nats.js.api.ObjectStoreConfig(
-                bucket=KNOWLEDGE_BUCKET,
-                description="Documents added to knowledge bases, kept until removed",
-                storage=nats.js.api.StorageType.FILE,
-                replicas=replicas,
-            ),
-        )
+        with made_meanwhile():
+            await js.create_object_store(
+                KNOWLEDGE_BUCKET,
+                config=nats.js.api.ObjectStoreConfig(
+                    bucket=KNOWLEDGE_BUCKET,
+                    description="Documents added to knowledge bases, kept until removed",
+                    storage=nats.js.api.StorageType.FILE,
+                    replicas=replicas,
+                ),
+            )
+        return await js.object_store(KNOWLEDGE_BUCKET)
 
 
 class DocumentStore:

@@ -37,12 +37,11 @@ from libra.contracts import (
 from .config import Settings
 from .documents import ensure_documents_bucket
 from .metrics import EVENTS_PUBLISHED
-from .positions import ensure_consumer, patiently
+from .positions import STREAM_NAME_IN_USE, ensure_consumer, made_meanwhile, patiently
 
 __all__ = ["EventLog", "connect_nats"]
 
 log = logging.getLogger("libra.eventlog")
-_STREAM_NAME_IN_USE = 10058
 _RETRY_EVERY_S = 0.25
 _running: set[asyncio.Task] = set()  # (a task that nothing holds may be collected mid-run)
 
@@ -206,27 +205,29 @@ class EventLog:
         try:
             await self.js.object_store(AUDIO_BUCKET)
         except NotFoundError:
-            await self.js.create_object_store(
-                AUDIO_BUCKET,
-                config=nats.js.api.ObjectStoreConfig(
-                    bucket=AUDIO_BUCKET,
-                    description="Audio of utterances and synthesized clips",
-                    ttl=settings.libra_audio_ttl or None,
-                    storage=nats.js.api.StorageType.FILE,
-                    replicas=replicas,
-                ),
-            )
+            with made_meanwhile():
+                await self.js.create_object_store(
+                    AUDIO_BUCKET,
+                    config=nats.js.api.ObjectStoreConfig(
+                        bucket=AUDIO_BUCKET,
+                        description="Audio of utterances and synthesized clips",
+                        ttl=settings.libra_audio_ttl or None,
+                        storage=nats.js.api.StorageType.FILE,
+                        replicas=replicas,
+                    ),
+                )
         await self._forbid_rollups(f"OBJ_{AUDIO_BUCKET}")
         await ensure_documents_bucket(self.js, replicas=replicas)
-        await self.js.create_key_value(
-            nats.js.api.KeyValueConfig(
-                bucket=POSITIONS_BUCKET,
-                description="Each durable consumer's ack floor: where a lost one starts again",
-                storage=nats.js.api.StorageType.FILE,
-                replicas=replicas,
-                direct=True,
+        with made_meanwhile():
+            await self.js.create_key_value(
+                nats.js.api.KeyValueConfig(
+                    bucket=POSITIONS_BUCKET,
+                    description="Each durable consumer's ack floor: where a lost one starts again",
+                    storage=nats.js.api.StorageType.FILE,
+                    replicas=replicas,
+                    direct=True,
+                )
             )
-        )
         if consumers is None:
             consumers = [spec for spec in CONSUMERS.values() if spec.provisioned]
         for spec in consumers:
@@ -251,7 +252,7 @@ class EventLog:
         try:
             await self.js.add_stream(config)
         except BadRequestError as exc:
-            if exc.err_code != _STREAM_NAME_IN_USE:
+            if exc.err_code != STREAM_NAME_IN_USE:
                 raise
             await self.js.update_stream(config)
         if config.storage == nats.js.api.StorageType.MEMORY:

@@ -14,9 +14,12 @@ from collections import Counter
 import nats
 import pytest
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from libra.contracts import (
+    AUDIO_BUCKET,
     CONSUMERS,
+    KNOWLEDGE_BUCKET,
     POSITIONS_BUCKET,
     ConsumerSpec,
     LlmCompleted,
@@ -234,3 +237,29 @@ async def test_each_component_keeps_its_own_position_as_its_own_user(
                 assert not await settled(log.js, spec, seq, said)
         finally:
             await log.close()
+
+
+async def test_a_bucket_made_by_another_component_meanwhile_is_taken_as_it_is(settings) -> None:
+    """Every component provisions the log as it starts. One that looked for the buckets just
+    before another made them (and forbade the audio bucket's rollups) goes on with those."""
+    first = await EventLog.connect(settings.nats_url, name="first")
+    late = await EventLog.connect(settings.nats_url, name="late")
+    try:
+        await first.provision(settings, consumers=())
+        opened = late.js.object_store
+        looked: set[str] = set()
+
+        async def looked_a_moment_ago(bucket: str):  # the interleaving, made certain
+            if bucket not in looked:
+                looked.add(bucket)
+                raise NotFoundError
+            return await opened(bucket)
+
+        late.js.object_store = looked_a_moment_ago
+        await late.provision(settings, consumers=())
+        assert looked == {AUDIO_BUCKET, KNOWLEDGE_BUCKET}
+        audio = await first.js.stream_info(f"OBJ_{AUDIO_BUCKET}")
+        assert not audio.config.allow_rollup_hdrs
+    finally:
+        await first.close()
+        await late.close()
