@@ -93,6 +93,14 @@ def _delivery(reply: str) -> _Delivery:
     return _Delivery(int(tokens[6]), int(tokens[7]), int(tokens[10]))
 
 
+class _Committed(NamedTuple):
+    """A batch whose transaction is over: the messages it committed, acked next."""
+
+    acks: list[Msg]
+    count: int  # messages the batch took from the feed
+    last_seq: int  # the newest event it committed
+
+
 def _trickle(first: Msg) -> bool:
     """Whether the log held nothing more for the consumer when ``first`` was delivered: a batch
     that starts that way is a live trickle, one that starts in a backlog (its tail included) is
@@ -104,21 +112,24 @@ def _lock_key(name: str) -> int:
     return zlib.crc32(f"projection:{name}".encode())
 
 
+# The shared lock (see ``rebuild``) and the checkpoint in one statement: the lock is taken
+# first, as the checkpoint's row comes from it. A batch's transaction is the projection's
+# critical path, and each statement in it is a round trip the next batch waits behind.
+_LOCK_AND_CHECKPOINT = (
+    "INSERT INTO projection_checkpoints (name, stream_seq, updated_at)"
+    " SELECT $2, $3, now() FROM (SELECT pg_advisory_xact_lock_shared($1)) AS locked"
+    " ON CONFLICT (name) DO UPDATE SET stream_seq ="
+    " GREATEST(projection_checkpoints.stream_seq, EXCLUDED.stream_seq), updated_at = now()"
+)
+
+
 async def _apply_batch(
     conn: asyncpg.Connection, projection: Projection, batch: Sequence[Recorded]
 ) -> None:
     name = projection.spec.name
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", _lock_key(name))
+        await conn.execute(_LOCK_AND_CHECKPOINT, _lock_key(name), name, max(r.seq for r in batch))
         await projection.apply(conn, batch)
-        await conn.execute(
-            "INSERT INTO projection_checkpoints (name, stream_seq, updated_at)"
-            " VALUES ($1, $2, now())"
-            " ON CONFLICT (name) DO UPDATE SET stream_seq ="
-            " GREATEST(projection_checkpoints.stream_seq, EXCLUDED.stream_seq), updated_at = now()",
-            name,
-            max(r.seq for r in batch),
-        )
 
 
 class ProjectionRunner:
@@ -137,6 +148,8 @@ class ProjectionRunner:
         self.spec = projection.spec
         self.batch_size = batch_size
         self.linger_s = linger_s
+        self.settled_seq = 0  # the newest event committed here (an older one may await a retry)
+        self._progress = asyncio.Condition()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -154,16 +167,24 @@ class ProjectionRunner:
         positions = PositionKeeper(self.log.js, self.spec)
         positions.start()
         # A batch is read while the one before is in Postgres, so that decoding one and writing
-        # the other overlap; batches still commit and ack one at a time, in order.
-        settling: asyncio.Task[None] | None = None
+        # the other overlap, and a committed batch is acked while the next one is in Postgres.
+        # Batches still commit one at a time, in order.
+        settling: asyncio.Task[_Committed] | None = None
         try:
-            while (msgs := await self._next_batch(feed)) is not None:
+            while True:
+                if settling is not None and not feed.waiting:  # nothing to read meanwhile
+                    await self._ack(await settling, feed)
+                    settling = None
+                if (msgs := await self._next_batch(feed)) is None:
+                    break
                 good = await self._decode(msgs)
-                if settling is not None:
-                    await settling
-                settling = asyncio.create_task(self._settle(good, feed, len(msgs)))
+                committed = await settling if settling is not None else None
+                settling = asyncio.create_task(self._commit(good, len(msgs)))
+                if committed is not None:
+                    await asyncio.sleep(0)  # the next batch's first statement goes out first
+                    await self._ack(committed, feed)
             if settling is not None:
-                await settling
+                await self._ack(await settling, feed)
         except asyncio.CancelledError:
             if settling is not None:  # killed: the batch in Postgres is rolled back, not acked
                 settling.cancel()
@@ -178,6 +199,17 @@ class ProjectionRunner:
 
     async def stop(self) -> None:
         self._stopping.set()
+
+    async def settled(self, seq: int) -> None:
+        """Waits until this runner has committed the event at stream sequence ``seq`` or a
+        later one."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.settled_seq >= seq)
+
+    async def _advance(self, seq: int) -> None:
+        async with self._progress:
+            self.settled_seq = max(self.settled_seq, seq)
+            self._progress.notify_all()
 
     async def _next_batch(self, feed: PullFeed) -> list[Msg] | None:
         """Up to a batch of messages, lingering for company in a trickle; None once stopping."""
@@ -207,15 +239,11 @@ class ProjectionRunner:
         CONSUMER_PENDING.labels(name).set(_delivery(msgs[-1].reply).pending)
         return good
 
-    async def _settle(self, good: list[tuple[Msg, Recorded]], feed: PullFeed, count: int) -> None:
-        """Applies a decoded batch and acks it, then makes room in the feed for ``count`` more."""
-        try:
-            if good:
-                await self._apply(good)
-        finally:
-            feed.done(count)
-
-    async def _apply(self, good: list[tuple[Msg, Recorded]]) -> None:
+    async def _commit(self, good: list[tuple[Msg, Recorded]], count: int) -> _Committed:
+        """Applies a decoded batch in one transaction; returns what is left to ack. A batch that
+        fails is applied one event at a time, each acked or retried as it goes."""
+        if not good:
+            return _Committed([], count, 0)
         name = self.spec.name
         started = time.perf_counter()
         try:
@@ -225,16 +253,25 @@ class ProjectionRunner:
             CONSUMER_FAILED.labels(name).inc()
             if len(good) == 1:
                 await self._failed(good[0], exc)
-                return
-            log.warning("batch of %d failed (%s); applying one at a time", len(good), exc)
-            for item in good:
-                await self._settle_one(item)
-            return
+            else:
+                log.warning("batch of %d failed (%s); applying one at a time", len(good), exc)
+                for item in good:
+                    await self._settle_one(item)
+            return _Committed([], count, 0)
         finally:
             CONSUMER_HANDLER_SECONDS.labels(name).observe(time.perf_counter() - started)
-        for msg, _ in good:
-            await msg.ack()
-        CONSUMER_HANDLED.labels(name).inc(len(good))
+        return _Committed([msg for msg, _ in good], count, max(r.seq for _, r in good))
+
+    async def _ack(self, committed: _Committed, feed: PullFeed) -> None:
+        """Acks a committed batch, then makes room in the feed for as many messages."""
+        try:
+            for msg in committed.acks:
+                await msg.ack()
+        finally:
+            feed.done(committed.count)
+        if committed.acks:
+            CONSUMER_HANDLED.labels(self.spec.name).inc(len(committed.acks))
+            await self._advance(committed.last_seq)
 
     async def _settle_one(self, item: tuple[Msg, Recorded]) -> None:
         msg, recorded = item
@@ -246,6 +283,7 @@ class ProjectionRunner:
             return
         await msg.ack()
         CONSUMER_HANDLED.labels(self.spec.name).inc()
+        await self._advance(recorded.seq)
 
     async def _failed(self, item: tuple[Msg, Recorded], exc: BaseException) -> None:
         msg, recorded = item

@@ -80,6 +80,23 @@ async def test_messages_and_conversations(eventlog: EventLog, pool: asyncpg.Pool
     assert checkpoint == (await eventlog.js.stream_info("LIBRA")).state.last_seq
 
 
+async def test_settled_wakes_once_committed_and_a_lone_event_is_acked_at_once(
+    eventlog: EventLog, pool: asyncpg.Pool
+) -> None:
+    runner, task = await _run(eventlog, pool)
+    await eventually(lambda: _consumer_ready(eventlog))
+    _, turn, answer = _exchange(1)
+    await eventlog.publish(turn)
+    seq = await eventlog.publish(answer)
+    # A committed batch is acked while the next one is written; with none coming, at once.
+    await asyncio.wait_for(runner.settled(seq), timeout=10)
+    assert runner.settled_seq == seq and await _count(pool) == 2
+    info = await eventlog.js.consumer_info("LIBRA", CONSUMERS["history"].name)
+    assert info.ack_floor.stream_seq == seq and info.num_ack_pending == 0
+    await runner.stop()
+    await task
+
+
 class _CountedBatches(HistoryProjection):
     """History that notes the size of every batch it is given."""
 
