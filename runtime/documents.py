@@ -18,7 +18,7 @@ from nats.js.object_store import ObjectStore
 
 from libra.contracts import KNOWLEDGE_BUCKET, DocumentRef
 
-from .positions import made_meanwhile
+from .buckets import ensure_object_store
 
 __all__ = ["DocumentMissing", "DocumentStore", "ensure_documents_bucket"]
 
@@ -29,20 +29,15 @@ class DocumentMissing(LookupError):
 
 async def ensure_documents_bucket(js: JetStreamContext, *, replicas: int = 1) -> ObjectStore:
     """Opens the documents bucket, creating it first if it is not there; safe to repeat."""
-    try:
-        return await js.object_store(KNOWLEDGE_BUCKET)
-    except NotFoundError:
-        with made_meanwhile():
-            await js.create_object_store(
-                KNOWLEDGE_BUCKET,
-                config=nats.js.api.ObjectStoreConfig(
-                    bucket=KNOWLEDGE_BUCKET,
-                    description="Documents added to knowledge bases, kept until removed",
-                    storage=nats.js.api.StorageType.FILE,
-                    replicas=replicas,
-                ),
-            )
-        return await js.object_store(KNOWLEDGE_BUCKET)
+    return await ensure_object_store(
+        js,
+        nats.js.api.ObjectStoreConfig(
+            bucket=KNOWLEDGE_BUCKET,
+            description="Documents added to knowledge bases, kept until removed",
+            storage=nats.js.api.StorageType.FILE,
+            replicas=replicas,
+        ),
+    )
 
 
 class DocumentStore:

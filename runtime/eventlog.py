@@ -34,10 +34,11 @@ from libra.contracts import (
     subject_of,
 )
 
+from .buckets import STREAM_NAME_IN_USE, ensure_key_value, ensure_object_store
 from .config import Settings
 from .documents import ensure_documents_bucket
 from .metrics import EVENTS_PUBLISHED
-from .positions import STREAM_NAME_IN_USE, ensure_consumer, made_meanwhile, patiently
+from .positions import ensure_consumer, patiently
 
 __all__ = ["EventLog", "connect_nats"]
 
@@ -202,32 +203,28 @@ class EventLog:
         await self.ensure_stream(
             live_stream_config(max_age_s=settings.libra_live_max_age, replicas=replicas)
         )
-        try:
-            await self.js.object_store(AUDIO_BUCKET)
-        except NotFoundError:
-            with made_meanwhile():
-                await self.js.create_object_store(
-                    AUDIO_BUCKET,
-                    config=nats.js.api.ObjectStoreConfig(
-                        bucket=AUDIO_BUCKET,
-                        description="Audio of utterances and synthesized clips",
-                        ttl=settings.libra_audio_ttl or None,
-                        storage=nats.js.api.StorageType.FILE,
-                        replicas=replicas,
-                    ),
-                )
+        await ensure_object_store(
+            self.js,
+            nats.js.api.ObjectStoreConfig(
+                bucket=AUDIO_BUCKET,
+                description="Audio of utterances and synthesized clips",
+                ttl=settings.libra_audio_ttl or None,
+                storage=nats.js.api.StorageType.FILE,
+                replicas=replicas,
+            ),
+        )
         await self._forbid_rollups(f"OBJ_{AUDIO_BUCKET}")
         await ensure_documents_bucket(self.js, replicas=replicas)
-        with made_meanwhile():
-            await self.js.create_key_value(
-                nats.js.api.KeyValueConfig(
-                    bucket=POSITIONS_BUCKET,
-                    description="Each durable consumer's ack floor: where a lost one starts again",
-                    storage=nats.js.api.StorageType.FILE,
-                    replicas=replicas,
-                    direct=True,
-                )
-            )
+        await ensure_key_value(
+            self.js,
+            nats.js.api.KeyValueConfig(
+                bucket=POSITIONS_BUCKET,
+                description="Each durable consumer's ack floor: where a lost one starts again",
+                storage=nats.js.api.StorageType.FILE,
+                replicas=replicas,
+                direct=True,
+            ),
+        )
         if consumers is None:
             consumers = [spec for spec in CONSUMERS.values() if spec.provisioned]
         for spec in consumers:

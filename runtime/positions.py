@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -40,14 +40,7 @@ from tenacity import (
 
 from libra.contracts import POSITIONS_BUCKET, ConsumerSpec, ConsumerStart, consumer_config
 
-__all__ = [
-    "STREAM_NAME_IN_USE",
-    "PositionKeeper",
-    "ensure_consumer",
-    "made_meanwhile",
-    "patiently",
-    "saved_position",
-]
+__all__ = ["PositionKeeper", "ensure_consumer", "patiently", "saved_position"]
 
 log = logging.getLogger("libra.positions")
 T = TypeVar("T")
@@ -83,22 +76,6 @@ async def patiently(call: Callable[[], Awaitable[T]], *, what: str, within_s: fl
         with attempt:
             result = await call()
     return result
-
-
-STREAM_NAME_IN_USE = 10058  # JetStream: a stream of that name exists, configured otherwise
-
-
-@contextlib.contextmanager
-def made_meanwhile() -> Iterator[None]:
-    """Around the creation of a bucket: one that another process made a moment before, and may
-    have changed since (the audio bucket takes no rollups), is taken as it is. Every component
-    provisions the log as it starts, and `libra up` starts them together."""
-    try:
-        yield
-    except BadRequestError as exc:
-        if exc.err_code != STREAM_NAME_IN_USE:
-            raise
-        log.info("a bucket was made by another process meanwhile: %s", exc.description)
 
 
 async def saved_position(js: JetStreamContext, name: str) -> int:
