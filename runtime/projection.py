@@ -93,14 +93,6 @@ def _delivery(reply: str) -> _Delivery:
     return _Delivery(int(tokens[6]), int(tokens[7]), int(tokens[10]))
 
 
-class _Committed(NamedTuple):
-    """A batch whose transaction is over: the messages it committed, acked next."""
-
-    acks: list[Msg]
-    count: int  # messages the batch took from the feed
-    last_seq: int  # the newest event it committed
-
-
 def _trickle(first: Msg) -> bool:
     """Whether the log held nothing more for the consumer when ``first`` was delivered: a batch
     that starts that way is a live trickle, one that starts in a backlog (its tail included) is
@@ -167,24 +159,16 @@ class ProjectionRunner:
         positions = PositionKeeper(self.log.js, self.spec)
         positions.start()
         # A batch is read while the one before is in Postgres, so that decoding one and writing
-        # the other overlap, and a committed batch is acked while the next one is in Postgres.
-        # Batches still commit one at a time, in order.
-        settling: asyncio.Task[_Committed] | None = None
+        # the other overlap; batches still commit and ack one at a time, in order.
+        settling: asyncio.Task[None] | None = None
         try:
-            while True:
-                if settling is not None and not feed.waiting:  # nothing to read meanwhile
-                    await self._ack(await settling, feed)
-                    settling = None
-                if (msgs := await self._next_batch(feed)) is None:
-                    break
+            while (msgs := await self._next_batch(feed)) is not None:
                 good = await self._decode(msgs)
-                committed = await settling if settling is not None else None
-                settling = asyncio.create_task(self._commit(good, len(msgs)))
-                if committed is not None:
-                    await asyncio.sleep(0)  # the next batch's first statement goes out first
-                    await self._ack(committed, feed)
+                if settling is not None:
+                    await settling
+                settling = asyncio.create_task(self._settle(good, feed, len(msgs)))
             if settling is not None:
-                await self._ack(await settling, feed)
+                await settling
         except asyncio.CancelledError:
             if settling is not None:  # killed: the batch in Postgres is rolled back, not acked
                 settling.cancel()
@@ -239,11 +223,15 @@ class ProjectionRunner:
         CONSUMER_PENDING.labels(name).set(_delivery(msgs[-1].reply).pending)
         return good
 
-    async def _commit(self, good: list[tuple[Msg, Recorded]], count: int) -> _Committed:
-        """Applies a decoded batch in one transaction; returns what is left to ack. A batch that
-        fails is applied one event at a time, each acked or retried as it goes."""
-        if not good:
-            return _Committed([], count, 0)
+    async def _settle(self, good: list[tuple[Msg, Recorded]], feed: PullFeed, count: int) -> None:
+        """Applies a decoded batch and acks it, then makes room in the feed for ``count`` more."""
+        try:
+            if good:
+                await self._apply(good)
+        finally:
+            feed.done(count)
+
+    async def _apply(self, good: list[tuple[Msg, Recorded]]) -> None:
         name = self.spec.name
         started = time.perf_counter()
         try:
@@ -253,25 +241,17 @@ class ProjectionRunner:
             CONSUMER_FAILED.labels(name).inc()
             if len(good) == 1:
                 await self._failed(good[0], exc)
-            else:
-                log.warning("batch of %d failed (%s); applying one at a time", len(good), exc)
-                for item in good:
-                    await self._settle_one(item)
-            return _Committed([], count, 0)
+                return
+            log.warning("batch of %d failed (%s); applying one at a time", len(good), exc)
+            for item in good:
+                await self._settle_one(item)
+            return
         finally:
             CONSUMER_HANDLER_SECONDS.labels(name).observe(time.perf_counter() - started)
-        return _Committed([msg for msg, _ in good], count, max(r.seq for _, r in good))
-
-    async def _ack(self, committed: _Committed, feed: PullFeed) -> None:
-        """Acks a committed batch, then makes room in the feed for as many messages."""
-        try:
-            for msg in committed.acks:
-                await msg.ack()
-        finally:
-            feed.done(committed.count)
-        if committed.acks:
-            CONSUMER_HANDLED.labels(self.spec.name).inc(len(committed.acks))
-            await self._advance(committed.last_seq)
+        for msg, _ in good:
+            await msg.ack()
+        CONSUMER_HANDLED.labels(name).inc(len(good))
+        await self._advance(max(r.seq for _, r in good))
 
     async def _settle_one(self, item: tuple[Msg, Recorded]) -> None:
         msg, recorded = item
