@@ -477,11 +477,7 @@ async def _http(r: Resources) -> Component:
         host=s.http_host,
         max_concurrent=s.http_max_concurrent,
         ws_idle_s=s.http_ws_idle_sec,
-        knowledge=Limits(
-            max_bytes=s.knowledge_max_document_bytes,
-            chunk_tokens=s.knowledge_chunk_tokens,
-            chunk_overlap=s.knowledge_chunk_overlap,
-        ),
+        knowledge=Limits.from_settings(s),
     )
     return HttpGateway(app, host=s.http_host, port=s.http_port)
 

@@ -34,16 +34,6 @@ def _settings(data_dir: str | None):
     return settings(data_dir)
 
 
-def _limits(settings):
-    from libra.processors.knowledge.documents import Limits
-
-    return Limits(
-        max_bytes=settings.knowledge_max_document_bytes,
-        chunk_tokens=settings.knowledge_chunk_tokens,
-        chunk_overlap=settings.knowledge_chunk_overlap,
-    )
-
-
 _scope_options = [
     click.option("--guild", default="", help="A Discord server's id: its knowledge base."),
     click.option("--user", default="", help="A person, platform:id (discord:123, http:alice)."),
@@ -68,7 +58,7 @@ def knowledge() -> None:
 def add(paths: tuple[str, ...], guild: str, user: str, data_dir: str | None) -> None:
     """Add documents (txt, md, html, pdf) to the global knowledge base, or a server's or
     person's."""
-    from libra.processors.knowledge.documents import add_document
+    from libra.processors.knowledge.documents import Limits, add_document
     from libra.processors.knowledge.parsing import DocumentRejected
     from libra.runtime.documents import DocumentStore
     from libra.runtime.eventlog import EventLog
@@ -93,7 +83,7 @@ def add(paths: tuple[str, ...], guild: str, user: str, data_dir: str | None) -> 
                         data=data,
                         scope=scope,
                         added_by=f"console:{getpass.getuser()}",
-                        limits=_limits(settings),
+                        limits=Limits.from_settings(settings),
                     )
                 except (DocumentRejected, OSError) as exc:
                     failed += 1

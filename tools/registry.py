@@ -15,9 +15,18 @@ from importlib.metadata import entry_points
 
 from .base import Tool
 
-__all__ = ["GROUP", "Installed", "enabled_names", "installed", "parse_names"]
+__all__ = [
+    "GROUP",
+    "TOOLS_KEY",
+    "Installed",
+    "enabled_names",
+    "installed",
+    "parse_names",
+    "unknown",
+]
 
 GROUP = "libra.tools"
+TOOLS_KEY = "tools"  # a server's choice: the setting of ``guild:<id>`` that /tools writes
 log = logging.getLogger("libra.tools")
 
 

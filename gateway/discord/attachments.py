@@ -78,13 +78,10 @@ TRUNCATED = "\n[… truncated]"
 
 
 class FileTooLarge(ValueError):
-    """A file over the size it may have: ``size`` is what Discord declared for it, or None when
-    Discord understated it and the download was stopped past the limit."""
+    """A file whose download went past the size it may have (Discord declared less)."""
 
-    def __init__(self, name: str, size: int | None, limit: int) -> None:
-        shown = f"{size:,} bytes" if size is not None else "larger than declared"
-        super().__init__(f"{name!r} is {shown}, over the limit of {limit:,} bytes")
-        self.size, self.limit = size, limit
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__(f"{name!r} is larger than declared, over the limit of {limit:,} bytes")
 
 
 def can_see(model: str, vision_models: Iterable[str]) -> bool:
@@ -137,13 +134,12 @@ async def _describe(attachment: hikari.Attachment, *, vision: bool, text_chars: 
 async def download(
     attachment: hikari.Attachment, *, max_bytes: int, timeout_s: float = _DOCUMENT_TIMEOUT_S
 ) -> bytes:
-    """The whole file; raises :class:`FileTooLarge` (before fetching it when Discord's size says
-    so), ``TimeoutError``, ``hikari.HTTPError`` or ``OSError``."""
-    if attachment.size > max_bytes:
-        raise FileTooLarge(attachment.filename, attachment.size, max_bytes)
+    """The whole file, no more than ``max_bytes`` of it read (the caller refuses a file whose
+    declared size is over, unfetched); raises :class:`FileTooLarge`, ``TimeoutError``,
+    ``hikari.HTTPError`` or ``OSError``."""
     data = await _fetch(attachment, max_bytes + 1, timeout_s)
     if len(data) > max_bytes:
-        raise FileTooLarge(attachment.filename, None, max_bytes)
+        raise FileTooLarge(attachment.filename, max_bytes)
     return data
 
 

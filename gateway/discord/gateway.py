@@ -180,11 +180,7 @@ class DiscordGateway:
             moderation_engines=",".join(engine_names(settings)),
         )
         register_commands(self.commands, slash)
-        limits = Limits(
-            max_bytes=settings.knowledge_max_document_bytes,
-            chunk_tokens=settings.knowledge_chunk_tokens,
-            chunk_overlap=settings.knowledge_chunk_overlap,
-        )
+        limits = Limits.from_settings(settings)
         register_knowledge_commands(
             self.commands, KnowledgeCommands(log_, pool, slash, limits=limits)
         )

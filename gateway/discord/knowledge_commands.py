@@ -75,14 +75,13 @@ class KnowledgeCommands:
         await ctx.defer(ephemeral=True)  # fetching, storing and reading take more than 3 s
         try:
             data = await download(file, max_bytes=self.limits.max_bytes)
-        except FileTooLarge as exc:
-            await ctx.respond(self._too_big(exc.size, locale), ephemeral=True)
+        except FileTooLarge:
+            await ctx.respond(self._too_big(None, locale), ephemeral=True)
             return
         except (TimeoutError, hikari.HTTPError, OSError) as exc:
             log.warning("could not download %s for /learn: %r", file.filename, exc)
             await ctx.respond(say("learn.download", locale), ephemeral=True)
             return
-        kind = media_type(file.filename, file.media_type or "")
         try:
             added = await add_document(
                 self.log,
@@ -93,7 +92,7 @@ class KnowledgeCommands:
                 scope=scope,
                 added_by=user_id("discord", str(ctx.user.id)),
                 limits=self.limits,
-                content_type=kind,
+                content_type=file.media_type or "",
             )
         except DocumentRejected as exc:
             await ctx.respond(say("learn.bad", locale, error=exc), ephemeral=True)

@@ -16,16 +16,15 @@ import lightbulb
 
 from libra.contracts import SessionSettings
 from libra.tools import Tool
-from libra.tools.registry import enabled_names, parse_names
+from libra.tools.registry import TOOLS_KEY, enabled_names, parse_names, unknown
 
 from .commands import SlashCommands
 from .split import MESSAGE_LIMIT
 from .strings import say
 
-__all__ = ["TOOLS_KEY", "TOOL_COMMANDS", "ToolCommands", "register_tool_commands"]
+__all__ = ["TOOL_COMMANDS", "ToolCommands", "register_tool_commands"]
 
 INJECTED = lightbulb.di.INJECTED
-TOOLS_KEY = "tools"
 _DESCRIPTION_CHARS = 120
 
 
@@ -51,7 +50,7 @@ class ToolCommands:
             return
         enabled, chosen = self.enabled(scope)
         lines = [self._line(tool, tool.name in enabled, locale) for tool in self.tools.values()]
-        if missing := [n for n in enabled if n not in self.tools]:
+        if missing := unknown(enabled, self.tools):
             lines.append(say("tools.missing", locale, names=_names(missing, locale)))
         source = say("tools.chosen" if chosen else "tools.default_source", locale)
         text = say("tools.listed", locale, source=source, lines="\n".join(lines))
@@ -99,7 +98,7 @@ class ToolCommands:
             return
         if on:  # in the order they are installed in; names no longer installed stay at the end
             chosen = [n for n in self.tools if n in enabled or n == name]
-            chosen += [n for n in enabled if n not in self.tools]
+            chosen += unknown(enabled, self.tools)
         else:
             chosen = [n for n in enabled if n != name]
         value = ",".join(chosen) or "none"

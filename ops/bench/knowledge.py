@@ -75,14 +75,6 @@ _FILL_BATCH = 2000
 _FILL_COLUMNS = ["id", "document", "scope", "index", "heading", "content", "embedder", "embedding"]
 
 
-def _limits(settings: Settings) -> Limits:
-    return Limits(
-        max_bytes=settings.knowledge_max_document_bytes,
-        chunk_tokens=settings.knowledge_chunk_tokens,
-        chunk_overlap=settings.knowledge_chunk_overlap,
-    )
-
-
 QUALITY_SCOPE = "guild:42"  # the corpus once, alone: copies of one chunk would fill the top k
 
 
@@ -102,7 +94,7 @@ async def _ingestion(
     embedder = build_embedder(settings)
     store = await DocumentStore.open(log.js)
     files = _ingest_texts(copies)
-    limits = _limits(settings)
+    limits = Limits.from_settings(settings)
     started = time.perf_counter()
     bare_chunks = 0
     for name, data, _ in files:

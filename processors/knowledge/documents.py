@@ -14,6 +14,7 @@ import asyncpg
 import msgspec
 
 from libra.contracts import KnowledgeAdded, KnowledgeRemoved, make, new_id
+from libra.runtime.config import Settings
 from libra.runtime.documents import DocumentStore
 from libra.runtime.eventlog import EventLog
 
@@ -36,6 +37,15 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     max_bytes: int
     chunk_tokens: int
     chunk_overlap: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """KNOWLEDGE_MAX_DOCUMENT_BYTES, KNOWLEDGE_CHUNK_TOKENS and KNOWLEDGE_CHUNK_OVERLAP."""
+        return cls(
+            max_bytes=settings.knowledge_max_document_bytes,
+            chunk_tokens=settings.knowledge_chunk_tokens,
+            chunk_overlap=settings.knowledge_chunk_overlap,
+        )
 
 
 class DocumentRow(msgspec.Struct, frozen=True, kw_only=True):

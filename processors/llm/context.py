@@ -29,6 +29,7 @@ from libra.processors.knowledge.retrieval import KnowledgeSource
 from libra.processors.memory.store import MemoryStore
 from libra.processors.moderation.policy import DEFAULT_POLICY, ServerPolicy
 from libra.runtime.outage import Breaker, Unavailable
+from libra.tools.registry import TOOLS_KEY
 
 from .providers.base import ChatMessage
 from .providers.embedded import MODEL_NAME as EMBEDDED_MODEL
@@ -187,7 +188,7 @@ class PromptBuilder:
             degraded=degraded,
             moderation=policy,
             knowledge=context.knowledge,
-            tools=settings.get("tools", ""),
+            tools=settings.get(TOOLS_KEY, ""),
         )
 
     async def context(self, turn: TurnAccepted) -> Context:
