@@ -50,6 +50,7 @@ __all__ = [
     "asr_processor",
     "llm_processor",
     "prompt_builder",
+    "recorded_completions",
     "tool_box",
     "turns_processor",
 ]
@@ -234,7 +235,7 @@ async def _knowledge_search(r: Resources):
     return r.shared("knowledge_search", lambda: KnowledgeSearch(pool, _embedder(r)))
 
 
-def _recorded(r: Resources):
+def recorded_completions(r: Resources):
     """Turns' recorded completions, read once each: a replay's and an eval's sources and tool
     results."""
     from libra.processors.knowledge.retrieval import RecordedCompletions
@@ -251,7 +252,7 @@ async def _knowledge_retrieval(r: Resources, *, recorded: bool = False):
     retrieval = None
     if r.settings.knowledge_top_k > 0:
         retrieval = KnowledgeRetrieval(await _knowledge_search(r), k=r.settings.knowledge_top_k)
-    return RecordedRetrieval(_recorded(r), retrieval) if recorded else retrieval
+    return RecordedRetrieval(recorded_completions(r), retrieval) if recorded else retrieval
 
 
 async def _knowledge(r: Resources) -> Component:
@@ -405,7 +406,7 @@ async def tool_box(r: Resources, *, recorded: bool = False) -> ToolBox:
             "knowledge": await _knowledge_search(r),
             "discord_rest_url": s.discord_rest_url,
         },
-        recorded_from=_recorded(r) if recorded else None,
+        recorded_from=recorded_completions(r) if recorded else None,
     )
 
 

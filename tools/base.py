@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import msgspec
 
-from libra.processors.llm.providers.base import ToolSpec
+if TYPE_CHECKING:  # the providers' package imports every vendor's SDK: not for the gateway
+    from libra.processors.llm.providers.base import ToolSpec
 
 __all__ = ["Access", "Tool", "ToolContext", "ToolError"]
 
@@ -80,6 +81,8 @@ class Tool(Generic[A]):
 
     def spec(self) -> ToolSpec:
         """The tool as a model is offered it, its arguments' JSON Schema inlined."""
+        from libra.processors.llm.providers.base import ToolSpec
+
         return ToolSpec(
             name=self.name, description=self.description, parameters=schema(self.arguments)
         )

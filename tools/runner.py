@@ -14,15 +14,17 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from prometheus_client import Counter, Histogram
 
-from libra.processors.llm.providers.base import ToolCall
 from libra.runtime.redact import describe, redact
 
 from .base import Tool, ToolContext, ToolError
+
+if TYPE_CHECKING:
+    from libra.processors.llm.providers.base import ToolCall
 
 __all__ = ["MAX_ARGUMENT_CHARS", "ToolErrorKind", "ToolOutcome", "ToolRunner"]
 

@@ -31,7 +31,7 @@ from libra.processors.llm.tooling import ToolBox, answer_with_tools
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 
-from ..components import Resources, prompt_builder, tool_box
+from ..components import Resources, prompt_builder, recorded_completions, tool_box
 from ..replay import Selection, recorded_outputs, selected
 from ..stack import resolve_urls
 from .judge import judge_answers
@@ -93,13 +93,13 @@ async def _answer(
     turn: TurnAccepted,
     settings: Settings,
     prices: PriceTable,
-    tools: ToolBox | None = None,
+    tools: ToolBox,
 ) -> Answer:
     prompt = await prompts.build(
         turn, default_model=chain.default_model, persona=candidate.system_prompt
     )
     # the tools the turn was offered, answered with the results its recording holds
-    offered = await tools.for_turn(turn, prompt.tools) if tools is not None else None
+    offered = await tools.for_turn(turn, prompt.tools)
     temperature = (
         settings.llm_temperature if candidate.temperature is None else candidate.temperature
     )
@@ -168,7 +168,7 @@ class _Eval:
         plan: EvalPlan,
         prompts: PromptBuilder,
         results: Results,
-        tools: ToolBox | None = None,
+        tools: ToolBox,
     ) -> None:
         self.settings, self.plan, self.prompts, self.results = settings, plan, prompts, results
         self.tools = tools
@@ -245,7 +245,11 @@ async def run_eval(
     run: _Eval | None = None
     try:
         turns = await load_turns(log, selection)
-        # a recorded turn's sources and tool results, not today's
+        # a recorded turn's sources and tool results, not today's: from the answers just read
+        recorded = recorded_completions(resources)
+        for t in turns:
+            if isinstance(t.recorded, LlmCompleted):
+                recorded.seed(t.turn, t.recorded)
         prompts = await prompt_builder(resources, recorded=True)
         tools = await tool_box(resources, recorded=True)
         run = _Eval(settings, plan, prompts, results, tools)

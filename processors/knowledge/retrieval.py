@@ -71,7 +71,14 @@ class RecordedCompletions:
 
     def __init__(self, log_: EventLog, *, keep: int = 1024) -> None:
         self.log, self.keep = log_, keep
-        self._reads: OrderedDict[str, asyncio.Task[LlmCompleted | None]] = OrderedDict()
+        self._reads: OrderedDict[str, asyncio.Future[LlmCompleted | None]] = OrderedDict()
+
+    def seed(self, turn: TurnAccepted, completed: LlmCompleted) -> None:
+        """Keeps a turn's completion that was read already (an eval reads them all at once)."""
+        if completed.id == derive_id(turn.id, "completed"):  # the one ``get`` would find
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(completed)
+            self._reads[turn.id] = done
 
     async def get(self, turn: TurnAccepted) -> LlmCompleted | None:
         read = self._reads.get(turn.id)

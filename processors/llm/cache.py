@@ -38,9 +38,18 @@ class ResponseCache:
 
     @staticmethod
     def key(
-        messages: tuple[ChatMessage, ...], *, models: str, max_tokens: int, temperature: float
+        messages: tuple[ChatMessage, ...],
+        *,
+        models: str,
+        max_tokens: int,
+        temperature: float,
+        tools: tuple[str, ...] = (),
     ) -> str:
-        shape = msgspec.json.encode([models, max_tokens, temperature, messages])
+        """The reply's key; ``tools``: the names of the tools the model is offered."""
+        fields: list[object] = [models, max_tokens, temperature, messages]
+        if tools:  # a turn offered no tools keeps the key it had before tools existed
+            fields.append(tools)
+        shape = msgspec.json.encode(fields)
         return "libra:llm-cache:" + hashlib.sha256(shape).hexdigest()
 
     async def get(self, key: str) -> CachedReply | None:

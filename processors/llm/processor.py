@@ -220,12 +220,12 @@ class LlmProcessor:
             tools = await self.tools.for_turn(event, prompt.tools)
         key = None
         if self.cache is not None:
-            offered = f"|tools={','.join(tools.tools)}" if tools is not None else ""
             key = self.cache.key(
                 prompt.messages,
-                models=(prompt.model or self.chain.describe()) + offered,
+                models=prompt.model or self.chain.describe(),
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
+                tools=tuple(tools.tools) if tools is not None else (),
             )
             cached = await self._cached(key)
             if cached is not None:

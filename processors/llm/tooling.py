@@ -201,8 +201,9 @@ async def answer_with_tools(
                 yield ("\n\n" if text else "") + _TOO_MANY.get(turn.language, _TOO_MANY["en"])
             yield _merged(spent)
             return
+        kept = [_kept(call) for call in calls]
         # keyed by place, not by the vendor's id: a server may give two calls the same id
-        for place, call in enumerate(map(_kept, calls)):
+        for place, call in enumerate(kept):
             yield derive(
                 turn,
                 ToolCalled,
@@ -217,13 +218,12 @@ async def answer_with_tools(
         outcomes = await tools.answer(calls)
         results: list[ChatMessage] = []
         for place, (call, outcome) in enumerate(zip(calls, outcomes, strict=True)):
-            kept = _kept(call)
             yield derive(
                 turn,
                 ToolReturned,
                 key=f"tool/{attempt}/{round_}.{place}/returned",
-                call=kept.id,
-                name=kept.name,
+                call=kept[place].id,
+                name=kept[place].name,
                 result=outcome.result,
                 error=outcome.error,
                 latency_ms=outcome.latency_ms,

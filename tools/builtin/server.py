@@ -6,7 +6,6 @@ that no other tool is handed it.
 
 from __future__ import annotations
 
-import hikari
 import msgspec
 
 from libra.tools.base import Tool, ToolContext, ToolError
@@ -24,6 +23,8 @@ async def _info(_arguments: NoArguments, context: ToolContext) -> dict[str, obje
         raise ToolError("Libra has no Discord token here, so it cannot read the server")
     if not context.guild:
         raise ToolError("this conversation is not in a Discord server")
+    import hikari  # here: every llm process loads the built-in tools, few of them call this one
+
     rest = hikari.RESTApp(
         http_settings=hikari.impl.HTTPSettings(),
         url=context.services.get("discord_rest_url") or None,
