@@ -145,3 +145,31 @@ async def run_subcommand(
     await asyncio.wait_for(done.responded.wait(), 10)
     assert done.ephemeral
     return done.content
+
+
+async def run_autocomplete(
+    world: World,
+    command: str,
+    sub: str,
+    option: str,
+    typed: str,
+    user: FakeUser,
+    *,
+    permissions: int = MANAGE_GUILD,
+) -> list[str]:
+    """Types ``typed`` into ``/command sub``'s ``option``; returns the values the bot offers."""
+    asked = await world.fake.autocomplete(
+        command,
+        channel_id=world.channel,
+        user=user,
+        permissions=permissions,
+        options=[
+            {
+                "type": 1,
+                "name": sub,
+                "options": [{"type": 3, "name": option, "value": typed, "focused": True}],
+            }
+        ],
+    )
+    await asyncio.wait_for(asked.responded.wait(), 10)
+    return [c["value"] for c in asked.choices]

@@ -5,7 +5,6 @@ sources under it, without the sources line reaching history or a reply chain."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +19,6 @@ from libra.contracts import (
     KnowledgeAdded,
     KnowledgeRemoved,
     LlmCompleted,
-    ReplyDelivered,
     RetrievedChunk,
     TextReceived,
     ToolUse,
@@ -30,7 +28,7 @@ from libra.contracts import (
 )
 from libra.gateway.discord.outcome import footer, without_footer
 from libra.gateway.discord.split import MESSAGE_LIMIT, split_message, with_footer
-from libra.ops.fakes.discord import MANAGE_GUILD, FakeUser, Interaction
+from libra.ops.fakes.discord import EVERYDAY_PERMISSIONS, MANAGE_GUILD, FakeUser, Interaction
 from libra.ops.fakes.llm_wire import OPENAI_CHAT, Behaviour, FakeLlmWire
 from libra.processors.knowledge.documents import Limits, add_document
 from libra.runtime.config import Settings
@@ -38,14 +36,14 @@ from libra.runtime.documents import DocumentStore
 from libra.runtime.eventlog import EventLog
 
 from . import factories
-from .discord_world import Gateways, World, run_subcommand
+from .discord_world import Gateways, World, run_autocomplete, run_subcommand
 from .helpers import eventually, stream_count, stream_events
 from .knowledge_docs import GUIDE_MD, PAGE_HTML
 from .stack import TEXT_PIPELINE, answering_with, running
+from .test_discord_gateway import delivered
 
 MAX_BYTES = 10_000
 LIMITS = Limits(max_bytes=MAX_BYTES, chunk_tokens=100, chunk_overlap=10)
-EVERYDAY = 1 << 11  # send messages: no Manage Server
 ADDED = re.compile(
     r"Added \*\*(?P<title>.+)\*\* to this server's knowledge base: document `(?P<document>\w+)`,"
     r" (?P<chunks>\d+) chunks?\. I answer from it and cite it from now on\."
@@ -109,7 +107,7 @@ async def test_learn_adds_a_file_to_the_servers_knowledge_base_for_admins_only(
         await gateways.start(knowledge_max_document_bytes=MAX_BYTES)
         guide = fake.attachment("guide.md", GUIDE_MD.encode(), "text/markdown; charset=utf-8")
 
-        refused = await _learn(world, world.alice, guide, permissions=EVERYDAY)
+        refused = await _learn(world, world.alice, guide, permissions=EVERYDAY_PERMISSIONS)
         assert refused.content == "Only server admins (Manage Server) can change that."
         dm = fake.add_channel(None)
         in_dm = await _learn(world, world.admin, guide, channel=dm)
@@ -238,9 +236,14 @@ async def test_knowledge_list_and_remove_reach_only_the_servers_own_documents(
             f"`{faq}` **faq_v2.md** · 1 chunk · 16 B",
         ]
         refused = "Only server admins (Manage Server) can change that."
-        assert await _knowledge(world, "list", world.alice, permissions=EVERYDAY) == refused
         assert (
-            await _knowledge(world, "remove", world.alice, document=own, permissions=EVERYDAY)
+            await _knowledge(world, "list", world.alice, permissions=EVERYDAY_PERMISSIONS)
+            == refused
+        )
+        assert (
+            await _knowledge(
+                world, "remove", world.alice, document=own, permissions=EVERYDAY_PERMISSIONS
+            )
             == refused
         )
 
@@ -277,28 +280,14 @@ async def test_knowledge_list_and_remove_reach_only_the_servers_own_documents(
         )
 
         async def suggested(user: FakeUser, typed: str, permissions: int) -> list[str]:
-            asked = await world.fake.autocomplete(
-                "knowledge",
-                channel_id=world.channel,
-                user=user,
-                permissions=permissions,
-                options=[
-                    {
-                        "type": 1,
-                        "name": "remove",
-                        "options": [
-                            {"type": 3, "name": "document", "value": typed, "focused": True}
-                        ],
-                    }
-                ],
+            return await run_autocomplete(
+                world, "knowledge", "remove", "document", typed, user, permissions=permissions
             )
-            await asyncio.wait_for(asked.responded.wait(), 10)
-            return [c["value"] for c in asked.choices]
 
         assert await suggested(world.admin, "", MANAGE_GUILD) == [faq]
         assert await suggested(world.admin, "FAQ", MANAGE_GUILD) == [faq]
         assert await suggested(world.admin, "secret", MANAGE_GUILD) == []
-        assert await suggested(world.alice, "", EVERYDAY) == []  # titles are for admins
+        assert await suggested(world.alice, "", EVERYDAY_PERMISSIONS) == []  # titles are for admins
 
 
 async def test_learn_and_knowledge_are_synced_for_managers_with_korean_names(
@@ -420,14 +409,6 @@ async def _answering(
         await sub.unsubscribe()
 
 
-async def _delivered(log: EventLog, count: int) -> None:
-    async def enough() -> bool:
-        found = await stream_events(log.js, "LIBRA", "libra.reply.delivered.>")
-        return len([e for e in found if isinstance(e, ReplyDelivered)]) >= count
-
-    await eventually(enough)
-
-
 async def test_a_reply_shows_its_sources_and_tools_which_stay_out_of_history_and_context(
     settings: Settings, eventlog: EventLog, world: World, gateways: Gateways, pool: asyncpg.Pool
 ) -> None:
@@ -448,7 +429,7 @@ async def test_a_reply_shows_its_sources_and_tools_which_stay_out_of_history_and
     async with running(settings, ["history"]), _answering(eventlog, script) as answers:
         await gateways.start()
         await fake.send_message(world.channel, "when?", author=world.alice, mention_bot=True)
-        await _delivered(eventlog, 1)
+        await delivered(eventlog, 1)
         [reply] = fake.bot_messages(world.channel)
         assert reply["content"] == (
             "It opens at seven [1].\n-# Sources: [1] hours.html\n-# Tools: time"
@@ -457,14 +438,14 @@ async def test_a_reply_shows_its_sources_and_tools_which_stay_out_of_history_and
         await fake.send_message(
             world.channel, "again?", author=world.alice, reply_to=int(reply["id"])
         )
-        await _delivered(eventlog, 2)
+        await delivered(eventlog, 2)
         assert [(c.role, c.text) for c in answers.seen[1].context] == [
             ("user", "when?"),
             ("assistant", "It opens at seven [1]."),  # as the model wrote it
         ]
 
         await fake.send_message(world.channel, "long?", author=world.alice, mention_bot=True)
-        await _delivered(eventlog, 3)
+        await delivered(eventlog, 3)
         *_, first, last = fake.bot_messages(world.channel)
         assert len(first["content"]) <= MESSAGE_LIMIT and len(last["content"]) <= MESSAGE_LIMIT
         assert last["content"].endswith("[2]\n-# Sources: [2] faq\\_v2.md")
@@ -507,11 +488,9 @@ async def test_a_document_learnt_on_discord_is_cited_under_the_answer(
             world.channel, "When does the bakery open?", author=world.alice, mention_bot=True
         )
         await fake.wait_for(lambda: len(fake.bot_messages(world.channel)) == 1, timeout=20)
-
-        async def final() -> bool:
-            return "-# Sources" in fake.bot_messages(world.channel)[0]["content"]
-
-        await eventually(final, timeout=20)
+        await fake.wait_for(
+            lambda: "-# Sources" in fake.bot_messages(world.channel)[0]["content"], timeout=20
+        )
     [reply] = fake.bot_messages(world.channel)
     assert reply["content"] == "The bakery opens at seven [1].\n-# Sources: [1] Bakery hours"
     system = wire.calls(OPENAI_CHAT)[-1].messages[0]["content"]

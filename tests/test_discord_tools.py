@@ -4,20 +4,19 @@ hikari, with the bot's token."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
 import pytest
 
 from libra.contracts import SessionSettings
-from libra.ops.fakes.discord import MANAGE_GUILD, FakeDiscord, FakeUser
+from libra.ops.fakes.discord import EVERYDAY_PERMISSIONS, MANAGE_GUILD, FakeDiscord, FakeUser
 from libra.runtime.config import Settings
 from libra.runtime.eventlog import EventLog
 from libra.tools import ToolContext, ToolError
 from libra.tools.builtin.server import NoArguments, server_tool
 
-from .discord_world import Gateways, World, run_subcommand
+from .discord_world import Gateways, World, run_autocomplete, run_subcommand
 from .helpers import eventually, stream_events
 from .stack import running
 
@@ -132,7 +131,7 @@ async def test_tools_are_for_admins_and_a_choice_survives_a_restart(
     alice = world.alice
     async with running(settings, ["sessions"]):
         first = await gateways.start(tools_enabled=DEFAULT)
-        everyday = {"permissions": 1 << 11}
+        everyday = {"permissions": EVERYDAY_PERMISSIONS}
         assert await _ask(world, "tools", "list", alice, **everyday) == refused
         assert await _ask(world, "tools", "disable", alice, name="time", **everyday) == refused
         assert await _settings_events(eventlog) == []
@@ -173,21 +172,7 @@ async def test_tool_names_are_suggested_and_the_commands_are_for_managers(
     assert synced["tools"]["name_localizations"]["ko"] == "도구"
 
     async def suggested(sub: str, typed: str) -> list[str]:
-        asked = await world.fake.autocomplete(
-            "tools",
-            channel_id=world.channel,
-            user=world.admin,
-            permissions=MANAGE_GUILD,
-            options=[
-                {
-                    "type": 1,
-                    "name": sub,
-                    "options": [{"type": 3, "name": "name", "value": typed, "focused": True}],
-                }
-            ],
-        )
-        await asyncio.wait_for(asked.responded.wait(), 10)
-        return [c["value"] for c in asked.choices]
+        return await run_autocomplete(world, "tools", sub, "name", typed, world.admin)
 
     assert await suggested("enable", "") == ["knowledge_search", "server_info"]
     assert await suggested("enable", "SERV") == ["server_info"]

@@ -51,7 +51,7 @@ from libra.runtime.outage import Breaker, Unavailable
 from libra.runtime.projection import rebuild
 
 from .factories import AUDIO
-from .helpers import eventually, postgres_folder, stream_count, stream_events
+from .helpers import eventually, postgres_folder, stream_count, stream_events, wait_http
 from .stack import TEXT_PIPELINE, running
 
 REPLY = "Hello! I am Libra."
@@ -134,15 +134,7 @@ async def api_of() -> AsyncIterator[Callable[[Settings], Awaitable[_Api]]]:
     async def make_api(s: Settings) -> _Api:
         http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{s.http_port}", timeout=30)
         clients.append(http)
-
-        async def up() -> bool:
-            try:
-                await http.get("/api/health", timeout=1)
-            except httpx.HTTPError:
-                return False
-            return True
-
-        await eventually(up, timeout=15)
+        await wait_http(s.http_port)
         return _Api(http)
 
     yield make_api

@@ -26,7 +26,7 @@ from libra.ops.fakes.llm_wire import (
 )
 from libra.ops.replay import REPLAY_STREAM, Selection, replay
 
-from .helpers import eventually, stream_events, wait_http
+from .helpers import stream_events, wait_http
 from .stack import TEXT_PIPELINE, answering_with, running
 from .tool_plugin import write_plugin
 
@@ -179,11 +179,10 @@ async def test_on_discord_the_server_tool_reads_the_server_and_the_reply_names_i
             world.channel, "Tell me about this server", author=world.alice, mention_bot=True
         )
 
-        async def final() -> bool:
-            replies = fake.bot_messages(world.channel)
-            return bool(replies) and "-# Tools" in replies[-1]["content"]
-
-        await eventually(final, timeout=30)
+        await fake.wait_for(
+            lambda: any("-# Tools" in m["content"] for m in fake.bot_messages(world.channel)[-1:]),
+            timeout=30,
+        )
         events = await stream_events(resources.log.js, "LIBRA", "libra.tool.returned.>")
     [reply] = fake.bot_messages(world.channel)
     head, footer = reply["content"].rsplit("\n", 1)
