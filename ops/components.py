@@ -530,6 +530,8 @@ COMPONENTS: dict[str, Callable[[Resources], Awaitable[Component]]] = {
     "tts": _tts,
     "discord": _discord,
 }
+# Read models: nobody waits on them, so a process of these alone runs at BACKGROUND_NICE.
+BACKGROUND = frozenset({*PROJECTIONS, "ratelimit-view", "memory", "knowledge"})
 # Components that stay off until a setting is given: name -> the setting they need.
 NEEDS: dict[str, str] = {"discord": "discord_token"}
 

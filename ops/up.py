@@ -13,6 +13,7 @@ from collections.abc import Callable
 from nats.js.errors import NotFoundError
 
 from libra.contracts import LOG_STREAM
+from libra.runtime.compute import lower_priority
 from libra.runtime.config import ConfigError, Settings
 from libra.runtime.database import connect_pool, migrate
 from libra.runtime.eventlog import EventLog
@@ -21,7 +22,7 @@ from libra.runtime.metrics import serve_metrics
 from libra.runtime.projection import rebuild
 from libra.runtime.redact import keep_secret, redact
 
-from .components import COMPONENTS, PROJECTIONS, Resources, Supervisor
+from .components import BACKGROUND, COMPONENTS, PROJECTIONS, Resources, Supervisor
 from .embedded import ServerStartError
 from .eval.prices import store_prices
 from .stack import DataDirBusyError, ExposedError, Stack, StackUrls, resolve_urls
@@ -134,7 +135,10 @@ async def run_up(settings: Settings) -> None:
 
 
 async def run_components(settings: Settings, names: list[str]) -> None:
-    """Runs the named components against the servers the environment names."""
+    """Runs the named components against the servers the environment names; a process of read
+    models alone yields the CPU to the ones a turn waits on (``BACKGROUND_NICE``)."""
+    if set(names) <= BACKGROUND:
+        lower_priority(settings.background_nice)
     stop = _stop_signal()
     if settings.libra_metrics_port:
         serve_metrics(settings.libra_metrics_port, settings.libra_host)

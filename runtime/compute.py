@@ -9,6 +9,9 @@ kernel still gives them every idle cycle, but a turn's few milliseconds of work 
 On Linux a nice value belongs to a thread and is inherited by the threads it starts, so the
 libraries' own workers (CTranslate2's, llama.cpp's) started from these threads inherit it too.
 Elsewhere, or with 0, the threads run as the rest.
+
+The same holds for whole processes whose work nobody waits on (the projections, memory: read
+models that may lag a few milliseconds): :func:`lower_priority` at start, before any thread.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["compute_threads"]
+__all__ = ["compute_threads", "lower_priority"]
 
 log = logging.getLogger("libra.compute")
 
@@ -26,15 +29,16 @@ log = logging.getLogger("libra.compute")
 def compute_threads(workers: int, name: str, *, nice: int = 0) -> ThreadPoolExecutor:
     """A pool of ``workers`` threads named ``name-*`` whose priority is lowered to ``nice``."""
     return ThreadPoolExecutor(
-        workers, thread_name_prefix=name, initializer=_lower_priority, initargs=(nice,)
+        workers, thread_name_prefix=name, initializer=lower_priority, initargs=(nice,)
     )
 
 
-def _lower_priority(nice: int) -> None:
+def lower_priority(nice: int) -> None:
+    """Raises the calling thread's nice value to ``nice`` (the threads it starts inherit it)."""
     if nice <= 0 or not hasattr(os, "setpriority"):
         return
     thread = threading.get_native_id()
     try:  # never raise it: a process started at a higher nice keeps that
         os.setpriority(os.PRIO_PROCESS, thread, max(nice, os.getpriority(os.PRIO_PROCESS, thread)))
     except OSError as exc:
-        log.warning("could not lower the priority of a model thread: %s", exc)
+        log.warning("could not lower the priority of a thread: %s", exc)

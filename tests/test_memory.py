@@ -97,6 +97,10 @@ async def test_openai_embeddings_when_a_key_is_set(pool) -> None:
         assert await store.recall(user="u1", conversation="c1", text="cat", k=1)
         [request] = [r for r in wire.calls(EMBEDDINGS)][:1]
         assert request.body["dimensions"] == DIMENSIONS and embedder.name.startswith("openai:")
+        # a person with no memories yet costs no call to the API
+        asked = len(wire.calls(EMBEDDINGS))
+        assert await store.recall(user="u9", conversation="c1", text="cat", k=1) == []
+        assert len(wire.calls(EMBEDDINGS)) == asked
     assert build_embedder(Settings.from_env({})).name == "hashing-v1"
     ollama = build_embedder(
         Settings.from_env({"OLLAMA_URL": "http://x:11434", "EMBEDDING_MODEL": "nomic"})

@@ -233,11 +233,12 @@ async def bare_converse(nc, js, conversation: str, turn: str, shape: Shape) -> t
         elif ".completed." in msg.subject and not done.done():
             done.set_result(json.loads(msg.data)["ttft_ms"])
 
+    # timed from before subscribing, as Libra's turn is from before ``converse`` subscribes
+    started = time.perf_counter()
     subs = [
         await nc.subscribe(f"bare.{domain}.*.{conversation}", cb=seen) for domain in ("turn", "llm")
     ]
     try:
-        started = time.perf_counter()
         await js.publish(
             f"bare.text.received.{conversation}",
             payload(turn, shape.received_bytes),

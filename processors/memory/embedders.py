@@ -31,6 +31,8 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 class Embedder(Protocol):
     name: str
+    # whether an embedding is a call worth saving (an API) rather than microseconds of work here
+    costly: bool
 
     async def embed(self, texts: list[str]) -> list[np.ndarray]: ...
 
@@ -45,6 +47,7 @@ class HashingEmbedder:
     """Feature hashing of words and character 3-grams into ``DIMENSIONS`` signed buckets."""
 
     name = "hashing-v1"
+    costly = False
 
     def vector(self, text: str) -> np.ndarray:
         out = np.zeros(DIMENSIONS, dtype=np.float32)
@@ -66,6 +69,8 @@ class HashingEmbedder:
 
 class OpenAIEmbedder:
     """OpenAI's embeddings API (or an OpenAI-compatible one such as Ollama's), via its SDK."""
+
+    costly = True
 
     def __init__(self, client: AsyncOpenAI, model: str, *, dimensions: int | None) -> None:
         self.client, self.model, self.dimensions = client, model, dimensions

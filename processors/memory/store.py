@@ -71,8 +71,12 @@ class MemoryStore:
         ``before``: only what was remembered before then, so that a turn replayed later sees
         the memories it saw when it happened.
         """
-        if k <= 0 or not await self._has_any(user, conversation, before):
-            return []  # most people have none yet: no embedding call for them
+        if k <= 0:
+            return []
+        # Most people have no memories yet: an API's embedding is asked only for those who do.
+        # A local one costs less than the round trip that would ask (a recall is on the clock).
+        if self.embedder.costly and not await self._has_any(user, conversation, before):
+            return []
         [vector] = await self.embedder.embed([text])
         return await self.recall_vector(
             user=user, conversation=conversation, vector=vector, k=k, before=before
