@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import aiohttp
 import pytest
 from click.testing import CliRunner
 
 from libra.ops.bench.bare import payload
+from libra.ops.bench.common import cpu_by_role, cpu_ms_per_turn
 from libra.ops.bench.people import DiscordReplies
 from libra.ops.cli import main
 from libra.ops.fakes.discord import FakeDiscord
@@ -31,6 +34,26 @@ FIGURES = {
     "lag_after_s",
     "longest_wait_s",
 }
+
+
+def test_cpu_per_turn_is_told_by_process_role() -> None:
+    # a bare worker's command line, burning 0.3 s of CPU then waiting to be let go
+    burn = "import sys, time\nwhile time.process_time() < 0.3: pass\nprint('burnt', flush=True)\n"
+    before = cpu_by_role()
+    worker = subprocess.Popen(
+        [sys.executable, "-c", burn + "sys.stdin.read()", "libra.ops.bench.bare", "admission"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout.readline() == "burnt\n"
+        spent = cpu_ms_per_turn(before, cpu_by_role(), turns=10)
+    finally:
+        worker.communicate("")
+    assert 25 <= spent["bare admission"] < 60  # 300 ms over 10 turns (ticks of 10 ms)
+    assert list(spent)[:2] == ["total", "bare admission"]  # the largest first
+    assert spent["total"] >= spent["bare admission"] + spent.get("gateway", 0.0)
 
 
 def test_bare_payloads_have_the_size_asked_and_stay_json() -> None:

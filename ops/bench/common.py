@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from libra.contracts import (
     LIVE_STREAM,
     LOG_STREAM,
@@ -43,6 +45,8 @@ __all__ = [
     "BenchServers",
     "LibraProcess",
     "bare_shape",
+    "cpu_by_role",
+    "cpu_ms_per_turn",
     "fake_llm_provider",
     "libra_processes",
     "percentile",
@@ -223,6 +227,42 @@ async def libra_processes(
             for proc in procs:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(30)
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process and all it started, summed by what
+    each is: ``gateway`` (this process), ``nats``, ``postgres``, ``redis``, ``libra run NAMES``,
+    ``bare ROLE`` (a bare chain's worker), ``provider (fake)``. Two of these around a measured
+    window say where a turn's CPU went, the servers' included."""
+    me = psutil.Process()
+    taken: dict[str, float] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            role = "gateway" if proc.pid == me.pid else _role(proc.name(), proc.cmdline())
+            times = proc.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        taken[role] = taken.get(role, 0.0) + times.user + times.system
+    return taken
+
+
+def _role(name: str, cmdline: list[str]) -> str:
+    for server in ("nats", "postgres", "redis"):
+        if name.startswith(server):
+            return server
+    if "libra.ops" in cmdline and "run" in cmdline:
+        return "libra run " + " ".join(cmdline[cmdline.index("run") + 1 :])
+    if "libra.ops.bench.bare" in cmdline:
+        return f"bare {cmdline[cmdline.index('libra.ops.bench.bare') + 1]}"
+    if any("multiprocessing" in part for part in cmdline):
+        return "provider (fake)"
+    return name
+
+
+def cpu_ms_per_turn(before: dict[str, float], after: dict[str, float], turns: int) -> dict:
+    """Milliseconds of CPU per turn by role between two :func:`cpu_by_role`, and their total."""
+    spent = {role: (t - before.get(role, 0.0)) * 1000 / max(1, turns) for role, t in after.items()}
+    return {"total": sum(spent.values()), **dict(sorted(spent.items(), key=lambda kv: -kv[1]))}
 
 
 def rss_mb(pid: int) -> float:

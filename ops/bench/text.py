@@ -19,6 +19,11 @@ Beside each scenario, the same conversations at the same pace drive the bare cha
 the same synced publishes and pulls in bare nats-py, payloads of the sizes Libra's had) for as
 long, right after it: ``overhead_bare_*`` and the ratios ``overhead_ratio_p50``/``_p99``.
 
+What each turn cost the machine, as each chain ran: ``cpu_ms_per_turn`` and
+``bare_cpu_ms_per_turn``, milliseconds of CPU by process (the servers, each ``libra run``, this
+process as the gateway, the fake provider) and in total, and ``cpu_ratio``. On a small machine a
+turn's hops wait for cores the other turns' work holds, so this is where a ratio above 1 starts.
+
 And where the overhead goes, at p50 and p99: ``publish`` (``text.received`` written, synced,
 acked), ``admission`` (from there to ``turn.accepted`` seen at the gateway) and ``llm`` (from
 there to the first delta, less the provider call).
@@ -53,6 +58,8 @@ from libra.runtime.eventlog import EventLog
 from . import bare
 from .common import (
     bare_shape,
+    cpu_by_role,
+    cpu_ms_per_turn,
     fake_llm_provider,
     libra_processes,
     median,
@@ -83,6 +90,7 @@ class _Tally:
         self.stages: dict[str, list[float]] = {"publish": [], "admission": [], "llm": []}
         self.completed = self.failed = 0
         self.in_flight = self.peak = 0
+        self.cpu: dict[str, float] = {}  # ms of CPU per turn, by process (cpu_ms_per_turn)
 
 
 async def _turn(log: EventLog, n: int, ttft: float, tally: _Tally) -> None:
@@ -148,6 +156,7 @@ async def _scenario(
                 )
                 shape = await bare_shape(log, before, ttft_s=ttft)
                 tally = _Tally()
+                cpu = cpu_by_role()
                 began = time.monotonic()
                 await asyncio.gather(
                     *(
@@ -155,15 +164,17 @@ async def _scenario(
                         for i in range(conversations)
                     )
                 )
-                return tally, time.monotonic() - began, shape
+                elapsed = time.monotonic() - began
+                tally.cpu = cpu_ms_per_turn(cpu, cpu_by_role(), tally.completed)
+                return tally, elapsed, shape
             finally:
                 await log.close()
 
 
 async def _bare_scenario(
     url: str, shape: bare.Shape, *, conversations: int, think: float, seconds: float
-) -> list[float]:
-    """The bare chain's overheads, with the scenario's people and pace."""
+) -> tuple[list[float], dict[str, float]]:
+    """The bare chain's overheads, with the scenario's people and pace, and its CPU per turn."""
     overheads: list[float] = []
     async with bare.chain(url, shape) as nc:
         js = nc.jetstream()
@@ -177,11 +188,15 @@ async def _bare_scenario(
                 overheads.append(max(0.0, first - ttft_ms))
                 await asyncio.sleep(rng.uniform(0.5 * think, 1.5 * think))
 
+        cpu = cpu_by_role()
         await asyncio.gather(*(conversation(n) for n in range(conversations)))
-    return overheads
+        cpu = cpu_ms_per_turn(cpu, cpu_by_role(), len(overheads))
+    return overheads, cpu
 
 
-def _figures(prefix: str, tally: _Tally, elapsed: float, plain: list[float]) -> dict:
+def _figures(
+    prefix: str, tally: _Tally, elapsed: float, plain: list[float], bare_cpu: dict[str, float]
+) -> dict:
     p50, p99 = percentile(tally.overheads, 50), percentile(tally.overheads, 99)
     bare50, bare99 = percentile(plain, 50), percentile(plain, 99)
     return {
@@ -197,6 +212,9 @@ def _figures(prefix: str, tally: _Tally, elapsed: float, plain: list[float]) -> 
         f"{prefix}turns": tally.completed,
         f"{prefix}failed": tally.failed,
         f"{prefix}peak_in_flight": tally.peak,
+        f"{prefix}cpu_ms_per_turn": tally.cpu,
+        f"{prefix}bare_cpu_ms_per_turn": bare_cpu,
+        f"{prefix}cpu_ratio": tally.cpu["total"] / bare_cpu["total"],
         **{
             f"{prefix}{stage}_p{q}_ms": percentile(v, q)
             for stage, v in tally.stages.items()
@@ -234,8 +252,8 @@ async def run_bench_text(
         for prefix, ttft, tps in (("", 0.0, 0.0), ("slow_", 0.2, 400.0)):
             people = {"conversations": conversations, "think": think, "seconds": seconds}
             tally, elapsed, shape = await _scenario(env, ttft=ttft, tokens_per_sec=tps, **people)
-            plain = await _bare_scenario(urls.nats_url, shape, **people)
-            results.update(_figures(prefix, tally, elapsed, plain))
+            plain, bare_cpu = await _bare_scenario(urls.nats_url, shape, **people)
+            results.update(_figures(prefix, tally, elapsed, plain, bare_cpu))
         tally, elapsed, _ = await _scenario(
             env,
             ttft=0.0,

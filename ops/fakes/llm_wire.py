@@ -39,7 +39,7 @@ import struct
 import time
 from array import array
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -80,6 +80,13 @@ _SECRET_HEADERS = frozenset(
     {"authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "x-goog-api-key"}
 )
 _encode = msgspec.json.encode
+
+
+def _sse_event(name: str, data: dict[str, Any]) -> bytes:
+    """One named server-sent event, as Anthropic's stream has them."""
+    return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
+
+
 _decode = msgspec.json.decode
 _ids = itertools.count(1)
 _TEXT = "Hello from the fake model, streaming one word at a time."
@@ -386,11 +393,11 @@ class FakeLlmWire(LoopbackServer):
         first = {"x_groq": x_groq} if groq else {}
         await response.write(chunk({"role": "assistant", "content": ""}, **first))
 
-        async def write_piece(piece: str | dict[str, Any]) -> None:
-            await response.write(chunk({"content": piece} if isinstance(piece, str) else piece))
+        def piece_bytes(piece: str | dict[str, Any]) -> bytes:
+            return chunk({"content": piece} if isinstance(piece, str) else piece)
 
         broken = b'data: {"id": "' + cid.encode() + b'", "choices": [{"delta": {"content": "br\n\n'
-        if not await self._pace(request, response, b, pieces, write_piece, broken):
+        if not await self._pace(request, response, b, pieces, piece_bytes, broken):
             return response
         last: dict[str, Any] = {}
         if groq and b.usage:
@@ -465,7 +472,7 @@ class FakeLlmWire(LoopbackServer):
         response = await _open_sse(request)
 
         async def event(name: str, data: dict[str, Any]) -> None:
-            await response.write(b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n")
+            await response.write(_sse_event(name, data))
 
         if b.fail == "invalid_json":
             await response.write(b"event: message_start\ndata: {this is not json\n\n")
@@ -490,17 +497,16 @@ class FakeLlmWire(LoopbackServer):
             )
         await event("ping", {"type": "ping"})
 
-        async def write_piece(piece: str | dict[str, Any]) -> None:
+        def piece_bytes(piece: str | dict[str, Any]) -> bytes:
             if not isinstance(piece, str):
-                await event(piece["type"], piece)
-                return
+                return _sse_event(piece["type"], piece)
             delta = {"type": "text_delta", "text": piece}
-            await event(
+            return _sse_event(
                 "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
             )
 
         broken = b'event: content_block_delta\ndata: {"type": "content_block_delta", "ind\n\n'
-        if not await self._pace(request, response, b, pieces, write_piece, broken):
+        if not await self._pace(request, response, b, pieces, piece_bytes, broken):
             return response
         if not calls:
             await event("content_block_stop", {"type": "content_block_stop", "index": 0})
@@ -541,20 +547,31 @@ class FakeLlmWire(LoopbackServer):
         response: web.StreamResponse,
         b: Behaviour,
         pieces: list[str],
-        write_piece: Any,
+        piece_bytes: Callable[[Any], bytes],
         broken: bytes,
     ) -> bool:
-        """Writes the pieces on the behaviour's schedule; False when it broke the reply off."""
+        """Writes the pieces on the behaviour's schedule; False when it broke the reply off.
+
+        Unpaced (``tokens_per_sec`` 0: as fast as the socket takes them) and unbroken, they go
+        in one write: a write per piece would cost the fake more CPU than the client it serves,
+        on the machine the benchmarks measure that client on.
+        """
         loop = asyncio.get_running_loop()
         first_at = loop.time() + b.ttft
         interval = 1.0 / b.tokens_per_sec if b.tokens_per_sec > 0 else 0.0
+        if not interval and not b.fail:
+            if (delay := first_at - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            if pieces:
+                await response.write(b"".join(map(piece_bytes, pieces)))
+            return True
         for index, piece in enumerate(pieces):
             if b.fail and index == b.after:
                 return await self._break(request, response, b, broken)
             delay = first_at + index * interval - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await write_piece(piece)
+            await response.write(piece_bytes(piece))
         if b.fail and b.after >= len(pieces):
             return await self._break(request, response, b, broken)
         return True
