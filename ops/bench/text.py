@@ -17,7 +17,9 @@ a think time (``--think`` seconds, ±50 %). Two overheads are reported per turn:
 
 Beside each scenario, the same conversations at the same pace drive the bare chain (:mod:`.bare`:
 the same synced publishes and pulls in bare nats-py, payloads of the sizes Libra's had) for as
-long, right after it: ``overhead_bare_*`` and the ratios ``overhead_ratio_p50``/``_p99``.
+long: ``overhead_bare_*`` and the ratios ``overhead_ratio_p50``/``_p99``. This machine's speed
+drifts within a minute, so the two take turns, three windows each (``--seconds`` shared between
+them, each starting with both chains idle), and ``overhead_ratio_p50_by_round`` shows each pair.
 
 What each turn cost the machine, as each chain ran: ``cpu_ms_per_turn`` and
 ``bare_cpu_ms_per_turn``, milliseconds of CPU by process (the servers, each ``libra run``, this
@@ -37,11 +39,14 @@ same run (``bare_*``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
+from collections.abc import Awaitable
 
 from libra.contracts import (
+    CONSUMERS,
     LlmCompleted,
     LlmDelta,
     LlmFailed,
@@ -72,6 +77,8 @@ from .local import BareLlama, Generation, local_env
 
 __all__ = ["run_bench_text", "run_bench_text_local", "run_bench_text_moderation"]
 
+# Measured windows per chain, taking turns, so that both see the machine as its speed drifts.
+ROUNDS = 3
 GROUPS = (
     ["turns", "ratelimit-view"],
     ["llm"],
@@ -84,13 +91,34 @@ REPLY = (
 
 
 class _Tally:
-    def __init__(self) -> None:
+    """One chain's measured windows: each turn's figures, and the windows' time and CPU."""
+
+    def __init__(self, *, bare_chain: bool = False) -> None:
+        self.bare_chain = bare_chain  # its processes: the bare workers, else Libra's
         self.overheads: list[float] = []
         self.with_sdk: list[float] = []
         self.stages: dict[str, list[float]] = {"publish": [], "admission": [], "llm": []}
         self.completed = self.failed = 0
         self.in_flight = self.peak = 0
-        self.cpu: dict[str, float] = {}  # ms of CPU per turn, by process (cpu_ms_per_turn)
+        self.seconds = 0.0
+        self.cpu_s: dict[str, float] = {}  # CPU seconds in the windows, by process (role)
+        self.p50s: list[float] = []  # each window's overhead p50
+
+    async def measure(self, window: Awaitable[object]) -> None:
+        """Runs one measured window, adding its time and the CPU its chain's processes took in
+        it (the servers it uses and the gateway, this process, included)."""
+        cpu, began, first = cpu_by_role(), time.monotonic(), len(self.overheads)
+        await window
+        self.seconds += time.monotonic() - began
+        for role, taken in cpu_by_role().items():
+            if role.startswith("bare ") == self.bare_chain or role in ("gateway", "nats"):
+                self.cpu_s[role] = self.cpu_s.get(role, 0.0) + taken - cpu.get(role, 0.0)
+        self.p50s.append(percentile(self.overheads[first:], 50))
+
+    @property
+    def cpu(self) -> dict[str, float]:
+        """Milliseconds of CPU per turn, by process and in total."""
+        return cpu_ms_per_turn({}, self.cpu_s, self.completed)
 
 
 async def _turn(log: EventLog, n: int, ttft: float, tally: _Tally) -> None:
@@ -140,7 +168,12 @@ async def _scenario(
     conversations: int,
     think: float,
     seconds: float,
-) -> tuple[_Tally, float, bare.Shape]:
+    rounds: int = ROUNDS,
+    bare_too: bool = True,
+) -> tuple[_Tally, _Tally]:
+    """Libra's turns and the bare chain's, ``rounds`` measured windows each, taking turns (and
+    starting each window with both idle): both see the machine as it drifts. Returns Libra's
+    tally and the bare chain's (empty without ``bare_too``)."""
     with fake_llm_provider(REPLY, ttft=ttft, tokens_per_sec=tokens_per_sec) as provider_url:
         async with libra_processes({**env, "LLM_BASE_URL": provider_url}, GROUPS):
             log = await EventLog.connect(env["NATS_URL"], name="bench-text-gateway")
@@ -155,50 +188,72 @@ async def _scenario(
                     *(_turn(log, 20_000 + i, ttft, warm) for i in range(min(conversations, 32)))
                 )
                 shape = await bare_shape(log, before, ttft_s=ttft)
-                tally = _Tally()
-                cpu = cpu_by_role()
-                began = time.monotonic()
-                await asyncio.gather(
-                    *(
-                        _conversation(log, i, ttft, think, began + seconds, tally)
-                        for i in range(conversations)
-                    )
-                )
-                elapsed = time.monotonic() - began
-                tally.cpu = cpu_ms_per_turn(cpu, cpu_by_role(), tally.completed)
-                return tally, elapsed, shape
+                async with contextlib.AsyncExitStack() as stack:
+                    nc = None
+                    if bare_too:
+                        nc = await stack.enter_async_context(bare.chain(env["NATS_URL"], shape))
+                    people = {"conversations": conversations, "think": think}
+                    window = seconds / rounds
+                    libra, plain = _Tally(), _Tally(bare_chain=True)
+                    for r in range(rounds):
+                        sides = [lambda: _libra_window(log, ttft, window, libra, **people)]
+                        if nc is not None:
+                            sides.append(lambda: _bare_window(nc, shape, window, plain, **people))
+                        for side in sides if r % 2 == 0 else sides[::-1]:
+                            await _idle(log)
+                            await side()
+                    return libra, plain
             finally:
                 await log.close()
 
 
-async def _bare_scenario(
-    url: str, shape: bare.Shape, *, conversations: int, think: float, seconds: float
-) -> tuple[list[float], dict[str, float]]:
-    """The bare chain's overheads, with the scenario's people and pace, and its CPU per turn."""
-    overheads: list[float] = []
-    async with bare.chain(url, shape) as nc:
-        js = nc.jetstream()
+async def _libra_window(
+    log: EventLog, ttft: float, seconds: float, tally: _Tally, *, conversations: int, think: float
+) -> None:
+    async def drive() -> None:
         until = time.monotonic() + seconds
+        await asyncio.gather(
+            *(_conversation(log, i, ttft, think, until, tally) for i in range(conversations))
+        )
 
-        async def conversation(n: int) -> None:
-            rng = random.Random(n)
-            await asyncio.sleep(rng.uniform(0, think))
-            while time.monotonic() < until:
-                first, ttft_ms = await bare.bare_converse(nc, js, f"bare-{n}", new_id(), shape)
-                overheads.append(max(0.0, first - ttft_ms))
-                await asyncio.sleep(rng.uniform(0.5 * think, 1.5 * think))
-
-        cpu = cpu_by_role()
-        await asyncio.gather(*(conversation(n) for n in range(conversations)))
-        cpu = cpu_ms_per_turn(cpu, cpu_by_role(), len(overheads))
-    return overheads, cpu
+    await tally.measure(drive())
 
 
-def _figures(
-    prefix: str, tally: _Tally, elapsed: float, plain: list[float], bare_cpu: dict[str, float]
-) -> dict:
+async def _bare_window(
+    nc, shape: bare.Shape, seconds: float, tally: _Tally, *, conversations: int, think: float
+) -> None:
+    """The bare chain's turns, with the scenario's people and pace."""
+    js = nc.jetstream()
+
+    async def conversation(n: int) -> None:
+        rng = random.Random(n)
+        await asyncio.sleep(rng.uniform(0, think))
+        while time.monotonic() < until:
+            first, ttft_ms = await bare.bare_converse(nc, js, f"bare-{n}", new_id(), shape)
+            tally.overheads.append(max(0.0, first - ttft_ms))
+            tally.completed += 1
+            await asyncio.sleep(rng.uniform(0.5 * think, 1.5 * think))
+
+    until = time.monotonic() + seconds
+    await tally.measure(asyncio.gather(*(conversation(n) for n in range(conversations))))
+
+
+async def _idle(log: EventLog, timeout: float = 30.0) -> None:
+    """Waits until Libra's running consumers have settled all they were given: a window does not
+    pay for work left over from the one before (the projections' most of all)."""
+    running = [CONSUMERS[n] for group in GROUPS for n in group if n in CONSUMERS]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        infos = [await log.js.consumer_info(spec.stream, spec.name) for spec in running]
+        if all(info.num_pending == 0 and info.num_ack_pending == 0 for info in infos):
+            return
+        await asyncio.sleep(0.05)
+
+
+def _figures(prefix: str, tally: _Tally, plain: _Tally) -> dict:
     p50, p99 = percentile(tally.overheads, 50), percentile(tally.overheads, 99)
-    bare50, bare99 = percentile(plain, 50), percentile(plain, 99)
+    bare50, bare99 = percentile(plain.overheads, 50), percentile(plain.overheads, 99)
+    cpu, bare_cpu = tally.cpu, plain.cpu
     return {
         f"{prefix}overhead_p50_ms": p50,
         f"{prefix}overhead_p99_ms": p99,
@@ -208,13 +263,16 @@ def _figures(
         f"{prefix}overhead_ratio_p99": p99 / bare99,
         f"{prefix}overhead_with_sdk_p50_ms": percentile(tally.with_sdk, 50),
         f"{prefix}overhead_with_sdk_p99_ms": percentile(tally.with_sdk, 99),
-        f"{prefix}turns_per_s": tally.completed / elapsed,
+        f"{prefix}overhead_ratio_p50_by_round": [
+            libra / plain for libra, plain in zip(tally.p50s, plain.p50s, strict=True)
+        ],
+        f"{prefix}turns_per_s": tally.completed / tally.seconds,
         f"{prefix}turns": tally.completed,
         f"{prefix}failed": tally.failed,
         f"{prefix}peak_in_flight": tally.peak,
-        f"{prefix}cpu_ms_per_turn": tally.cpu,
+        f"{prefix}cpu_ms_per_turn": cpu,
         f"{prefix}bare_cpu_ms_per_turn": bare_cpu,
-        f"{prefix}cpu_ratio": tally.cpu["total"] / bare_cpu["total"],
+        f"{prefix}cpu_ratio": cpu["total"] / bare_cpu["total"],
         **{
             f"{prefix}{stage}_p{q}_ms": percentile(v, q)
             for stage, v in tally.stages.items()
@@ -251,24 +309,25 @@ async def run_bench_text(
             env.pop(key, None)
         for prefix, ttft, tps in (("", 0.0, 0.0), ("slow_", 0.2, 400.0)):
             people = {"conversations": conversations, "think": think, "seconds": seconds}
-            tally, elapsed, shape = await _scenario(env, ttft=ttft, tokens_per_sec=tps, **people)
-            plain, bare_cpu = await _bare_scenario(urls.nats_url, shape, **people)
-            results.update(_figures(prefix, tally, elapsed, plain, bare_cpu))
-        tally, elapsed, _ = await _scenario(
+            tally, plain = await _scenario(env, ttft=ttft, tokens_per_sec=tps, **people)
+            results.update(_figures(prefix, tally, plain))
+        tally, _ = await _scenario(
             env,
             ttft=0.0,
             tokens_per_sec=0.0,
             conversations=64,
             think=0.0,
             seconds=min(seconds, 10.0),
+            rounds=1,
+            bare_too=False,
         )
-        results["max_turns_per_s"] = tally.completed / elapsed
+        results["max_turns_per_s"] = tally.completed / tally.seconds
     report(
         results,
         as_json=as_json,
         title="libra bench text (overhead: first delta at the gateway minus the provider call; "
         "slow_: provider with 200 ms TTFT then 400 tokens/s; max: 64 conversations, no think time; "
-        "bare: the same chain in bare nats-py, right after each scenario)",
+        f"bare: the same chain in bare nats-py; {ROUNDS} windows of each, taking turns)",
     )
     return results
 
