@@ -264,7 +264,7 @@ def _figures(prefix: str, tally: _Tally, plain: _Tally) -> dict:
         f"{prefix}overhead_with_sdk_p50_ms": percentile(tally.with_sdk, 50),
         f"{prefix}overhead_with_sdk_p99_ms": percentile(tally.with_sdk, 99),
         f"{prefix}overhead_ratio_p50_by_round": [
-            libra / plain for libra, plain in zip(tally.p50s, plain.p50s, strict=True)
+            ours / theirs for ours, theirs in zip(tally.p50s, plain.p50s, strict=True)
         ],
         f"{prefix}turns_per_s": tally.completed / tally.seconds,
         f"{prefix}turns": tally.completed,
