@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from libra.ops.bench.bare import payload
-from libra.ops.bench.common import cpu_by_role, cpu_ms_per_turn
+from libra.ops.bench.common import cpu_by_role, cpu_ms_per_turn, cpu_spent
 from libra.ops.bench.people import DiscordReplies
 from libra.ops.cli import main
 from libra.ops.fakes.discord import FakeDiscord
@@ -48,7 +48,7 @@ def test_cpu_per_turn_is_told_by_process_role() -> None:
     )
     try:
         assert worker.stdout.readline() == "burnt\n"
-        spent = cpu_ms_per_turn(before, cpu_by_role(), turns=10)
+        spent = cpu_ms_per_turn(cpu_spent(before, cpu_by_role()), turns=10)
     finally:
         worker.communicate("")
     assert 25 <= spent["bare admission"] < 60  # 300 ms over 10 turns (ticks of 10 ms)

@@ -10,7 +10,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,11 @@ __all__ = [
     "BenchServers",
     "LibraProcess",
     "bare_shape",
+    "consumers_settled",
     "cpu_by_role",
     "cpu_ms_per_turn",
+    "cpu_seconds",
+    "cpu_spent",
     "fake_llm_provider",
     "libra_processes",
     "percentile",
@@ -229,20 +233,49 @@ async def libra_processes(
                     proc.wait(30)
 
 
-def cpu_by_role() -> dict[str, float]:
-    """CPU seconds (user + system) so far of this process and all it started, summed by what
-    each is: ``gateway`` (this process), ``nats``, ``postgres``, ``redis``, ``libra run NAMES``,
-    ``bare ROLE`` (a bare chain's worker), ``provider (fake)``. Two of these around a measured
-    window say where a turn's CPU went, the servers' included."""
+def cpu_seconds(pids: Mapping[str, int]) -> dict[str, dict[int, float]]:
+    """Each named process's CPU time (user + system) and its descendants', by pid."""
+    taken: dict[str, dict[int, float]] = {}
+    for name, pid in pids.items():
+        taken[name] = {}
+        try:
+            root = psutil.Process(pid)
+            family = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in family:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            taken[name][proc.pid] = times.user + times.system
+    return taken
+
+
+def cpu_spent(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
+) -> dict[str, float]:
+    """Seconds of CPU each named process family took between two :func:`cpu_seconds`."""
+    return {
+        name: sum(t - before.get(name, {}).get(pid, 0.0) for pid, t in now.items())
+        for name, now in after.items()
+    }
+
+
+def cpu_by_role() -> dict[str, dict[int, float]]:
+    """As :func:`cpu_seconds`, for this process and all it started, named by what each is:
+    ``gateway`` (this process), ``nats``, ``postgres``, ``redis``, ``libra run NAMES``, ``bare
+    ROLE`` (a bare chain's worker), ``provider (fake)``. :func:`cpu_spent` between two says
+    where a window's CPU went, the servers' included."""
     me = psutil.Process()
-    taken: dict[str, float] = {}
+    taken: dict[str, dict[int, float]] = {}
     for proc in [me, *me.children(recursive=True)]:
         try:
             role = "gateway" if proc.pid == me.pid else _role(proc.name(), proc.cmdline())
             times = proc.cpu_times()
         except psutil.Error:  # gone meanwhile
             continue
-        taken[role] = taken.get(role, 0.0) + times.user + times.system
+        taken.setdefault(role, {})[proc.pid] = times.user + times.system
     return taken
 
 
@@ -259,10 +292,35 @@ def _role(name: str, cmdline: list[str]) -> str:
     return name
 
 
-def cpu_ms_per_turn(before: dict[str, float], after: dict[str, float], turns: int) -> dict:
-    """Milliseconds of CPU per turn by role between two :func:`cpu_by_role`, and their total."""
-    spent = {role: (t - before.get(role, 0.0)) * 1000 / max(1, turns) for role, t in after.items()}
-    return {"total": sum(spent.values()), **dict(sorted(spent.items(), key=lambda kv: -kv[1]))}
+def cpu_ms_per_turn(spent: Mapping[str, float], turns: int) -> dict[str, float]:
+    """Milliseconds of CPU per turn by role, from seconds spent (:func:`cpu_spent`), and their
+    total first."""
+    per_turn = {role: seconds * 1000 / max(1, turns) for role, seconds in spent.items()}
+    return {
+        "total": sum(per_turn.values()),
+        **dict(sorted(per_turn.items(), key=lambda kv: -kv[1])),
+    }
+
+
+async def consumers_settled(
+    log: EventLog, names: Iterable[str], *, timeout: float = 120.0, every_s: float = 0.05
+) -> float:
+    """Seconds until the named consumers have nothing pending or unacknowledged (``timeout``
+    at most); a server coming back meanwhile is waited for."""
+    running = set(names)
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        with contextlib.suppress(Exception):  # the server may still be coming back
+            infos = [
+                info
+                for stream in (LOG_STREAM, LIVE_STREAM)
+                for info in await log.js.consumers_info(stream)
+                if info.config.durable_name in running
+            ]
+            if all(i.num_pending == 0 and i.num_ack_pending == 0 for i in infos):
+                return time.monotonic() - began
+        await asyncio.sleep(every_s)
+    return float(timeout)
 
 
 def rss_mb(pid: int) -> float:

@@ -37,7 +37,6 @@ from pathlib import Path
 import aiohttp
 
 from libra.contracts import (
-    LIVE_STREAM,
     LOG_STREAM,
     TextReceived,
     new_id,
@@ -54,6 +53,7 @@ from .common import (
     BenchServers,
     LibraProcess,
     bare_shape,
+    consumers_settled,
     fake_llm_provider,
     percentile,
     report,
@@ -254,24 +254,6 @@ async def _inject(run: Run, at_s: float) -> dict:
     return {"fault_at_s": at_s, "fault_down_s": time.monotonic() - began}
 
 
-async def _consumers_settled(log: EventLog, timeout: float = 120.0) -> float:
-    """Seconds until every running component's consumer has nothing pending or unacknowledged."""
-    running = {name for names in GROUPS.values() for name in names}
-    began = time.monotonic()
-    while time.monotonic() - began < timeout:
-        with contextlib.suppress(Exception):  # the server may still be coming back
-            infos = [
-                info
-                for stream in (LOG_STREAM, LIVE_STREAM)
-                for info in await log.js.consumers_info(stream)
-                if info.config.durable_name in running
-            ]
-            if all(i.num_pending == 0 and i.num_ack_pending == 0 for i in infos):
-                return time.monotonic() - began
-        await asyncio.sleep(0.2)
-    return float(timeout)
-
-
 async def _libra_phase(run: Run, replies: DiscordReplies, session) -> tuple[list[Turn], dict]:
     plan = run.plan
     turns: list[Turn] = []
@@ -281,7 +263,8 @@ async def _libra_phase(run: Run, replies: DiscordReplies, session) -> tuple[list
     figures = {"elapsed_s": time.monotonic() - began}
     if fault is not None:
         figures.update(await fault)
-    figures["lag_after_s"] = await _consumers_settled(run.log)
+    running = [name for names in GROUPS.values() for name in names]
+    figures["lag_after_s"] = await consumers_settled(run.log, running, every_s=0.2)
     return turns, figures
 
 

@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
-
 from libra.contracts import TurnAccepted
 from libra.processors.llm.context import Context, PromptBuilder
 from libra.processors.llm.providers.embedded import MODEL_NAME, model_path
@@ -27,8 +25,6 @@ __all__ = [
     "MAX_TOKENS",
     "BareLlama",
     "Generation",
-    "cpu_seconds",
-    "cpu_spent",
     "espeak_seconds",
     "local_env",
 ]
@@ -129,32 +125,3 @@ def espeak_seconds(sentence: str, voice: str) -> float:
     started = time.perf_counter()
     speak(sentence, voice)
     return time.perf_counter() - started
-
-
-def cpu_seconds(pids: Mapping[str, int]) -> dict[str, dict[int, float]]:
-    """Each named process's CPU time (user + system) and its descendants', by pid."""
-    taken: dict[str, dict[int, float]] = {}
-    for name, pid in pids.items():
-        taken[name] = {}
-        try:
-            root = psutil.Process(pid)
-            family = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for proc in family:
-            try:
-                times = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            taken[name][proc.pid] = times.user + times.system
-    return taken
-
-
-def cpu_spent(
-    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
-) -> dict[str, float]:
-    """Seconds of CPU each named process family took between two :func:`cpu_seconds`."""
-    return {
-        name: sum(t - before.get(name, {}).get(pid, 0.0) for pid, t in now.items())
-        for name, now in after.items()
-    }

@@ -46,7 +46,6 @@ import time
 from collections.abc import Awaitable
 
 from libra.contracts import (
-    CONSUMERS,
     LlmCompleted,
     LlmDelta,
     LlmFailed,
@@ -63,8 +62,10 @@ from libra.runtime.eventlog import EventLog
 from . import bare
 from .common import (
     bare_shape,
+    consumers_settled,
     cpu_by_role,
     cpu_ms_per_turn,
+    cpu_spent,
     fake_llm_provider,
     libra_processes,
     median,
@@ -110,15 +111,15 @@ class _Tally:
         cpu, began, first = cpu_by_role(), time.monotonic(), len(self.overheads)
         await window
         self.seconds += time.monotonic() - began
-        for role, taken in cpu_by_role().items():
+        for role, taken in cpu_spent(cpu, cpu_by_role()).items():
             if role.startswith("bare ") == self.bare_chain or role in ("gateway", "nats"):
-                self.cpu_s[role] = self.cpu_s.get(role, 0.0) + taken - cpu.get(role, 0.0)
+                self.cpu_s[role] = self.cpu_s.get(role, 0.0) + taken
         self.p50s.append(percentile(self.overheads[first:], 50))
 
     @property
     def cpu(self) -> dict[str, float]:
         """Milliseconds of CPU per turn, by process and in total."""
-        return cpu_ms_per_turn({}, self.cpu_s, self.completed)
+        return cpu_ms_per_turn(self.cpu_s, self.completed)
 
 
 async def _turn(log: EventLog, n: int, ttft: float, tally: _Tally) -> None:
@@ -195,12 +196,14 @@ async def _scenario(
                     people = {"conversations": conversations, "think": think}
                     window = seconds / rounds
                     libra, plain = _Tally(), _Tally(bare_chain=True)
+                    sides = [lambda: _libra_window(log, ttft, window, libra, **people)]
+                    if nc is not None:
+                        sides.append(lambda: _bare_window(nc, shape, window, plain, **people))
+                    running = [name for group in GROUPS for name in group]
                     for r in range(rounds):
-                        sides = [lambda: _libra_window(log, ttft, window, libra, **people)]
-                        if nc is not None:
-                            sides.append(lambda: _bare_window(nc, shape, window, plain, **people))
                         for side in sides if r % 2 == 0 else sides[::-1]:
-                            await _idle(log)
+                            # no window pays for work left from the one before (projections')
+                            await consumers_settled(log, running, timeout=30.0)
                             await side()
                     return libra, plain
             finally:
@@ -236,18 +239,6 @@ async def _bare_window(
 
     until = time.monotonic() + seconds
     await tally.measure(asyncio.gather(*(conversation(n) for n in range(conversations))))
-
-
-async def _idle(log: EventLog, timeout: float = 30.0) -> None:
-    """Waits until Libra's running consumers have settled all they were given: a window does not
-    pay for work left over from the one before (the projections' most of all)."""
-    running = [CONSUMERS[n] for group in GROUPS for n in group if n in CONSUMERS]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        infos = [await log.js.consumer_info(spec.stream, spec.name) for spec in running]
-        if all(info.num_pending == 0 and info.num_ack_pending == 0 for info in infos):
-            return
-        await asyncio.sleep(0.05)
 
 
 def _figures(prefix: str, tally: _Tally, plain: _Tally) -> dict:

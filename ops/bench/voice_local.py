@@ -57,13 +57,15 @@ from ..embedded import free_port
 from .common import (
     BenchServers,
     LibraProcess,
+    cpu_seconds,
+    cpu_spent,
     fake_llm_provider,
     median,
     percentile,
     report,
     servers,
 )
-from .local import BareLlama, cpu_seconds, cpu_spent, espeak_seconds, local_env
+from .local import BareLlama, espeak_seconds, local_env
 from .voice import GROUPS, Edge, _sentence_delta, _Turn, speech_packets
 from .voice_text import TEXT_REPLY, TextTurns
 
