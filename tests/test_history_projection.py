@@ -88,7 +88,7 @@ async def test_settled_wakes_once_committed_and_a_lone_event_is_acked_at_once(
     _, turn, answer = _exchange(1)
     await eventlog.publish(turn)
     seq = await eventlog.publish(answer)
-    # A committed batch is acked while the next one is written; with none coming, at once.
+    # A committed batch is acked at once, lone or not: nothing waits for a next one.
     await asyncio.wait_for(runner.settled(seq), timeout=10)
     assert runner.settled_seq == seq and await _count(pool) == 2
     info = await eventlog.js.consumer_info("LIBRA", CONSUMERS["history"].name)
