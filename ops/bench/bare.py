@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 import nats
@@ -41,7 +42,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-__all__ = ["Shape", "bare_converse", "chain", "provision", "worker_command"]
+__all__ = ["BareTurn", "Shape", "bare_converse", "chain", "provision", "worker_command"]
 
 LOG, LIVE = "BARE", "BARE_LIVE"
 CONCURRENCY = 256  # as Libra's turns and llm consumers
@@ -218,19 +219,28 @@ async def _observe(url: str) -> dict[str, dict]:
     return observed.turns
 
 
-async def bare_converse(nc, js, conversation: str, turn: str, shape: Shape) -> tuple[float, float]:
+class BareTurn(NamedTuple):
+    """One bare turn's times (ms) from its start, as the bench times Libra's stages."""
+
+    published_ms: float  # ``text.received`` acked
+    accepted_ms: float  # ``turn.accepted`` seen
+    first_ms: float  # the first delta seen
+    ttft_ms: float  # the provider's part, as the llm worker measured it
+
+
+async def bare_converse(nc, js, conversation: str, turn: str, shape: Shape) -> BareTurn:
     """Publishes a bare ``text.received`` and follows its turn as Libra's ``converse`` does (one
-    core subscription per domain, filtered by turn); returns (ms to the first delta, TTFT ms)."""
+    core subscription per domain, filtered by turn)."""
     done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-    first: list[float] = []
+    seen_at: dict[str, float] = {}
     marker = f'"turn": "{turn}"'.encode()
 
     async def seen(msg) -> None:
         if marker not in msg.data:
             return
-        if ".delta." in msg.subject and not first:
-            first.append(time.perf_counter())
-        elif ".completed." in msg.subject and not done.done():
+        kind = msg.subject.split(".", 3)[2]
+        seen_at.setdefault(kind, time.perf_counter())
+        if kind == "completed" and not done.done():
             done.set_result(json.loads(msg.data)["ttft_ms"])
 
     # timed from before subscribing, as Libra's turn is from before ``converse`` subscribes
@@ -244,8 +254,15 @@ async def bare_converse(nc, js, conversation: str, turn: str, shape: Shape) -> t
             payload(turn, shape.received_bytes),
             headers={"Nats-Msg-Id": turn},
         )
+        published = time.perf_counter()
         ttft_ms = await asyncio.wait_for(done, 60)
-        return (first[0] - started) * 1000 if first else float("nan"), ttft_ms
+
+        def since(at: float | None) -> float:
+            return (at - started) * 1000 if at is not None else float("nan")
+
+        return BareTurn(
+            since(published), since(seen_at.get("accepted")), since(seen_at.get("delta")), ttft_ms
+        )
     finally:
         for sub in subs:
             await sub.unsubscribe()

@@ -28,7 +28,8 @@ turn's hops wait for cores the other turns' work holds, so this is where a ratio
 
 And where the overhead goes, at p50 and p99: ``publish`` (``text.received`` written, synced,
 acked), ``admission`` (from there to ``turn.accepted`` seen at the gateway) and ``llm`` (from
-there to the first delta, less the provider call).
+there to the first delta, less the provider call), each beside the bare chain's same stage
+(``publish_bare_p50_ms`` and so on).
 
 ``--local`` instead answers a few turns, one after another, with the embedded model and no
 account (:mod:`.local`): the time to the first delta at the gateway and the tokens per second
@@ -232,8 +233,11 @@ async def _bare_window(
         rng = random.Random(n)
         await asyncio.sleep(rng.uniform(0, think))
         while time.monotonic() < until:
-            first, ttft_ms = await bare.bare_converse(nc, js, f"bare-{n}", new_id(), shape)
-            tally.overheads.append(max(0.0, first - ttft_ms))
+            turn = await bare.bare_converse(nc, js, f"bare-{n}", new_id(), shape)
+            tally.overheads.append(max(0.0, turn.first_ms - turn.ttft_ms))
+            tally.stages["publish"].append(turn.published_ms)
+            tally.stages["admission"].append(turn.accepted_ms - turn.published_ms)
+            tally.stages["llm"].append(max(0.0, turn.first_ms - turn.accepted_ms - turn.ttft_ms))
             tally.completed += 1
             await asyncio.sleep(rng.uniform(0.5 * think, 1.5 * think))
 
@@ -265,8 +269,9 @@ def _figures(prefix: str, tally: _Tally, plain: _Tally) -> dict:
         f"{prefix}bare_cpu_ms_per_turn": bare_cpu,
         f"{prefix}cpu_ratio": cpu["total"] / bare_cpu["total"],
         **{
-            f"{prefix}{stage}_p{q}_ms": percentile(v, q)
-            for stage, v in tally.stages.items()
+            f"{prefix}{stage}{side}_p{q}_ms": percentile(of.stages[stage], q)
+            for stage in tally.stages
+            for side, of in (("", tally), ("_bare", plain))
             for q in (50, 99)
         },
     }
