@@ -56,6 +56,18 @@ DEFAULT_PERSONA = (
 # says it is Libra. The language line and the voice style do not lead it astray.
 SMALL_MODEL_PERSONA = "You are a helpful AI assistant named Libra. Keep answers short."
 _SMALL_MODELS = (EMBEDDED_MODEL,)
+# The server's settings for the prompt (channel rows last) and the turns before this one, newest
+# first: ($1 scopes, $2 conversation, $3 this turn, $4 its time, $5 how many messages)
+_SETTINGS_AND_HISTORY = """
+SELECT
+  ARRAY(SELECT (key, value) FROM settings
+        WHERE scope = ANY($1::text[])
+          AND (key IN ('model', 'persona', 'tools') OR key LIKE 'moderation.%') AND value <> ''
+        ORDER BY (scope LIKE 'channel:%') ASC) AS settings,
+  ARRAY(SELECT (role, content) FROM messages
+        WHERE conversation = $2 AND turn <> $3 AND at <= $4
+        ORDER BY at DESC LIMIT $5) AS history
+"""
 _LANGUAGES = {"ko": "Korean", "en": "English", "ja": "Japanese", "zh": "Chinese"}
 _VOICE_STYLE = (
     "This turn is spoken: your answer will be read aloud. Use short sentences, no Markdown,"
@@ -244,26 +256,18 @@ class PromptBuilder:
         scopes = [f"channel:{turn.conversation}"]
         if turn.origin.guild:
             scopes.append(f"guild:{turn.origin.guild}")
-        # Two connections, the queries side by side: a prompt is on the clock of every reply.
-        rows, history = await asyncio.gather(
-            self.pool.fetch(
-                "SELECT key, value FROM settings WHERE scope = ANY($1::text[])"
-                " AND (key IN ('model', 'persona', 'tools') OR key LIKE 'moderation.%')"
-                " AND value <> ''"
-                " ORDER BY (scope LIKE 'channel:%') ASC",
-                scopes,
-            ),
-            self.pool.fetch(
-                "SELECT role, content FROM messages WHERE conversation = $1 AND turn <> $2"
-                " AND at <= $3 ORDER BY at DESC LIMIT $4",
-                turn.conversation,
-                turn.turn,
-                turn.at,
-                self.history_turns * 2,
-            ),
+        # One statement, one round trip: a prompt is on the clock of every reply, and on a busy
+        # machine each query's backend waits its turn for a core.
+        row = await self.pool.fetchrow(
+            _SETTINGS_AND_HISTORY,
+            scopes,
+            turn.conversation,
+            turn.turn,
+            turn.at,
+            self.history_turns * 2,
         )
-        settings = {r["key"]: r["value"] for r in rows}  # channel rows last: they win
-        messages = [ChatMessage(role=r["role"], content=r["content"]) for r in reversed(history)]
+        settings = dict(row["settings"])  # channel rows last: they win
+        messages = [ChatMessage(role=role, content=text) for role, text in reversed(row["history"])]
         return settings, messages
 
     async def _knowledge(self, turn: TurnAccepted) -> tuple[RetrievedChunk, ...]:
