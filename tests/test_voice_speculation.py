@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import msgspec
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -170,16 +171,20 @@ async def test_transcribing_only_makes_no_turn_even_with_speculation(redis) -> N
     assert await _decide(processor, ended) == []
 
 
-async def test_the_rate_limit_view_counts_confirmed_turns_only(redis) -> None:
+async def test_the_rate_limit_view_writes_confirmed_turns_redis_did_not_count(redis) -> None:
     view = RateLimitView(RateLimiter(redis, limit=10, window_s=10))
     processor = _turns(redis)
     _, heard, ended, _ = _utterance(user="u9")
     [started] = await _decide(processor, heard)
     [confirmed] = await _decide(processor, ended)
-    await redis.delete(key_for("u9"))  # as if Redis lost it; the view rebuilds from events
-    await view.handle(started)
-    assert await redis.zcard(key_for("u9")) == 0
+    assert confirmed.degraded == ()  # Redis decided it, and its script wrote it
+    await redis.delete(key_for("u9"))
     await view.handle(confirmed)
+    assert await redis.zcard(key_for("u9")) == 0  # not written a second time
+    # as if admitted while Redis was down: the view writes it once Redis is back
+    await view.handle(msgspec.structs.replace(started, degraded=("redis",)))
+    assert await redis.zcard(key_for("u9")) == 0  # a speculation is no turn yet
+    await view.handle(msgspec.structs.replace(confirmed, degraded=("redis",)))
     assert await redis.zscore(key_for("u9"), confirmed.turn) == int(heard.at.timestamp() * 1000)
 
 

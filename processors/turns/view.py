@@ -1,9 +1,12 @@
 """The Redis rate-limit view, kept from the log so that it can be rebuilt from it.
 
-Admission writes each admitted turn into the user's window itself; this view writes it again
-from ``turn.accepted`` or, for a turn answered before its end was certain, ``turn.confirmed``
-(a no-op while Redis is whole). After Redis lost its data, `libra
-projections rebuild ratelimit-view` replays the recent turns and the limits hold again.
+Admission's script writes each turn Redis admits into the user's window itself. This view
+writes the turns admitted while Redis was down (``degraded``: ``redis``), from ``turn.accepted``
+or, for a turn answered before its end was certain, ``turn.confirmed``: its consumer waits Redis
+out, and once Redis is back the window holds them too. It leaves the others alone: writing them
+again would change nothing and cost Redis and this process a call on every turn, in the middle
+of the turn's reply. After Redis lost its data, `libra projections rebuild ratelimit-view`
+replays the recent turns, all of them, and the limits hold again.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def _counted(event: AnyEvent) -> int | None:
 
 
 class RateLimitView:
-    """Records every admitted turn in its user's window (a speculative one once confirmed)."""
+    """Records each turn admitted without Redis in its user's window (a speculative one once
+    confirmed)."""
 
     spec = CONSUMERS["ratelimit-view"]
 
@@ -37,7 +41,8 @@ class RateLimitView:
 
     async def handle(self, event: AnyEvent) -> list[Event]:
         """Writes Redis, emits no events."""
-        if (at_ms := _counted(event)) is not None:
+        at_ms = _counted(event)
+        if at_ms is not None and "redis" in event.degraded:
             await self.limiter.record(event.user, event.turn, at_ms)
         return []
 
