@@ -20,9 +20,9 @@ __all__ = ["MIGRATION_LOCK", "connect_pool", "migrate", "migrations"]
 log = logging.getLogger("libra.database")
 
 MIGRATION_LOCK = 7_411_001
-# HNSW post-filters: with a per-person filter, a memory search looks wider than its k so that
-# the person's rows are found. A session setting (a placeholder until pgvector loads), so that a
-# recall, read against the clock of a reply, is one round trip and no transaction.
+# HNSW post-filters: with a filter by scope, a knowledge search looks wider than its k so that
+# the scope's rows are found. A session setting (a placeholder until pgvector loads), so that a
+# search, read against the clock of a reply, is one round trip and no transaction.
 _SESSION_SETTINGS = {"hnsw.ef_search": "200"}
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 

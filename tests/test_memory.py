@@ -72,16 +72,25 @@ async def test_reset_of_all_conversations(store: MemoryStore, pool) -> None:
     assert await pool.fetchval("SELECT array_agg(event_id) FROM memories") == ["e3"]
 
 
-async def test_the_index_is_hnsw(pool) -> None:
-    indexdef = await pool.fetchval(
-        "SELECT indexdef FROM pg_indexes WHERE indexname = 'memories_embedding'"
+async def test_a_recall_ranks_the_persons_memories_exactly(store: MemoryStore, pool) -> None:
+    # no approximate index over everyone's memories: each write would pay a graph insertion,
+    # and a filtered approximate scan can miss a person's few rows among many
+    indexes = await pool.fetchval(
+        "SELECT array_agg(indexdef) FROM pg_indexes WHERE tablename = 'memories'"
     )
-    assert "USING hnsw" in indexdef and "vector_cosine_ops" in indexdef
+    assert not any("hnsw" in i or "ivfflat" in i for i in indexes)
+    assert any("(user_id, conversation, embedder)" in i for i in indexes)  # the owner's B-tree
+    for i in range(30):
+        await _remember(store, 100 + i, f"User: other {i}\nLibra: ok", user=f"other{i}")
+    await _remember(store, 1, "User: my cat is Mochi\nLibra: cute")
+    await _remember(store, 2, "User: I live in Seoul\nLibra: nice")
+    recalled = await store.recall(user="u1", conversation="c1", text="my cat", k=2)
+    assert recalled[0].startswith("User: my cat") and len(recalled) == 2
 
 
 async def test_every_pooled_connection_searches_hnsw_wide(pool) -> None:
-    # a recall filters by person after the index scan: it must look wider than pgvector's 40,
-    # set for the session since a recall is one query without a transaction
+    # a knowledge search filters by scope after the index scan: it must look wider than
+    # pgvector's 40, set for the session since a search is one query without a transaction
     values = await asyncio.gather(*(pool.fetchval("SHOW hnsw.ef_search") for _ in range(3)))
     assert values == ["200"] * 3
 
