@@ -233,22 +233,28 @@ async def libra_processes(
                     proc.wait(30)
 
 
+def _cpu_times(procs: Iterable[psutil.Process]) -> dict[int, float]:
+    """Each process's CPU time (user + system) by pid; one gone meanwhile is left out."""
+    taken: dict[int, float] = {}
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        taken[proc.pid] = times.user + times.system
+    return taken
+
+
 def cpu_seconds(pids: Mapping[str, int]) -> dict[str, dict[int, float]]:
     """Each named process's CPU time (user + system) and its descendants', by pid."""
     taken: dict[str, dict[int, float]] = {}
     for name, pid in pids.items():
-        taken[name] = {}
         try:
             root = psutil.Process(pid)
             family = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            continue
-        for proc in family:
-            try:
-                times = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            taken[name][proc.pid] = times.user + times.system
+            family = []
+        taken[name] = _cpu_times(family)
     return taken
 
 
@@ -268,15 +274,14 @@ def cpu_by_role() -> dict[str, dict[int, float]]:
     ROLE`` (a bare chain's worker), ``provider (fake)``. :func:`cpu_spent` between two says
     where a window's CPU went, the servers' included."""
     me = psutil.Process()
-    taken: dict[str, dict[int, float]] = {}
+    roles: dict[str, list[psutil.Process]] = {}
     for proc in [me, *me.children(recursive=True)]:
         try:
             role = "gateway" if proc.pid == me.pid else _role(proc.name(), proc.cmdline())
-            times = proc.cpu_times()
         except psutil.Error:  # gone meanwhile
             continue
-        taken.setdefault(role, {})[proc.pid] = times.user + times.system
-    return taken
+        roles.setdefault(role, []).append(proc)
+    return {role: _cpu_times(procs) for role, procs in roles.items()}
 
 
 def _role(name: str, cmdline: list[str]) -> str:

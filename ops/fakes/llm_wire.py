@@ -80,13 +80,6 @@ _SECRET_HEADERS = frozenset(
     {"authorization", "x-api-key", "api-key", "proxy-authorization", "cookie", "x-goog-api-key"}
 )
 _encode = msgspec.json.encode
-
-
-def _sse_event(name: str, data: dict[str, Any]) -> bytes:
-    """One named server-sent event, as Anthropic's stream has them."""
-    return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
-
-
 _decode = msgspec.json.decode
 _ids = itertools.count(1)
 _TEXT = "Hello from the fake model, streaming one word at a time."
@@ -115,6 +108,11 @@ _OPENAI_MODERATION = (
 )
 _FLAGGED_SCORE = 0.9
 _CLEAN_SCORE = 0.0001
+
+
+def _sse_event(name: str, data: dict[str, Any]) -> bytes:
+    """One named server-sent event, as Anthropic's stream has them."""
+    return b"event: " + name.encode() + b"\ndata: " + _encode(data) + b"\n\n"
 
 
 class FakeCall(msgspec.Struct, frozen=True):
