@@ -293,6 +293,10 @@ class TurnAccepted(Event, frozen=True, kw_only=True, tag="turn.accepted"):
     ``degraded``: the dependencies that were down when it was decided; ``("redis",)``: the
     rate limit was counted in the admitting process only (and a voice turn's parts met there).
 
+    ``in_redis``: the rate limit's script counted it in Redis; False when admission counted it
+    from the decisions it heard (the person far below the limit, or Redis down), and the
+    rate-limit view writes it there.
+
     ``moderation``: the classifier's decision on the input, when one was asked.
     """
 
@@ -305,6 +309,7 @@ class TurnAccepted(Event, frozen=True, kw_only=True, tag="turn.accepted"):
     context: tuple[ContextMessage, ...] = ()
     speculative: bool = False
     degraded: tuple[str, ...] = ()
+    in_redis: bool = True
     moderation: Moderation | None = None
 
 
@@ -312,12 +317,13 @@ class TurnConfirmed(Event, frozen=True, kw_only=True, tag="turn.confirmed"):
     """A speculative turn is a turn after all: the silence lasted and admission let it through.
 
     ``received_at`` is the time its rate limit counted it at (its transcript's); ``degraded``
-    as in ``turn.accepted``.
+    and ``in_redis`` as in ``turn.accepted``.
     """
 
     received_at: datetime | None = None
     origin: Origin
     degraded: tuple[str, ...] = ()
+    in_redis: bool = True
 
 
 class TurnAbandoned(Event, frozen=True, kw_only=True, tag="turn.abandoned"):

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from libra.processors.llm.context import PromptBuilder
     from libra.processors.llm.tooling import ToolBox
     from libra.processors.moderation.chain import Moderator
+    from libra.processors.turns.heard import HeardDecisions
     from libra.runtime.audio import AudioStore
 
 __all__ = [
@@ -264,8 +265,9 @@ async def _knowledge(r: Resources) -> Component:
     return ProjectionRunner(r.log, await r.pool(), projection, batch_size=16)
 
 
-async def turns_processor(r: Resources) -> Processor:
-    """Admission as the settings configure it."""
+async def turns_processor(r: Resources, *, heard: HeardDecisions | None = None) -> Processor:
+    """Admission as the settings configure it; ``heard``: every instance's decisions, counted
+    here (the live component's; a replay decides against its scratch Redis alone)."""
     from libra.processors.turns.admission import TurnsProcessor
     from libra.processors.turns.checks import InputChecks
 
@@ -280,6 +282,7 @@ async def turns_processor(r: Resources) -> Processor:
         breaker=r.breaker("redis"),
         moderator=moderator(r),
         policies=_server_policies(r),
+        heard=heard,
     )
 
 
@@ -309,7 +312,15 @@ def moderator(r: Resources) -> Moderator:
 
 
 async def _turns(r: Resources) -> Component:
-    return ConsumerRunner(r.log, await turns_processor(r), concurrency=256)
+    from libra.processors.turns.heard import HeardDecisions
+    from libra.processors.turns.ratelimit import LocalRateLimiter
+
+    s = r.settings
+    heard = HeardDecisions(
+        r.log, LocalRateLimiter(limit=s.rate_limit_turns, window_s=s.rate_limit_window_sec)
+    )
+    await heard.start()
+    return ConsumerRunner(r.log, await turns_processor(r, heard=heard), concurrency=256)
 
 
 async def _ratelimit_view(r: Resources) -> Component:

@@ -13,6 +13,13 @@ only now, so a speculation that never became a turn costs the person nothing);
 ``voice.resumed`` makes it ``turn.abandoned``. In whatever order the three come, one Lua script
 decides each turn's course once, for every instance of the processor (:mod:`.join`).
 
+The rate limit is counted in this process too, from every decision any instance made
+(``heard``): a person far below the limit is admitted from that count alone, without a call to
+Redis on the turn's clock (``in_redis``: False on the decision, and the rate-limit view writes
+it to Redis). Nearer the limit, or while the count may be short (just started, just
+reconnected), Redis's script decides, told the turns this process counted that Redis may not
+hold yet.
+
 While Redis is down (a call failed within ``OUTAGE_RETRY_SEC``, or takes over
 ``REDIS_TIMEOUT_SEC``), admission goes on without it rather than leave people waiting: the rate
 limit is counted in this process (:class:`.ratelimit.LocalRateLimiter`), a voice turn's parts
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
@@ -63,6 +71,7 @@ from libra.processors.moderation.policy import DEFAULT_POLICY, ServerPolicies
 from libra.runtime.outage import Breaker, Unavailable
 
 from .checks import InputChecks
+from .heard import HeardDecisions
 from .join import Join
 from .language import detect_language
 from .messages import refusal
@@ -73,6 +82,14 @@ __all__ = ["TurnsProcessor"]
 
 def _ms(at: datetime) -> int:
     return int(at.timestamp() * 1000)
+
+
+class _Limited(NamedTuple):
+    """The rate limit's decision, with what was down and whether Redis counted the turn."""
+
+    decision: Decision
+    degraded: tuple[str, ...] = ()
+    in_redis: bool = True
 
 
 # MODERATION_BLOCKLIST's refusal, in the classifiers' terms.
@@ -102,9 +119,15 @@ class TurnsProcessor:
         breaker: Breaker | None = None,
         moderator: ModerationEngine | None = None,
         policies: ServerPolicies | None = None,
+        heard: HeardDecisions | None = None,
     ) -> None:
         self.limiter = limiter
-        self.local = LocalRateLimiter(limit=limiter.limit, window_s=limiter.window_ms / 1000)
+        self.heard = heard  # every instance's decisions, counted in ``heard.turns``
+        self.local = (
+            heard.turns
+            if heard is not None
+            else LocalRateLimiter(limit=limiter.limit, window_s=limiter.window_ms / 1000)
+        )
         self.checks = InputChecks(max_chars=max_chars, blocked_words=blocked_words)
         self.speculate = speculate
         self.moderator = moderator
@@ -186,16 +209,16 @@ class TurnsProcessor:
 
     async def _confirm(self, ended: AnyEvent, transcript: AsrTranscribed, language: str) -> Event:
         """The end of a turn answered early: only the rate limit is left to decide."""
-        decision, degraded = await self._limit(transcript.user, transcript.turn, transcript.at)
-        if not decision.admitted:
+        limited = await self._limit(transcript.user, transcript.turn, transcript.at)
+        if not limited.decision.admitted:
             return self._rejected(
                 ended,
                 "rate_limited",
                 language,
                 "voice",
                 transcript.origin,
-                retry_after_s=decision.retry_after_s,
-                degraded=degraded,
+                retry_after_s=limited.decision.retry_after_s,
+                degraded=limited.degraded,
             )
         return derive(
             ended,
@@ -203,19 +226,30 @@ class TurnsProcessor:
             key="turn",
             received_at=transcript.at,
             origin=transcript.origin,
-            degraded=degraded,
+            degraded=limited.degraded,
+            in_redis=limited.in_redis,
         )
 
-    async def _limit(self, user: str, turn: str, at: datetime) -> tuple[Decision, tuple[str, ...]]:
-        """The rate limit's decision, by Redis or, while it is down, by this process."""
+    async def _limit(self, user: str, turn: str, at: datetime) -> _Limited:
+        """The rate limit's decision: by this process for a person far below the limit (with
+        every instance's decisions heard), else by Redis, or by this process while it is down."""
         at_ms = _ms(at)
+        local = self.local
+        recent = local.recent(user, at_ms)
+        if (
+            self.heard is not None
+            and len(recent) < self.limiter.limit // 2
+            and self.heard.whole(at_ms)
+        ):
+            return _Limited(local.admit(user, turn, at_ms), in_redis=False)
+        known = [(t, ms) for t, ms in recent if t != turn]
         try:
-            decision = await self.breaker.call(lambda: self.limiter.admit(user, turn, at_ms))
+            decision = await self.breaker.call(lambda: self.limiter.admit(user, turn, at_ms, known))
         except Unavailable:
-            return self.local.admit(user, turn, at_ms), ("redis",)
+            return _Limited(local.admit(user, turn, at_ms), ("redis",), in_redis=False)
         if decision.admitted:
-            self.local.note(user, turn, at_ms)
-        return decision, ()
+            local.note(user, turn, at_ms)
+        return _Limited(decision)
 
     async def _admit(
         self,
@@ -236,15 +270,16 @@ class TurnsProcessor:
             return self._rejected(
                 event, reason, language, modality, origin, moderation=blocked, **detail
             )
-        decision, degraded = await self._limit(event.user, event.turn or event.id, event.at)
-        if not decision.admitted:
+        limited = await self._limit(event.user, event.turn or event.id, event.at)
+        degraded = limited.degraded
+        if not limited.decision.admitted:
             return self._rejected(
                 event,
                 "rate_limited",
                 language,
                 modality,
                 origin,
-                retry_after_s=decision.retry_after_s,
+                retry_after_s=limited.decision.retry_after_s,
                 degraded=degraded,
             )
         if moderation is None:
@@ -266,6 +301,7 @@ class TurnsProcessor:
             text=text,
             origin=origin,
             degraded=degraded,
+            in_redis=limited.in_redis,
             moderation=moderation,
         )
 
@@ -292,6 +328,7 @@ class TurnsProcessor:
         origin: Origin | None = None,
         speculative: bool = False,
         degraded: tuple[str, ...] = (),
+        in_redis: bool = True,
         moderation: Moderation | None = None,
     ) -> TurnAccepted:
         return derive(
@@ -307,6 +344,7 @@ class TurnsProcessor:
             context=self._quotable(getattr(event, "context", ())),
             speculative=speculative,
             degraded=degraded,
+            in_redis=in_redis,
             moderation=moderation,
         )
 

@@ -1,12 +1,12 @@
 """The Redis rate-limit view, kept from the log so that it can be rebuilt from it.
 
 Admission's script writes each turn Redis admits into the user's window itself. This view
-writes the turns admitted while Redis was down (``degraded``: ``redis``), from ``turn.accepted``
-or, for a turn answered before its end was certain, ``turn.confirmed``: its consumer waits Redis
-out, and once Redis is back the window holds them too. It leaves the others alone: writing them
-again would change nothing and cost Redis and this process a call on every turn, in the middle
-of the turn's reply. After Redis lost its data, `libra projections rebuild ratelimit-view`
-replays the recent turns, all of them, and the limits hold again.
+writes the others (``in_redis`` false: admitted from admission's own count, the person far below
+the limit, or while Redis was down), from ``turn.accepted`` or, for a turn answered before its
+end was certain, ``turn.confirmed``: its consumer waits Redis out, and once Redis is back the
+window holds them too. It leaves the script's alone: writing them again would change nothing.
+After Redis lost its data, `libra projections rebuild ratelimit-view` replays the recent turns,
+all of them, and the limits hold again.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ def _counted(event: AnyEvent) -> int | None:
 
 
 class RateLimitView:
-    """Records each turn admitted without Redis in its user's window (a speculative one once
-    confirmed)."""
+    """Records each turn that Redis's script did not count in its user's window (a speculative
+    one once confirmed)."""
 
     spec = CONSUMERS["ratelimit-view"]
 
@@ -42,7 +42,8 @@ class RateLimitView:
     async def handle(self, event: AnyEvent) -> list[Event]:
         """Writes Redis, emits no events."""
         at_ms = _counted(event)
-        if at_ms is not None and "redis" in event.degraded:
+        # (``degraded`` says it of decisions logged before they said ``in_redis``)
+        if at_ms is not None and (not event.in_redis or "redis" in event.degraded):
             await self.limiter.record(event.user, event.turn, at_ms)
         return []
 
