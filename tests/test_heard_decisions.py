@@ -175,3 +175,23 @@ async def test_the_rate_limit_view_writes_the_turns_admitted_from_the_count(
         assert await redis.zcard(key_for("http:ed")) == 0
         await RateLimitView(RateLimiter(redis, limit=LIMIT, window_s=10)).handle(out)
         assert await redis.zscore(key_for("http:ed"), out.turn) == int(out.at.timestamp() * 1000)
+
+
+async def test_the_turns_user_may_hear_and_read_back_decisions(
+    nats_server: EmbeddedNats, eventlog: EventLog, redis: aioredis.Redis
+) -> None:
+    """As production runs admission: logged in as its own NATS user."""
+    admission = TurnsProcessor(redis, RateLimiter(redis, limit=LIMIT, window_s=10))
+    await eventlog.publish(await _decide(admission, _said("http:fay", 0)))  # before: read back
+    turns = await EventLog.connect(nats_server.url_for("turns"), name="turns")
+    try:
+        async with _heard(turns) as heard:
+            await _whole(heard)
+            await eventlog.publish(await _decide(admission, _said("http:fay", 1)))  # heard
+
+            async def both() -> bool:
+                return len(heard.turns.recent("http:fay", int(time.time() * 1000))) == 2
+
+            await eventually(both, timeout=10)
+    finally:
+        await turns.close()
