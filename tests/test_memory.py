@@ -115,3 +115,31 @@ async def test_openai_embeddings_when_a_key_is_set(pool) -> None:
         Settings.from_env({"OLLAMA_URL": "http://x:11434", "EMBEDDING_MODEL": "nomic"})
     )
     assert ollama.name == "compat:nomic"
+
+
+async def test_a_hanging_embeddings_api_costs_a_prompt_its_memories_not_its_reply(pool) -> None:
+    from libra.contracts import Origin, TurnAccepted, make
+    from libra.ops.fakes.llm_wire import Behaviour
+    from libra.processors.llm.context import PromptBuilder
+
+    async with FakeLlmWire() as wire:
+        settings = Settings.from_env(
+            {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": f"{wire.url}/v1"}
+        )
+        store = MemoryStore(pool, build_embedder(settings))
+        await _remember(store, 1, "User: my cat is Mochi\nLibra: cute", conversation="http-u1")
+        wire.always(EMBEDDINGS, Behaviour.hang())
+        prompts = PromptBuilder(pool, store, recall_budget_s=0.2)
+        turn = make(
+            TurnAccepted,
+            conversation="http-u1",
+            user="u1",
+            text="what is my cat called?",
+            origin=Origin(platform="http"),
+        )
+        began = asyncio.get_running_loop().time()
+        context = await prompts.context(turn)
+        took = asyncio.get_running_loop().time() - began
+        assert context.memories == [] and context.degraded == ()
+        assert took < 1.5, f"the prompt waited {took:.2f}s for a hanging embeddings API"
+        assert wire.calls(EMBEDDINGS)[-1].body["input"] == ["what is my cat called?"]

@@ -274,7 +274,8 @@ class PromptBuilder:
         if self.knowledge is None:
             return ()
         try:  # like memories: a slow embedding API must not hold every reply back
-            return await asyncio.wait_for(self.knowledge.retrieve(turn), self.knowledge_budget_s)
+            async with asyncio.timeout(self.knowledge_budget_s):  # (wait_for: a task per read)
+                return await self.knowledge.retrieve(turn)
         except TimeoutError:
             log.warning(
                 "knowledge retrieval took over %.0f ms; answering without it",
@@ -285,15 +286,15 @@ class PromptBuilder:
     async def _memories(self, turn: TurnAccepted) -> list[str]:
         if self.memory is None or self.memory_k <= 0:
             return []
-        recall = self.memory.recall(
-            user=turn.user,
-            conversation=turn.conversation,
-            text=turn.text,
-            k=self.memory_k,
-            before=turn.at,
-        )
         try:  # an embedding API that is slow today must not hold every reply back
-            return await asyncio.wait_for(recall, self.recall_budget_s)
+            async with asyncio.timeout(self.recall_budget_s):
+                return await self.memory.recall(
+                    user=turn.user,
+                    conversation=turn.conversation,
+                    text=turn.text,
+                    k=self.memory_k,
+                    before=turn.at,
+                )
         except TimeoutError:
             log.warning(
                 "memory recall took over %.0f ms; answering without it", self.recall_budget_s * 1000
