@@ -58,6 +58,16 @@ async def _whole(heard: HeardDecisions) -> None:
     await eventually(whole, timeout=10)
 
 
+@contextlib.asynccontextmanager
+async def _admitting(
+    log: EventLog, client: aioredis.Redis
+) -> AsyncIterator[tuple[HeardDecisions, TurnsProcessor]]:
+    """Admission with every decision heard, once its count is whole."""
+    async with _heard(log) as heard:
+        await _whole(heard)
+        yield heard, _admission(client, heard)
+
+
 def _admission(client: aioredis.Redis, heard: HeardDecisions) -> TurnsProcessor:
     limiter = RateLimiter(client, limit=LIMIT, window_s=10)
     return TurnsProcessor(client, limiter, heard=heard, breaker=Breaker("redis", retry_s=60))
@@ -75,9 +85,7 @@ async def _decide(processor: TurnsProcessor, event: TextReceived):
 async def test_a_person_far_below_the_limit_is_admitted_without_a_call_to_redis(
     eventlog: EventLog, dead: aioredis.Redis
 ) -> None:
-    async with _heard(eventlog) as heard:
-        await _whole(heard)
-        admission = _admission(dead, heard)
+    async with _admitting(eventlog, dead) as (_, admission):
         outs = [await _decide(admission, _said("http:ann", n)) for n in range(LIMIT // 2 + 1)]
         quick, slow = outs[:-1], outs[-1]
         # no call to Redis (a call would have failed, and the decision would say so)
@@ -90,9 +98,7 @@ async def test_a_person_far_below_the_limit_is_admitted_without_a_call_to_redis(
 async def test_a_flood_is_held_to_the_limit_though_redis_never_saw_the_first_turns(
     eventlog: EventLog, redis: aioredis.Redis
 ) -> None:
-    async with _heard(eventlog) as heard:
-        await _whole(heard)
-        admission = _admission(redis, heard)
+    async with _admitting(eventlog, redis) as (_, admission):
         outs = await asyncio.gather(
             *(_decide(admission, _said("http:flood", n)) for n in range(20))
         )
@@ -133,9 +139,7 @@ async def test_a_second_instance_counts_the_first_ones_decisions(
 async def test_a_starting_instance_reads_the_last_window_back_from_the_log(
     eventlog: EventLog, redis: aioredis.Redis
 ) -> None:
-    async with _heard(eventlog) as before:
-        await _whole(before)
-        admission = _admission(redis, before)
+    async with _admitting(eventlog, redis) as (_, admission):
         for n in range(4):
             await eventlog.publish(await _decide(admission, _said("http:cy", n)))
     async with _heard(eventlog) as after:
@@ -148,9 +152,7 @@ async def test_a_starting_instance_reads_the_last_window_back_from_the_log(
 async def test_after_a_reconnection_redis_decides_until_the_log_is_read_again(
     nats_server: EmbeddedNats, eventlog: EventLog, redis: aioredis.Redis
 ) -> None:
-    async with _heard(eventlog) as heard:
-        await _whole(heard)
-        admission = _admission(redis, heard)
+    async with _admitting(eventlog, redis) as (heard, admission):
         await eventlog.publish(await _decide(admission, _said("http:di", 0)))
         await nats_server.stop()
         assert not heard.whole(int(time.time() * 1000))
@@ -168,13 +170,13 @@ async def test_after_a_reconnection_redis_decides_until_the_log_is_read_again(
 async def test_the_rate_limit_view_writes_the_turns_admitted_from_the_count(
     eventlog: EventLog, redis: aioredis.Redis
 ) -> None:
-    async with _heard(eventlog) as heard:
-        await _whole(heard)
-        out = await _decide(_admission(redis, heard), _said("http:ed", 0))
+    async with _admitting(eventlog, redis) as (_, admission):
+        out = await _decide(admission, _said("http:ed", 0))
         assert isinstance(out, TurnAccepted) and not out.in_redis
         assert await redis.zcard(key_for("http:ed")) == 0
         await RateLimitView(RateLimiter(redis, limit=LIMIT, window_s=10)).handle(out)
-        assert await redis.zscore(key_for("http:ed"), out.turn) == int(out.at.timestamp() * 1000)
+        counted_at = int(out.received_at.timestamp() * 1000)  # the message's time
+        assert await redis.zscore(key_for("http:ed"), out.turn) == counted_at
 
 
 async def test_the_turns_user_may_hear_and_read_back_decisions(
