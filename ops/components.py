@@ -316,8 +316,12 @@ async def _turns(r: Resources) -> Component:
     from libra.processors.turns.ratelimit import LocalRateLimiter
 
     s = r.settings
-    heard = HeardDecisions(
-        r.log, LocalRateLimiter(limit=s.rate_limit_turns, window_s=s.rate_limit_window_sec)
+    # one per process: a restarted component keeps its count (and subscribes no second time)
+    heard = r.shared(
+        "heard",
+        lambda: HeardDecisions(
+            r.log, LocalRateLimiter(limit=s.rate_limit_turns, window_s=s.rate_limit_window_sec)
+        ),
     )
     await heard.start()
     return ConsumerRunner(r.log, await turns_processor(r, heard=heard), concurrency=256)

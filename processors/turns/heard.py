@@ -21,17 +21,17 @@ import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 
-import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from libra.contracts import LOG_STREAM
+from libra.contracts import LOG_STREAM, AnyEvent, EventDecodeError, decode_event
 from libra.runtime.eventlog import EventLog
 from libra.runtime.projection import read_log
 from libra.runtime.redact import describe
 
 from .ratelimit import LocalRateLimiter
+from .view import counted_ms
 
 __all__ = ["HeardDecisions"]
 
@@ -42,19 +42,6 @@ SUBJECTS = ("libra.turn.accepted.>", "libra.turn.confirmed.>")
 # redelivery): the read-back starts this much before the window.
 _SLACK = timedelta(seconds=30)
 _RETRY_S = 2.0
-
-
-class _Decision(msgspec.Struct, kw_only=True):
-    """What the count needs of a ``turn.accepted`` or ``turn.confirmed``."""
-
-    at: datetime
-    user: str = ""
-    turn: str = ""
-    received_at: datetime | None = None
-    speculative: bool = False
-
-
-_decode = msgspec.json.Decoder(_Decision).decode
 
 
 class HeardDecisions:
@@ -68,7 +55,10 @@ class HeardDecisions:
         self._whole = False
 
     async def start(self) -> None:
-        """Starts hearing decisions, then reads the last window back (in the background)."""
+        """Starts hearing decisions, then reads the last window back (in the background); a
+        second call (the component restarted in the same process) changes nothing."""
+        if self._subs:
+            return
         for subject in SUBJECTS:
             self._subs.append(await self.log.nc.subscribe(subject, cb=self._on_msg))
         self._read_back()
@@ -81,6 +71,7 @@ class HeardDecisions:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        self._subs.clear()
 
     def whole(self, at_ms: int) -> bool:
         """Whether every turn admitted in the window ending at ``at_ms`` is counted here."""
@@ -106,9 +97,7 @@ class HeardDecisions:
                 async for _, event in read_log(
                     self.log, SUBJECTS, stream=LOG_STREAM, start_time=since
                 ):
-                    received_at = getattr(event, "received_at", None)
-                    speculative = getattr(event, "speculative", False)
-                    self._count(event.user, event.turn, received_at or event.at, speculative)
+                    self._count(event)
             except (nats.errors.Error, TimeoutError, OSError) as exc:
                 log.warning(
                     "could not read recent decisions back (%s); Redis decides meanwhile",
@@ -121,12 +110,12 @@ class HeardDecisions:
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
-            d = _decode(msg.data)
-        except msgspec.DecodeError:
-            log.debug("ignoring a decision that does not decode on %s", msg.subject)
-            return
-        self._count(d.user, d.turn, d.received_at or d.at, d.speculative)
+            self._count(decode_event(msg.data))
+        except EventDecodeError as exc:
+            log.debug("ignoring a decision that does not decode on %s: %s", msg.subject, exc)
 
-    def _count(self, user: str, turn: str, at: datetime, speculative: bool) -> None:
-        if user and not speculative:  # a speculative turn counts once confirmed
-            self.turns.note(user, turn, int(at.timestamp() * 1000))
+    def _count(self, event: AnyEvent) -> None:
+        """Counts an admitted turn, as the rate-limit view writes it (a speculative one once
+        confirmed)."""
+        if event.user and (at_ms := counted_ms(event)) is not None:
+            self.turns.note(event.user, event.turn, at_ms)

@@ -130,6 +130,8 @@ class LocalRateLimiter:
     def note(self, user: str, turn: str, at_ms: int) -> None:
         """Counts a turn admitted elsewhere (by Redis) in the user's window here."""
         turns = self._turns.setdefault(user, {})
+        if turns.get(turn) == at_ms:
+            return  # counted already (its own decision, heard back from the log)
         turns[turn] = at_ms
         for old in [t for t, ms in turns.items() if ms <= at_ms - self.window_ms * 10]:
             del turns[old]  # long out of every window, as the Lua script drops them

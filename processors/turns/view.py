@@ -19,10 +19,10 @@ from libra.runtime.projection import read_log
 
 from .ratelimit import RateLimiter
 
-__all__ = ["RateLimitView", "rebuild_rate_limits"]
+__all__ = ["RateLimitView", "counted_ms", "rebuild_rate_limits"]
 
 
-def _counted(event: AnyEvent) -> int | None:
+def counted_ms(event: AnyEvent) -> int | None:
     """The time (ms) an admitted turn counts at in its user's window; None if it does not."""
     match event:
         case TurnAccepted(speculative=False) | TurnConfirmed():
@@ -41,7 +41,7 @@ class RateLimitView:
 
     async def handle(self, event: AnyEvent) -> list[Event]:
         """Writes Redis, emits no events."""
-        at_ms = _counted(event)
+        at_ms = counted_ms(event)
         # (``degraded`` says it of decisions logged before they said ``in_redis``)
         if at_ms is not None and (not event.in_redis or "redis" in event.degraded):
             await self.limiter.record(event.user, event.turn, at_ms)
@@ -55,7 +55,7 @@ async def rebuild_rate_limits(log: EventLog, limiter: RateLimiter) -> int:
     async for _, event in read_log(
         log, RateLimitView.spec.subjects, stream=LOG_STREAM, start_time=since
     ):
-        if (at_ms := _counted(event)) is not None:
+        if (at_ms := counted_ms(event)) is not None:
             await limiter.record(event.user, event.turn, at_ms)
             count += 1
     return count
